@@ -1,0 +1,174 @@
+"""The runtime: tokenize (gateway side) and run the ONNX graph and pooling (model-service side).
+
+No BentoML here, so the build step, the service and the benchmark all use the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+CARD_FILE = "bentoformers.json"
+ONNX_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the runtime needs to know about a built artefact; written beside the graph by the build."""
+
+    name: str
+    task: str
+    precision: str
+    pooling: Literal["mean", "cls"]
+    normalize: bool
+    max_length: int
+    dimensions: int
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ModelCard:
+        data = json.loads((Path(folder) / CARD_FILE).read_text())
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+    def save(self, folder: str | Path) -> None:
+        (Path(folder) / CARD_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+class InputTooLong(ValueError):
+    def __init__(self, index: int, tokens: int, limit: int) -> None:
+        super().__init__(f"item {index} has {tokens} tokens; the limit is {limit}")
+        self.index, self.tokens, self.limit = index, tokens, limit
+
+
+class TextTokenizer:
+    """The Rust tokenizer, without padding (the encoder pads) and with the model's token limit."""
+
+    def __init__(self, folder: str | Path, max_length: int) -> None:
+        from tokenizers import Tokenizer
+
+        self.max_length = max_length
+        self._whole = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+        self._whole.no_padding()
+        self._whole.no_truncation()
+        self._truncating = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+        self._truncating.no_padding()
+        self._truncating.enable_truncation(max_length)
+
+    def encode(self, texts: list[str], truncate: bool) -> list[list[int]]:
+        tokenizer = self._truncating if truncate else self._whole
+        ids = [e.ids for e in tokenizer.encode_batch(texts)]
+        if not truncate:
+            for i, seq in enumerate(ids):
+                if len(seq) > self.max_length:
+                    raise InputTooLong(i, len(seq), self.max_length)
+        return ids
+
+
+def pick_device(requested: str = "auto") -> str:
+    import onnxruntime as ort
+
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if requested == "cuda" and not has_cuda:
+        raise RuntimeError("device=cuda was asked for, but onnxruntime has no CUDAExecutionProvider")
+    if requested == "auto":
+        return "cuda" if has_cuda else "cpu"
+    return requested
+
+
+class OnnxEncoder:
+    """Runs a built embedding graph and pools its output.
+
+    A text's embedding never depends on what else is in the batch:
+    - int8 graphs quantize activations with one scale per tensor, so a neighbour in the batch would
+      change every row's rounding. Each text therefore runs alone; texts run in parallel, one
+      single-threaded inference per core, which on CPU is within ~15% of padded batching and has no
+      padding waste at all.
+    - fp32/fp16 graphs run in length-sorted sub-batches (little padding) under a token budget;
+      padding is masked, so rows are independent.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        device: str = "cpu",
+        threads: int | None = None,
+        max_batch_tokens: int = 8192,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.card = ModelCard.load(folder)
+        self.device = device
+        self.max_batch_tokens = max_batch_tokens
+        workers = 1 if device == "cuda" else (threads or os.cpu_count() or 1)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1 if device == "cpu" else 0
+        options.inter_op_num_threads = 1
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(self.folder / ONNX_FILE), options, providers=providers)
+        self._input_names = {i.name for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        self._output = "last_hidden_state" if "last_hidden_state" in outputs else outputs[0]
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="onnx")
+        self.per_item = self.card.precision == "int8"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def embed(self, batch: list[list[int]]) -> np.ndarray:
+        """Token ids in, pooled float32 embeddings out (one row per input, same order)."""
+        out = np.empty((len(batch), self.card.dimensions), dtype=np.float32)
+        if not batch:
+            return out
+        groups = [[i] for i in range(len(batch))] if self.per_item else self._plan(batch)
+        results = self._pool.map(lambda g: self._run([batch[i] for i in g]), groups)
+        for group, rows in zip(groups, results):
+            out[group] = rows
+        return out
+
+    def _plan(self, batch: list[list[int]]) -> list[list[int]]:
+        """Length-sorted groups whose padded size fits the token budget and whose padding stays small."""
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
+        groups: list[list[int]] = []
+        group: list[int] = []
+        for i in order:
+            length = len(batch[i])
+            if group and (
+                (len(group) + 1) * length > self.max_batch_tokens
+                or length > len(batch[group[0]]) * 1.25 + 4
+            ):
+                groups.append(group)
+                group = []
+            group.append(i)
+        groups.append(group)
+        return groups
+
+    def _run(self, seqs: list[list[int]]) -> np.ndarray:
+        width = max(len(s) for s in seqs)
+        ids = np.zeros((len(seqs), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._input_names:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        hidden = self.session.run([self._output], feed)[0].astype(np.float32, copy=False)
+        return pool(hidden, mask, self.card.pooling)
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "cls":
+        return hidden[:, 0]
+    weights = mask[..., None].astype(np.float32)
+    return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
