@@ -1,0 +1,71 @@
+"""The composition root that `bentoml serve` and bentofile.yaml point at.
+
+Two services: `Embedder` (the model, adaptive batching, CPU or CUDA) and `Gateway` (public routes,
+validation, tokenization, the API shapes), so model workers can scale apart from the gateway.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import bentoml
+import numpy as np
+
+from bentoformers.engine import OnnxEncoder, pick_device
+from bentoformers.gateway import Gateway as GatewayRuntime
+from bentoformers.gateway import RequestIdMiddleware, create_app
+from bentoformers.settings import Settings
+from bentoformers.store import choose_precision, stored_variants
+
+logger = logging.getLogger("bentoformers")
+settings = Settings()
+variants = stored_variants(settings.model)  # {precision: tag}; raises with a hint when nothing is built
+
+
+class Embedder:
+    """Runs the stored ONNX graph: fp16 on CUDA when built, else int8 on CPU (settings can force one)."""
+
+    def __init__(self) -> None:
+        self.device = pick_device(settings.device)
+        self.precision = choose_precision(variants, self.device, settings.precision)
+        model: bentoml.Model = getattr(self, f"model_{self.precision}")
+        self.encoder = OnnxEncoder(
+            model.path, device=self.device, threads=settings.threads(), max_batch_tokens=settings.max_batch_tokens
+        )
+        logger.info("serving %s on %s (%s)", model.tag, self.device, self.precision)
+
+    @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
+    def embed(self, token_ids: list[list[int]]) -> np.ndarray:
+        return self.encoder.embed(token_ids)
+
+    @bentoml.api
+    def describe(self) -> dict[str, str]:
+        return {"precision": self.precision, "device": self.device}
+
+
+# Every stored variant is declared, so the bento and its image carry all of them.
+for _precision, _tag in variants.items():
+    setattr(Embedder, f"model_{_precision}", bentoml.models.BentoModel(_tag))
+Embedder = bentoml.service(name="embedder", workers=1, traffic={"timeout": 60})(Embedder)
+
+app = create_app()
+
+
+@bentoml.service(name="bentoformers", workers=1, traffic={"timeout": 60})
+@bentoml.asgi_app(app, path="/")
+class Gateway:
+    model = bentoml.depends(Embedder)
+    tokenizer = bentoml.models.BentoModel(next(iter(variants.values())))
+
+    def __init__(self) -> None:
+        app.state.gateway = GatewayRuntime(settings, self.tokenizer.path, call=self._embed, describe=self._describe)
+
+    # The dependency's methods exist only once it is connected, so look them up per call.
+    async def _embed(self, token_ids: list[list[int]]) -> np.ndarray:
+        return await self.model.to_async.embed(token_ids)
+
+    async def _describe(self) -> dict[str, str]:
+        return await self.model.to_async.describe()
+
+
+Gateway.add_asgi_middleware(RequestIdMiddleware)

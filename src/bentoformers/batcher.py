@@ -1,0 +1,91 @@
+"""Gateway-side batching: concurrent requests become one call to the model service.
+
+While a call is in flight, new requests queue; when it returns, everything queued (up to the item and
+token budgets) goes in the next call. A lone request therefore goes straight through, and under load
+the batches grow by themselves. One call in flight per gateway worker also keeps BentoML's adaptive
+batcher in the model service from learning to wait for company. The queue is bounded: beyond it
+requests are refused at once with 503 and Retry-After instead of waiting without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ApiError, ErrorType
+
+ModelCall = Callable[[list[list[int]]], Awaitable[np.ndarray]]
+
+
+@dataclass
+class _Job:
+    seqs: list[list[int]]
+    future: asyncio.Future[np.ndarray]
+
+
+class Coalescer:
+    def __init__(
+        self, call: ModelCall, *, max_items: int, max_tokens: int, max_queued: int, retry_after: int
+    ) -> None:
+        self._call = call
+        self.max_items, self.max_tokens, self.max_queued = max_items, max_tokens, max_queued
+        self.retry_after = retry_after
+        self._pending: deque[_Job] = deque()
+        self.queued_items = 0
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def submit(self, seqs: list[list[int]]) -> np.ndarray:
+        if self.queued_items and self.queued_items + len(seqs) > self.max_queued:
+            raise ApiError(
+                ErrorType.OVERLOADED,
+                f"the server is at capacity ({self.queued_items} texts queued); retry after {self.retry_after}s",
+                headers={"Retry-After": str(self.retry_after)},
+            )
+        job = _Job(seqs, asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        self.queued_items += len(seqs)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await job.future
+
+    async def _drain(self) -> None:
+        while self._pending:
+            jobs = self._take()
+            if not jobs:
+                continue
+            seqs = [seq for job in jobs for seq in job.seqs]
+            try:
+                rows = await self._call(seqs)
+            except Exception as exc:  # every waiter gets the failure; the drainer goes on
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            start = 0
+            for job in jobs:
+                end = start + len(job.seqs)
+                if not job.future.done():
+                    job.future.set_result(rows[start:end])
+                start = end
+
+    def _take(self) -> list[_Job]:
+        """Whole requests in arrival order, within the budgets (the first one always fits)."""
+        jobs: list[_Job] = []
+        items = tokens = 0
+        while self._pending:
+            job = self._pending[0]
+            job_tokens = sum(len(s) for s in job.seqs)
+            if jobs and (items + len(job.seqs) > self.max_items or tokens + job_tokens > self.max_tokens):
+                break
+            self._pending.popleft()
+            self.queued_items -= len(job.seqs)
+            if job.future.done():  # the client went away while it waited
+                continue
+            jobs.append(job)
+            items += len(job.seqs)
+            tokens += job_tokens
+        return jobs
