@@ -46,7 +46,10 @@ class Embedder:
 # Every stored variant is declared, so the bento and its image carry all of them.
 for _precision, _tag in variants.items():
     setattr(Embedder, f"model_{_precision}", bentoml.models.BentoModel(_tag))
-Embedder = bentoml.service(name="embedder", workers=1, traffic={"timeout": 60})(Embedder)
+# Internal service: its per-call access log would only repeat the gateway's, at a real CPU cost.
+Embedder = bentoml.service(name="embedder", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}})(
+    Embedder
+)
 
 app = create_app()
 

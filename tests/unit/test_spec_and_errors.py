@@ -1,0 +1,47 @@
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from bentoformers.errors import ApiError, ErrorType, error_response
+from bentoformers.spec import ModelSpec, load_model_list
+from bentoformers.engine import OnnxEncoder
+from conftest import ROOT
+
+
+def test_shipped_model_list_is_valid():
+    specs = load_model_list(ROOT / "build" / "models.yaml")
+    assert specs[0].name == "minilm"
+    assert {v.precision for v in specs[0].variants} >= {"fp32", "int8"}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"name": "x", "source": "s", "variants": []},
+        {"name": "x", "source": "s", "variants": [{"precision": "int8"}, {"precision": "int8"}]},
+        {"name": "x", "source": "s", "variants": [{"precision": "int4"}]},
+        {"name": "X Y", "source": "s", "variants": [{"precision": "fp32"}]},
+        {"name": "x", "source": "s", "varients": [{"precision": "fp32"}]},
+    ],
+)
+def test_model_list_mistakes_are_refused(bad):
+    with pytest.raises(ValidationError):
+        ModelSpec.model_validate(bad)
+
+
+def test_error_body_is_the_openai_shape():
+    response = error_response(ApiError(ErrorType.TOO_LARGE, "too many", param="input", headers={"X-A": "1"}))
+    assert response.status_code == 413
+    assert orjson.loads(response.body) == {"error": {"type": "request_too_large", "message": "too many", "param": "input"}}
+    assert response.headers["x-a"] == "1"
+
+
+def test_length_plan_keeps_padding_small_and_respects_the_token_budget():
+    encoder = OnnxEncoder.__new__(OnnxEncoder)
+    encoder.max_batch_tokens = 64
+    batch = [[1] * n for n in (30, 5, 6, 31, 7, 29, 100)]
+    groups = encoder._plan(batch)
+    assert sorted(i for g in groups for i in g) == list(range(len(batch)))
+    for g in groups:
+        lengths = [len(batch[i]) for i in g]
+        assert len(g) == 1 or (max(lengths) * len(g) <= 64 and max(lengths) <= min(lengths) * 1.25 + 4)
