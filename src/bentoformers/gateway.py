@@ -126,7 +126,8 @@ def _parse(model: type[M], body: bytes) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False)[0]
+        # With `str | list[str]` pydantic reports both branches; the deepest location is the useful one.
+        first = max(exc.errors(include_url=False, include_input=False), key=lambda e: len(e["loc"]))
         loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("list[", "str")))
         raise ApiError(ErrorType.VALIDATION, f"{loc or 'body'}: {first['msg']}", param=loc or None) from None
 

@@ -2,7 +2,7 @@
 
 Run from the repository root after `bentoformers build`:
 
-    python benchmarks/embeddings.py [--seconds 8] [--json results.json]
+    python -m bentoformers.bench [--seconds 8] [--json results.json]
 
 It starts `bentoml serve service:Gateway`, drives it with closed-loop concurrent clients (one text and
 32 texts per request), and in the same run measures the in-process int8 (and fp32) throughput on the
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path.cwd()  # the project folder that holds service.py
 
 
 def texts() -> list[str]:

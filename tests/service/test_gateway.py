@@ -1,0 +1,114 @@
+"""The real service in process: Gateway.to_asgi() with the model service instantiated locally."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import orjson
+import pytest
+from starlette.testclient import TestClient
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client(minilm_path):
+    import service
+
+    with TestClient(service.Gateway.to_asgi()) as c:
+        yield c
+
+
+def post(client, path, body, **kw):
+    data = body if isinstance(body, (bytes, str)) else orjson.dumps(body)
+    return client.post(path, content=data, headers={"content-type": "application/json"}, **kw)
+
+
+def test_openai_embeddings_shape_and_real_token_usage(client):
+    r = post(client, "/v1/embeddings", {"input": ["hello world", "a longer sentence about cats"], "model": "minilm"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and body["model"] == "minilm"
+    assert [d["index"] for d in body["data"]] == [0, 1]
+    vectors = np.array([d["embedding"] for d in body["data"]])
+    assert vectors.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # [CLS] hello world [SEP] = 4, [CLS] a longer sentence about cats [SEP] = 7
+    assert body["usage"] == {"prompt_tokens": 11, "total_tokens": 11}
+
+
+def test_base64_encoding_carries_the_same_floats(client):
+    floats = post(client, "/v1/embeddings", {"input": "same text"}).json()["data"][0]["embedding"]
+    b64 = post(client, "/v1/embeddings", {"input": "same text", "encoding_format": "base64"}).json()["data"][0]["embedding"]
+    np.testing.assert_array_equal(np.frombuffer(base64.b64decode(b64), dtype="<f4"), np.array(floats, dtype=np.float32))
+
+
+def test_native_embed_normalize_and_truncate(client):
+    raw = post(client, "/embed", {"inputs": "cats purr", "normalize": False}).json()["embeddings"][0]
+    unit = post(client, "/embed", {"inputs": ["cats purr"]}).json()["embeddings"][0]
+    assert abs(np.linalg.norm(raw) - 1.0) > 1e-3
+    np.testing.assert_allclose(np.array(raw) / np.linalg.norm(raw), unit, atol=1e-6)
+    long_text = "word " * 400
+    r = post(client, "/embed", {"inputs": [long_text], "truncate": True})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 256
+
+
+def test_models_lists_the_served_model_with_task_and_precision(client):
+    (entry,) = client.get("/v1/models").json()["data"]
+    assert entry["id"] == "minilm" and entry["task"] == "embeddings"
+    assert entry["precision"] == "int8" and entry["device"] == "cpu" and entry["dimensions"] == 384
+
+
+def test_probes_answer(client):
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+LONG = "word " * 300
+BAD_REQUESTS = [
+    # (route, body, status, error type, param)
+    ("/v1/embeddings", {"input": []}, 422, "validation_error", "input"),
+    ("/v1/embeddings", {"input": ""}, 422, "validation_error", "input.0"),
+    ("/v1/embeddings", {"input": ["ok", "   "]}, 422, "validation_error", "input.1"),
+    ("/v1/embeddings", {"input": ["x"] * 257}, 413, "request_too_large", "input"),
+    ("/v1/embeddings", {"input": ["short", LONG]}, 413, "request_too_large", "input.1"),
+    ("/v1/embeddings", {"input": 42}, 422, "validation_error", "input"),
+    ("/v1/embeddings", {"input": ["ok", 3]}, 422, "validation_error", "input.1"),
+    ("/v1/embeddings", {"input": "ok", "encoding_format": "int4"}, 422, "validation_error", "encoding_format"),
+    ("/v1/embeddings", {"input": "ok", "dimensions": 128}, 422, "validation_error", "dimensions"),
+    ("/v1/embeddings", {"input": "ok", "model": "gpt-9"}, 404, "not_found_error", "model"),
+    ("/v1/embeddings", b"{not json", 400, "invalid_request_error", None),
+    ("/v1/embeddings", b'{"input": "\xff\xfe"}', 400, "invalid_request_error", None),
+    ("/v1/embeddings", b"[1, 2]", 422, "validation_error", None),
+    ("/v1/embeddings", b"", 400, "invalid_request_error", None),
+    ("/embed", {"inputs": ["ok"], "normalise": True}, 422, "validation_error", "normalise"),
+    ("/embed", {"inputs": ["ok"], "truncate": "yes"}, 422, "validation_error", "truncate"),
+    ("/embed", {"text": "ok"}, 422, "validation_error", "inputs"),
+]
+
+
+@pytest.mark.parametrize("route,body,status,kind,param", BAD_REQUESTS)
+def test_bad_input_gets_a_clear_4xx_in_the_one_error_body(client, route, body, status, kind, param):
+    r = post(client, route, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["type"] == kind and error["param"] == param and error["message"]
+    assert r.headers["x-request-id"]
+
+
+def test_too_long_names_the_limit(client):
+    message = post(client, "/v1/embeddings", {"input": LONG}).json()["error"]["message"]
+    assert "limit of 256" in message and "truncate" in message
+
+
+def test_unknown_route_uses_the_error_body(client):
+    r = client.get("/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_request_id_is_echoed_or_made(client):
+    r = post(client, "/embed", {"inputs": "x"}, )
+    assert len(r.headers["x-request-id"]) == 32
+    r = client.post("/embed", json={"inputs": "x"}, headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
