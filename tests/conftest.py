@@ -1,4 +1,4 @@
-"""Test tiers by folder: unit (no model), build (real build step), service (in-process app), e2e (real server).
+"""Test tiers by folder: unit (no model), build (real build step), inprocess (the app in process), e2e (real server).
 
 Every run gets its own BentoML home, so the store starts empty and the real build step fills it.
 """
