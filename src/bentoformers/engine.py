@@ -61,7 +61,8 @@ class TextTokenizer:
 
     def encode(self, texts: list[str], truncate: bool) -> list[list[int]]:
         tokenizer = self._truncating if truncate else self._whole
-        ids = [e.ids for e in tokenizer.encode_batch(texts)]
+        # encode_batch hands work to a thread pool: worth it for many texts, pure overhead for one.
+        ids = [tokenizer.encode(texts[0]).ids] if len(texts) == 1 else [e.ids for e in tokenizer.encode_batch(texts)]
         if not truncate:
             for i, seq in enumerate(ids):
                 if len(seq) > self.max_length:
