@@ -57,8 +57,6 @@ def step(report: Report, what: str) -> Iterator[None]:
 
 
 def build_model(spec: ModelSpec, *, force: bool = False, report: Report = print) -> list[VariantResult]:
-    import bentoml
-
     folder, revision = resolve_source(spec.source, spec.revision)
     card = _card(spec, folder)
     report(f"{spec.name}: {spec.source} (revision {revision}), {card.pooling} pooling, max {card.max_length} tokens")
