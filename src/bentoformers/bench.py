@@ -43,7 +43,7 @@ def in_process(sentences: list[str], seconds: float) -> dict[str, dict[str, floa
     import bentoml
     import onnxruntime as ort
 
-    from bentoformers.engine import OnnxEncoder, TextTokenizer
+    from bentoformers.engine import ModelCard, OnnxEncoder, TextTokenizer
     from bentoformers.settings import Settings
     from bentoformers.spec import store_name
 
@@ -51,7 +51,7 @@ def in_process(sentences: list[str], seconds: float) -> dict[str, dict[str, floa
     out: dict[str, dict[str, float]] = {}
     for precision in ("int8", "fp32"):
         folder = bentoml.models.get(f"{store_name(name, precision)}:latest").path
-        tokenizer = TextTokenizer(folder, 256)
+        tokenizer = TextTokenizer(folder, ModelCard.load(folder).max_length)
         ids = tokenizer.encode(sentences, truncate=True)
 
         # Plain ONNX Runtime, as a user would call it: default threads, one text per call.
