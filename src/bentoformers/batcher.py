@@ -10,12 +10,14 @@ requests are refused at once with 503 and Retry-After instead of waiting without
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import metrics
 from .errors import ApiError, ErrorType
 
 ModelCall = Callable[[list[list[int]]], Awaitable[np.ndarray]]
@@ -25,13 +27,22 @@ ModelCall = Callable[[list[list[int]]], Awaitable[np.ndarray]]
 class _Job:
     seqs: list[list[int]]
     future: asyncio.Future[np.ndarray]
+    queued_at: float
 
 
 class Coalescer:
     def __init__(
-        self, call: ModelCall, *, max_items: int, max_tokens: int, max_queued: int, retry_after: int
+        self,
+        call: ModelCall,
+        *,
+        max_items: int,
+        max_tokens: int,
+        max_queued: int,
+        retry_after: int,
+        model: str = "default",
     ) -> None:
         self._call = call
+        self.model = model  # the metrics label
         self.max_items, self.max_tokens, self.max_queued = max_items, max_tokens, max_queued
         self.retry_after = retry_after
         self._pending: deque[_Job] = deque()
@@ -40,14 +51,15 @@ class Coalescer:
 
     async def submit(self, seqs: list[list[int]]) -> np.ndarray:
         if self.queued_items and self.queued_items + len(seqs) > self.max_queued:
+            metrics.count_rejection("queue_full")
             raise ApiError(
                 ErrorType.OVERLOADED,
                 f"the server is at capacity ({self.queued_items} texts queued); retry after {self.retry_after}s",
                 headers={"Retry-After": str(self.retry_after)},
             )
-        job = _Job(seqs, asyncio.get_running_loop().create_future())
+        job = _Job(seqs, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._pending.append(job)
-        self.queued_items += len(seqs)
+        self._queued(len(seqs))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return await job.future
@@ -58,6 +70,7 @@ class Coalescer:
             if not jobs:
                 continue
             seqs = [seq for job in jobs for seq in job.seqs]
+            self._observe(jobs, seqs)
             try:
                 rows = await self._call(seqs)
             except Exception as exc:  # every waiter gets the failure; the drainer goes on
@@ -82,10 +95,22 @@ class Coalescer:
             if jobs and (items + len(job.seqs) > self.max_items or tokens + job_tokens > self.max_tokens):
                 break
             self._pending.popleft()
-            self.queued_items -= len(job.seqs)
+            self._queued(-len(job.seqs))
             if job.future.done():  # the client went away while it waited
                 continue
             jobs.append(job)
             items += len(job.seqs)
             tokens += job_tokens
         return jobs
+
+    def _queued(self, delta: int) -> None:
+        self.queued_items += delta
+        metrics.queued_items.labels(self.model).set(self.queued_items)
+
+    def _observe(self, jobs: list[_Job], seqs: list[list[int]]) -> None:
+        now = time.perf_counter()
+        wait = metrics.queue_wait_seconds.labels(self.model)
+        for job in jobs:
+            wait.observe(now - job.queued_at)
+        metrics.batch_items.labels(self.model).observe(len(seqs))
+        metrics.batch_tokens.labels(self.model).observe(sum(map(len, seqs)))

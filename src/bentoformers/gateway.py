@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import metrics
 from .batcher import Coalescer
 from .engine import InputTooLong, ModelCard, TextTokenizer, l2_normalize
 from .errors import ApiError, ErrorType, error_response
@@ -50,6 +51,7 @@ class Gateway:
             max_tokens=settings.max_batch_tokens,
             max_queued=settings.max_queued_items,
             retry_after=settings.retry_after_seconds,
+            model=self.card.name,
         )
         self._describe = describe
         self._served: dict[str, Any] | None = None
@@ -82,7 +84,9 @@ class Gateway:
             ) from None
         if self.card.normalize if normalize is None else normalize:
             vectors = l2_normalize(vectors)
-        return vectors, sum(map(len, ids))
+        tokens = sum(map(len, ids))
+        metrics.tokens.labels(self.card.name, self.card.task).inc(tokens)
+        return vectors, tokens
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.card.name:
@@ -145,8 +149,10 @@ async def embed(request: Request) -> Response:
     gw = _gateway(request)
     body = _parse(EmbedRequest, await request.body())
     gw.check_model(body.model)
+    request.state.model = gw.card.name
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     vectors, tokens = await gw.embed(texts, body.truncate, body.normalize, "inputs")
+    request.state.tokens = tokens
     return _json({
         "model": gw.card.name,
         "embeddings": vectors,
@@ -159,6 +165,7 @@ async def openai_embeddings(request: Request) -> Response:
     gw = _gateway(request)
     body = _parse(OpenAIEmbeddingRequest, await request.body())
     gw.check_model(body.model)
+    request.state.model = gw.card.name
     if body.dimensions is not None and body.dimensions != gw.card.dimensions:
         raise ApiError(
             ErrorType.VALIDATION,
@@ -167,6 +174,7 @@ async def openai_embeddings(request: Request) -> Response:
         )
     texts = [body.input] if isinstance(body.input, str) else body.input
     vectors, tokens = await gw.embed(texts, body.truncate, None, "input")
+    request.state.tokens = tokens
     if body.encoding_format == "base64":
         items = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
     else:

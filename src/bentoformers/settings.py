@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(16_384, ge=1, description="Token budget per call to the model service.")
     max_queued_items: int = Field(4096, ge=1, description="Beyond this the gateway answers 503.")
     retry_after_seconds: int = Field(1, ge=1)
+    access_log: bool = Field(True, description="One JSON line per gateway request on stdout.")
 
     def threads(self) -> int:
         return self.intra_op_threads or (os.cpu_count() or 1)

@@ -1,0 +1,89 @@
+"""One JSON line per request on stdout, and the per-route request metrics.
+
+It replaces BentoML's text access log on the gateway. The line is built from what the inner layers left
+in scope["state"]: request_id (RequestIdMiddleware), identity (the auth middleware: only its id, never a
+secret), model and tokens (the route handlers). The query string is never logged: clients put keys there.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import metrics
+
+logger = logging.getLogger("bentoformers.access")
+MAX_PATH_CHARS = 256
+
+
+def _log_json_lines_to_stdout() -> None:
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # BentoML's root handler would wrap the JSON in its text format
+    if not any(getattr(h, "json_lines", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.json_lines = True
+        logger.addHandler(handler)
+
+
+class AccessLogMiddleware:
+    """Pure ASGI. Its own failures are logged and swallowed: a log line must never cost a request."""
+
+    def __init__(self, app: ASGIApp, enabled: bool = True) -> None:
+        self.app = app
+        self.enabled = enabled
+        if enabled:
+            _log_json_lines_to_stdout()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what the client gets if the app raises before it answers
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            try:
+                self._record(scope, status, time.perf_counter() - start)
+            except Exception:
+                logging.getLogger("bentoformers").exception("access log failed")
+
+    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        route = metrics.route_label(scope)
+        metrics.requests.labels(route, str(status)).inc()
+        metrics.request_seconds.labels(route).observe(seconds)
+        if not self.enabled:
+            return
+        state: dict[str, Any] = scope.get("state") or {}
+        identity = state.get("identity")
+        client = scope.get("client")
+        line = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "level": "info",
+            "logger": "bentoformers.access",
+            "request_id": state.get("request_id"),
+            "method": scope.get("method"),
+            "path": scope.get("path", "")[:MAX_PATH_CHARS],
+            "route": route,
+            "status": status,
+            "latency_ms": round(seconds * 1000, 3),
+            "model": state.get("model"),
+            "tokens": state.get("tokens"),
+            "identity": getattr(identity, "id", None),
+            "client": client[0] if client else None,
+        }
+        logger.info(orjson.dumps(line).decode())

@@ -1,0 +1,124 @@
+"""Metrics and logs on a real `bentoml serve` with two gateway workers and the model service apart.
+
+The values are recorded in three processes (two gateway workers, one model worker); the gateway's
+/metrics must show all of them, summed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+DEPLOY = ROOT / "deploy"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(minilm_path, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("observability") / "serve.log"
+    env = {**os.environ, "BENTOML_CONFIG_OPTIONS": "services.bentoformers.workers=2"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve makes its own, as in production
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service:Gateway", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"server did not become ready:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def traffic(served):
+    """Known traffic: 40 concurrent /embed calls, 3 scans of unknown paths, 1 bad body."""
+    url, _ = served
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(
+            lambda i: httpx.post(f"{url}/embed", json={"inputs": [f"text number {i}"]}, timeout=30).status_code,
+            range(40),
+        ))
+    assert codes == [200] * 40
+    for path in ("/wp-login.php", "/.env", "/admin/secret?token=abc"):
+        assert httpx.get(f"{url}{path}").status_code == 404
+    assert httpx.post(f"{url}/v1/embeddings", content=b"{not json", headers={"x-request-id": "bad-body-1"}).status_code == 400
+    time.sleep(0.5)
+    return httpx.get(f"{url}/metrics").text
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """{label string: value} of one metric's samples in an exposition text."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
+        if m:
+            out[m.group(1) or ""] = float(m.group(2))
+    return out
+
+
+def test_counts_from_every_worker_process_are_summed(traffic):
+    requests = _samples(traffic, "bentoformers_requests_total")
+    assert requests['{code="200",route="/embed"}'] == 40
+    assert requests['{code="404",route="other"}'] == 3
+    assert requests['{code="400",route="/v1/embeddings"}'] == 1
+    # Recorded in the gateway workers (queue, batches, tokens) ...
+    assert sum(_samples(traffic, "bentoformers_batch_items_sum").values()) == 40
+    assert _samples(traffic, "bentoformers_queue_wait_seconds_count")['{model="minilm"}'] == 40
+    assert _samples(traffic, "bentoformers_tokens_total")['{model="minilm",task="embeddings"}'] >= 40 * 5
+    # ... and in the model service process.
+    (inference,) = _samples(traffic, "bentoformers_inference_seconds_count").items()
+    assert inference[0] == '{device="cpu",model="minilm",precision="int8"}' and 1 <= inference[1] <= 40
+    (load,) = _samples(traffic, "bentoformers_model_load_seconds").values()
+    assert 0 < load < 60
+
+
+def test_no_raw_path_becomes_a_label_of_ours(traffic):
+    ours = [line for line in traffic.splitlines() if line.startswith("bentoformers_")]
+    assert ours and not any(p in line for line in ours for p in ("wp-login", ".env", "/admin", "abc"))
+
+
+def test_one_json_access_line_per_request(served, traffic):
+    _, log = served
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"time"')]
+    embeds = [entry for entry in lines if entry["route"] == "/embed"]
+    assert len(embeds) == 40
+    assert all(e["status"] == 200 and e["model"] == "minilm" and e["tokens"] >= 5 and e["request_id"] for e in embeds)
+    (bad,) = [e for e in lines if e["request_id"] == "bad-body-1"]
+    assert bad["status"] == 400 and bad["route"] == "/v1/embeddings"
+    assert not any("token=abc" in json.dumps(e) for e in lines)
+    # BentoML's own text access line is off on the gateway (its JSON line replaces it).
+    assert "/embed" not in "".join(l for l in log.read_text().splitlines() if not l.startswith("{"))

@@ -1,0 +1,103 @@
+"""The JSON access log and request metrics on a small Starlette app (no model)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import types
+
+import pytest
+from prometheus_client import REGISTRY
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from bentoformers import metrics
+from bentoformers.accesslog import AccessLogMiddleware
+from bentoformers.gateway import RequestIdMiddleware
+
+
+async def embed(request: Request) -> JSONResponse:
+    request.state.model = "minilm"
+    request.state.tokens = 7
+    return JSONResponse({"ok": True})
+
+
+async def boom(request: Request) -> JSONResponse:
+    raise RuntimeError("handler failed")
+
+
+class FakeAuth:
+    """Stands in for issue 3's auth middleware: it leaves an identity object in the scope."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        scope.setdefault("state", {})["identity"] = types.SimpleNamespace(id="key-42", tier="free", scopes=["*"])
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture
+def lines():
+    captured: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            captured.append(record.getMessage())
+
+    handler = Keep()
+    logging.getLogger("bentoformers.access").addHandler(handler)
+    yield captured
+    logging.getLogger("bentoformers.access").removeHandler(handler)
+
+
+def make_client() -> TestClient:
+    app = Starlette(routes=[Route("/embed", embed, methods=["POST"]), Route("/boom", boom)])
+    return TestClient(AccessLogMiddleware(RequestIdMiddleware(FakeAuth(app))), raise_server_exceptions=False)
+
+
+def count(route: str, code: str) -> float:
+    return REGISTRY.get_sample_value("bentoformers_requests_total", {"route": route, "code": code}) or 0.0
+
+
+def test_one_json_line_per_request_with_state_and_no_secrets(lines):
+    before = count("/embed", "200")
+    r = make_client().post(
+        "/embed?api_key=sk-secret", json={}, headers={"x-request-id": "req-1", "authorization": "Bearer sk-secret"}
+    )
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-1"
+    (line,) = lines
+    assert "sk-secret" not in line
+    entry = json.loads(line)
+    assert entry["request_id"] == "req-1" and entry["identity"] == "key-42"
+    assert entry["route"] == "/embed" and entry["path"] == "/embed" and entry["method"] == "POST"
+    assert entry["status"] == 200 and entry["model"] == "minilm" and entry["tokens"] == 7
+    assert entry["latency_ms"] > 0
+    assert count("/embed", "200") == before + 1
+
+
+def test_unknown_paths_share_one_label_and_a_generated_request_id(lines):
+    before = count("other", "404")
+    client = make_client()
+    for i in range(3):
+        assert client.get(f"/scan/{i}/wp-login.php").status_code == 404
+    assert count("other", "404") == before + 3
+    ids = {json.loads(line)["request_id"] for line in lines}
+    assert len(ids) == 3 and all(len(i) == 32 for i in ids)
+
+
+def test_a_failing_handler_is_logged_as_500(lines):
+    assert make_client().get("/boom").status_code == 500
+    entry = json.loads(lines[-1])
+    assert entry["status"] == 500 and entry["route"] == "/boom"
+
+
+def test_rejection_reasons_are_bounded():
+    metrics.count_rejection("rate_limit_tokens")
+    metrics.count_rejection("user supplied <script>")
+    assert REGISTRY.get_sample_value("bentoformers_rejections_total", {"reason": "rate_limit_tokens"}) >= 1
+    assert REGISTRY.get_sample_value("bentoformers_rejections_total", {"reason": "other"}) >= 1
+    assert REGISTRY.get_sample_value("bentoformers_rejections_total", {"reason": "user supplied <script>"}) is None
