@@ -122,3 +122,28 @@ def test_one_json_access_line_per_request(served, traffic):
     assert not any("token=abc" in json.dumps(e) for e in lines)
     # BentoML's own text access line is off on the gateway (its JSON line replaces it).
     assert "/embed" not in "".join(l for l in log.read_text().splitlines() if not l.startswith("{"))
+
+
+def _queried_metrics() -> set[str]:
+    """Metric names in every PromQL expression of the Grafana dashboard and the alert rules."""
+    import yaml
+
+    dashboard = json.loads((DEPLOY / "grafana" / "bentoformers.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
+    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    assert len(exprs) > 20
+    return {n for e in exprs for n in re.findall(r"\b((?:bentoformers|bentoml)_[a-z_]+|up)\s*[{\[)]", e)}
+
+
+def test_dashboard_and_alerts_query_only_exported_metrics(traffic):
+    from bentoformers import metrics
+
+    exported = {line.split("{")[0].split(" ")[0] for line in traffic.splitlines() if line and line[0] != "#"}
+    queried = _queried_metrics()
+    # Scraped by Prometheus itself, and recorded only on a GPU host (declared in bentoformers.metrics).
+    not_scraped_here = {"up", "bentoformers_gpu_memory_used_bytes"}
+    assert metrics.gpu_memory_used_bytes._name == "bentoformers_gpu_memory_used_bytes"
+    missing = queried - exported - not_scraped_here
+    assert not missing, f"queried but not exported: {sorted(missing)}"
+    assert {"bentoformers_inference_seconds_bucket", "bentoformers_rejections_total"} <= queried
