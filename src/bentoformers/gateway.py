@@ -207,6 +207,7 @@ async def list_models(request: Request) -> Response:
             "max_input_tokens": card.max_length,
             "precision": served.get("precision"),
             "device": served.get("device"),
+            "max_items_per_request": gw.settings.max_items_per_request,
         }],
     })
 

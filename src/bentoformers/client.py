@@ -1,0 +1,643 @@
+"""Python client for a bentoformers server: `Client` (sync) and `AsyncClient`, on httpx and pydantic only.
+
+    from bentoformers import Client
+
+    with Client("http://localhost:3000", api_key="...") as client:
+        vectors = client.embed(["a text", "another"]).embeddings
+
+Retries: 429, 503 and failed connections are retried with exponential backoff and full jitter, waiting at
+least the server's `Retry-After`, for at most `max_retries` retries and `retry_timeout` seconds in all; a
+request that timed out while the server was working on it is not retried (that would only add load).
+Long lists are split into server-sized requests (the server's `max_items_per_request`, read once from
+`GET /v1/models`) and the answers joined, so any length works.
+
+Exceptions (the server's `type`, `message` and `param` are kept on every status error):
+
+    BentoformersError
+    ├── APIStatusError              .status_code .type .message .param .request_id .body
+    │   ├── BadRequestError             400, 422 (and any other 4xx without a class of its own)
+    │   │   └── RequestTooLargeError    413
+    │   ├── AuthenticationError         401
+    │   ├── PermissionDeniedError       403
+    │   ├── NotFoundError               404
+    │   ├── RateLimitError              429  .retry_after
+    │   ├── OverloadedError             503  .retry_after
+    │   └── ServerError                 500 and other 5xx
+    └── APIConnectionError          the server could not be reached, or the connection broke
+        └── APITimeoutError         no answer within the timeout
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict
+
+from . import __version__
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AsyncClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "BentoformersError",
+    "Classification",
+    "Client",
+    "Embeddings",
+    "Generation",
+    "GenerationChunk",
+    "Label",
+    "ModelInfo",
+    "NotFoundError",
+    "OverloadedError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "RequestTooLargeError",
+    "ServerError",
+    "Usage",
+]
+
+DEFAULT_URL = "http://localhost:3000"
+DEFAULT_MAX_ITEMS = 256  # the server's default max_items_per_request, used when it does not say
+RETRY_STATUSES = frozenset({429, 503})
+
+
+# ---- results ---------------------------------------------------------------------------------------------
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class Usage(_Result):
+    prompt_tokens: int = 0
+    completion_tokens: int | None = None
+    total_tokens: int = 0
+
+
+class Embeddings(_Result):
+    model: str
+    embeddings: list[list[float]]
+    usage: Usage
+
+
+class Label(_Result):
+    label: str
+    score: float
+
+
+class Classification(_Result):
+    model: str
+    results: list[list[Label]]  # per input, sorted by score, highest first
+    usage: Usage
+
+
+class Generation(_Result):
+    model: str
+    text: str
+    finish_reason: str  # "stop" or "length"
+    usage: Usage
+
+
+class GenerationChunk(_Result):
+    text: str
+    finish_reason: str | None = None  # set on the last chunk only
+    usage: Usage | None = None  # set on the last chunk only
+
+
+class ModelInfo(_Result):
+    id: str
+    object: str = "model"
+    created: int | None = None
+    owned_by: str | None = None
+    task: str | None = None
+    precision: str | None = None
+    device: str | None = None
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+
+class BentoformersError(Exception):
+    """Base of every error this client raises."""
+
+
+class APIStatusError(BentoformersError):
+    """The server answered with an error status."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+        body: Any = None,
+    ) -> None:
+        detail = f"{status_code} {type}: {message}" if type else f"{status_code}: {message}"
+        super().__init__(detail + (f" (param: {param})" if param else ""))
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.request_id = request_id
+        self.retry_after = retry_after
+        self.body = body
+
+
+class BadRequestError(APIStatusError):
+    """The request was refused as it stands (400/422); the message says what to change."""
+
+
+class RequestTooLargeError(BadRequestError):
+    """Over a documented limit (413): too many items, or a text over the model's token limit."""
+
+
+class AuthenticationError(APIStatusError):
+    """401: no credentials, or not valid ones."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: valid credentials without the scope for this task."""
+
+
+class NotFoundError(APIStatusError):
+    """404: unknown model or route."""
+
+
+class RateLimitError(APIStatusError):
+    """429: over this client's request or token budget; `retry_after` says when to come back."""
+
+
+class OverloadedError(APIStatusError):
+    """503: the server's queue is full or the model service is unavailable; `retry_after` as sent."""
+
+
+class ServerError(APIStatusError):
+    """500 and other 5xx."""
+
+
+class APIConnectionError(BentoformersError):
+    """The server could not be reached, or the connection broke before an answer."""
+
+
+class APITimeoutError(APIConnectionError):
+    """No answer within the client's timeout."""
+
+
+_BY_STATUS: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    413: RequestTooLargeError,
+    422: BadRequestError,
+    429: RateLimitError,
+    503: OverloadedError,
+}
+# For errors sent inside a stream, after the 200 status went out: only the type says what happened.
+_BY_TYPE: dict[str, type[APIStatusError]] = {
+    "invalid_request_error": BadRequestError,
+    "validation_error": BadRequestError,
+    "request_too_large": RequestTooLargeError,
+    "authentication_error": AuthenticationError,
+    "permission_error": PermissionDeniedError,
+    "not_found_error": NotFoundError,
+    "rate_limit_error": RateLimitError,
+    "overloaded_error": OverloadedError,
+    "server_error": ServerError,
+}
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value.strip() else None
+        return None if parsed is None else max(0.0, parsed.timestamp() - time.time())
+
+
+def _error_fields(body: Any) -> tuple[str | None, str | None, str | None]:
+    """(type, message, param) from our body, BentoML's bare {"error": "..."} or its [{"error": ...}] list."""
+    if isinstance(body, list) and body:
+        body = body[0]
+    if not isinstance(body, dict):
+        return None, None, None
+    error = body.get("error", body.get("detail"))
+    if isinstance(error, dict):
+        return error.get("type"), error.get("message"), error.get("param")
+    return None, None if error is None else str(error), None
+
+
+def error_from_response(response: httpx.Response) -> APIStatusError:
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    kind, message, param = _error_fields(body)
+    status = response.status_code
+    cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else BadRequestError)
+    return cls(
+        status,
+        message or (body if isinstance(body, str) and body else response.reason_phrase),
+        type=kind,
+        param=param,
+        request_id=response.headers.get("x-request-id"),
+        retry_after=_retry_after(response.headers.get("retry-after")),
+        body=body,
+    )
+
+
+def _stream_error(error: Any) -> APIStatusError:
+    error = error if isinstance(error, dict) else {"message": str(error)}
+    kind = error.get("type")
+    cls = _BY_TYPE.get(kind or "", ServerError)
+    return cls(0, error.get("message") or "error in stream", type=kind, param=error.get("param"), body=error)
+
+
+def _transport_error(exc: httpx.TransportError) -> APIConnectionError:
+    if isinstance(exc, httpx.TimeoutException):
+        return APITimeoutError(f"no answer in time: {exc!r}")
+    return APIConnectionError(f"could not reach the server: {exc!r}")
+
+
+def _retryable_transport_error(exc: httpx.TransportError) -> bool:
+    # The request never reached the server (or the connection was dropped): safe to send again.
+    # A read timeout means the server was working on it; sending it again only adds load.
+    return not isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout))
+
+
+# ---- shared request logic ----------------------------------------------------------------------------
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+class _Base:
+    def __init__(
+        self,
+        base_url: str | None,
+        api_key: str | None,
+        timeout: float | httpx.Timeout,
+        max_retries: int,
+        retry_timeout: float,
+        max_items_per_request: int | None,
+        headers: dict[str, str] | None,
+    ) -> None:
+        self.base_url = (base_url or os.environ.get("BENTOFORMERS_URL") or DEFAULT_URL).rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get("BENTOFORMERS_API_KEY")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.retry_timeout = retry_timeout
+        self._max_items = max_items_per_request
+        self.headers = {"User-Agent": f"bentoformers-python/{__version__}", **(headers or {})}
+        if self.api_key:
+            self.headers["Authorization"] = f"Bearer {self.api_key}"
+
+    def _delay(self, attempt: int, started: float, retry_after: float | None) -> float | None:
+        """Seconds to wait before retry number `attempt` (1-based), or None to give up."""
+        if attempt > self.max_retries:
+            return None
+        delay = random.uniform(0, min(8.0, 0.25 * 2**attempt))  # full jitter
+        if retry_after is not None:
+            delay = retry_after + random.uniform(0, 0.1 * retry_after + 0.05)
+        if time.monotonic() - started + delay > self.retry_timeout:
+            return None
+        return delay
+
+    @staticmethod
+    def _items(inputs: str | Sequence[str]) -> list[str]:
+        if isinstance(inputs, str):
+            return [inputs]
+        items = list(inputs)
+        if not items:
+            raise ValueError("inputs must hold at least one text")
+        return items
+
+    @staticmethod
+    def _options(**kwargs: Any) -> dict[str, Any]:
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+    @staticmethod
+    def _max_items_from(models: list[ModelInfo]) -> int:
+        for m in models:
+            limit = (m.model_extra or {}).get("max_items_per_request")
+            if isinstance(limit, int) and limit > 0:
+                return limit
+        return DEFAULT_MAX_ITEMS
+
+    @staticmethod
+    def _join_embeddings(parts: list[Embeddings]) -> Embeddings:
+        if len(parts) == 1:
+            return parts[0]
+        return Embeddings(
+            model=parts[0].model,
+            embeddings=[v for p in parts for v in p.embeddings],
+            usage=_sum_usage([p.usage for p in parts]),
+        )
+
+    @staticmethod
+    def _join_classifications(parts: list[Classification]) -> Classification:
+        if len(parts) == 1:
+            return parts[0]
+        return Classification(
+            model=parts[0].model,
+            results=[r for p in parts for r in p.results],
+            usage=_sum_usage([p.usage for p in parts]),
+        )
+
+
+def _sum_usage(usages: list[Usage]) -> Usage:
+    return Usage(
+        prompt_tokens=sum(u.prompt_tokens for u in usages),
+        total_tokens=sum(u.total_tokens for u in usages),
+    )
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _sse_data(line: str) -> str | None:
+    return line[5:].strip() if line.startswith("data:") else None
+
+
+# ---- sync ------------------------------------------------------------------------------------------------
+
+
+class Client(_Base):
+    """Blocking client. Pass `http_client` (e.g. Starlette's TestClient) or `transport` to run it elsewhere."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = 60.0,
+        max_retries: int = 5,
+        retry_timeout: float = 60.0,
+        max_items_per_request: int | None = None,
+        headers: dict[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, retry_timeout, max_items_per_request, headers)
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client(transport=transport, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def embed(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        normalize: bool | None = None,
+        truncate: bool | None = None,
+        model: str | None = None,
+    ) -> Embeddings:
+        """Vectors for the texts, in order; `normalize` defaults to how the model was trained."""
+        options = self._options(normalize=normalize, truncate=truncate, model=model)
+        parts = [
+            Embeddings.model_validate(self._post("/embed", {"inputs": chunk, **options}))
+            for chunk in self._split(self._items(inputs))
+        ]
+        return self._join_embeddings(parts)
+
+    def classify(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        top_k: int | None = None,
+        all_labels: bool = False,
+        truncate: bool | None = None,
+        model: str | None = None,
+    ) -> Classification:
+        """Labels with scores per text, best first: the server's default count, `top_k`, or `all_labels`."""
+        options = self._options(top_k=top_k, truncate=truncate, model=model)
+        if all_labels:
+            options["top_k"] = None
+        parts = [
+            Classification.model_validate(self._post("/classify", {"inputs": chunk, **options}))
+            for chunk in self._split(self._items(inputs))
+        ]
+        return self._join_classifications(parts)
+
+    def generate(self, prompt: str, **options: Any) -> Generation:
+        """Complete `prompt`. Options: max_new_tokens, temperature (0 = greedy), top_p, top_k, stop, seed, model."""
+        return Generation.model_validate(self._post("/generate", {"prompt": prompt, **self._options(**options)}))
+
+    def generate_stream(self, prompt: str, **options: Any) -> Iterator[GenerationChunk]:
+        """As `generate`, one chunk per token as it is made; the last chunk has `finish_reason` and `usage`."""
+        body = {"prompt": prompt, **self._options(**options), "stream": True}
+        response = self._send("POST", "/generate", body, stream=True)
+        try:
+            for line in response.iter_lines():
+                data = _sse_data(line)
+                if data is None or not data:
+                    continue
+                if data == "[DONE]":
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    raise _stream_error(event["error"])
+                yield GenerationChunk.model_validate(event)
+        finally:
+            response.close()
+
+    def models(self) -> list[ModelInfo]:
+        """The served models (`GET /v1/models`)."""
+        return [ModelInfo.model_validate(m) for m in self._send("GET", "/v1/models").json()["data"]]
+
+    def max_items_per_request(self) -> int:
+        """The server's limit on texts per request (asked once), unless given to the constructor."""
+        if self._max_items is None:
+            try:
+                self._max_items = self._max_items_from(self.models())
+            except NotFoundError:
+                self._max_items = DEFAULT_MAX_ITEMS
+        return self._max_items
+
+    def _split(self, items: list[str]) -> list[list[str]]:
+        return [items] if len(items) == 1 else _chunks(items, self.max_items_per_request())
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        return self._send("POST", path, body).json()
+
+    def _send(self, method: str, path: str, body: Any = None, stream: bool = False) -> Any:
+        started, attempt = time.monotonic(), 0
+        while True:
+            attempt += 1
+            request = self._http.build_request(
+                method, self.base_url + path, json=body, headers=self.headers, timeout=self.timeout
+            )
+            try:
+                response = self._http.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                delay = self._delay(attempt, started, None) if _retryable_transport_error(exc) else None
+                if delay is None:
+                    raise _transport_error(exc) from exc
+                time.sleep(delay)
+                continue
+            if response.is_success:
+                return response
+            if stream:
+                response.read()
+                response.close()
+            error = error_from_response(response)
+            delay = self._delay(attempt, started, error.retry_after) if response.status_code in RETRY_STATUSES else None
+            if delay is None:
+                raise error
+            time.sleep(delay)
+
+
+# ---- async -----------------------------------------------------------------------------------------------
+
+
+class AsyncClient(_Base):
+    """As `Client`, for asyncio. `transport=httpx.ASGITransport(app)` runs it against an app in process."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = 60.0,
+        max_retries: int = 5,
+        retry_timeout: float = 60.0,
+        max_items_per_request: int | None = None,
+        headers: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, retry_timeout, max_items_per_request, headers)
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(transport=transport, timeout=timeout)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def embed(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        normalize: bool | None = None,
+        truncate: bool | None = None,
+        model: str | None = None,
+    ) -> Embeddings:
+        options = self._options(normalize=normalize, truncate=truncate, model=model)
+        parts = [
+            Embeddings.model_validate(await self._post("/embed", {"inputs": chunk, **options}))
+            for chunk in await self._split(self._items(inputs))
+        ]
+        return self._join_embeddings(parts)
+
+    async def classify(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        top_k: int | None = None,
+        all_labels: bool = False,
+        truncate: bool | None = None,
+        model: str | None = None,
+    ) -> Classification:
+        options = self._options(top_k=top_k, truncate=truncate, model=model)
+        if all_labels:
+            options["top_k"] = None
+        parts = [
+            Classification.model_validate(await self._post("/classify", {"inputs": chunk, **options}))
+            for chunk in await self._split(self._items(inputs))
+        ]
+        return self._join_classifications(parts)
+
+    async def generate(self, prompt: str, **options: Any) -> Generation:
+        return Generation.model_validate(await self._post("/generate", {"prompt": prompt, **self._options(**options)}))
+
+    async def generate_stream(self, prompt: str, **options: Any) -> AsyncIterator[GenerationChunk]:
+        body = {"prompt": prompt, **self._options(**options), "stream": True}
+        response = await self._send("POST", "/generate", body, stream=True)
+        try:
+            async for line in response.aiter_lines():
+                data = _sse_data(line)
+                if data is None or not data:
+                    continue
+                if data == "[DONE]":
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    raise _stream_error(event["error"])
+                yield GenerationChunk.model_validate(event)
+        finally:
+            await response.aclose()
+
+    async def models(self) -> list[ModelInfo]:
+        response = await self._send("GET", "/v1/models")
+        return [ModelInfo.model_validate(m) for m in response.json()["data"]]
+
+    async def max_items_per_request(self) -> int:
+        if self._max_items is None:
+            try:
+                self._max_items = self._max_items_from(await self.models())
+            except NotFoundError:
+                self._max_items = DEFAULT_MAX_ITEMS
+        return self._max_items
+
+    async def _split(self, items: list[str]) -> list[list[str]]:
+        return [items] if len(items) == 1 else _chunks(items, await self.max_items_per_request())
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        return (await self._send("POST", path, body)).json()
+
+    async def _send(self, method: str, path: str, body: Any = None, stream: bool = False) -> httpx.Response:
+        started, attempt = time.monotonic(), 0
+        while True:
+            attempt += 1
+            request = self._http.build_request(
+                method, self.base_url + path, json=body, headers=self.headers, timeout=self.timeout
+            )
+            try:
+                response = await self._http.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                delay = self._delay(attempt, started, None) if _retryable_transport_error(exc) else None
+                if delay is None:
+                    raise _transport_error(exc) from exc
+                await asyncio.sleep(delay)
+                continue
+            if response.is_success:
+                return response
+            if stream:
+                await response.aread()
+                await response.aclose()
+            error = error_from_response(response)
+            delay = self._delay(attempt, started, error.retry_after) if response.status_code in RETRY_STATUSES else None
+            if delay is None:
+                raise error
+            await asyncio.sleep(delay)
