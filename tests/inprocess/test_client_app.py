@@ -16,13 +16,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def app(minilm_path):
-    import service
-
-    return service.Gateway.to_asgi()
-
-
-@pytest.fixture(scope="module")
 def client(app):
     with TestClient(app) as http, Client("http://testserver", http_client=http) as c:
         yield c

@@ -13,10 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def client(minilm_path):
-    import service
-
-    with TestClient(service.Gateway.to_asgi()) as c:
+def client(app):
+    with TestClient(app) as c:
         yield c
 
 
