@@ -6,7 +6,11 @@ Every run gets its own BentoML home, so the store starts empty and the real buil
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Before anything imports bentoml, which reads these at import.
@@ -18,6 +22,7 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "True"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +50,49 @@ def sentences():
     from bentoformers.fidelity import shipped_sentences
 
     return shipped_sentences()
+
+
+@pytest.fixture(scope="session")
+def app(minilm_path):
+    """The real app in process, built once: BentoML registers its Prometheus metrics per app, so a second
+    `Gateway.to_asgi()` in the same process fails with DuplicateTimeseries."""
+    import service
+
+    return service.Gateway.to_asgi()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(minilm_path, tmp_path_factory):
+    """One real `bentoml serve` of the built default model, shared by the e2e tests."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service:Gateway", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(),
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"server did not become ready:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
