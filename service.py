@@ -7,6 +7,7 @@ validation, tokenization, the API shapes), so model workers can scale apart from
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import bentoml
@@ -14,9 +15,12 @@ import numpy as np
 
 from bentoformers import metrics
 from bentoformers.accesslog import AccessLogMiddleware
+from bentoformers.auth import AuthMiddleware, ClientAddress, startup_authenticator
 from bentoformers.engine import OnnxEncoder, pick_device
 from bentoformers.gateway import Gateway as GatewayRuntime
 from bentoformers.gateway import RequestIdMiddleware, create_app
+from bentoformers.overload import OverloadMiddleware
+from bentoformers.ratelimit import RateLimiter, RateLimitMiddleware
 from bentoformers.settings import Settings
 from bentoformers.store import choose_precision, stored_variants
 
@@ -88,3 +92,20 @@ class Gateway:
 # The first added is the outermost: the access log sees every answer, the request id included.
 Gateway.add_asgi_middleware(AccessLogMiddleware, enabled=settings.access_log)
 Gateway.add_asgi_middleware(RequestIdMiddleware)
+# Security and overload, outermost first: admission (in-flight, body size, timeout), who is calling,
+# then their rate limits. Refuses to start in a container with no credentials (BentoML's images set
+# BENTOML_CONTAINERIZED=true).
+Gateway.add_asgi_middleware(
+    OverloadMiddleware,
+    max_in_flight=settings.max_in_flight,
+    max_body_bytes=settings.max_body_bytes,
+    timeout=settings.request_timeout_seconds,
+    retry_after=settings.retry_after_seconds,
+)
+Gateway.add_asgi_middleware(
+    AuthMiddleware,
+    authenticator=startup_authenticator(settings, containerized=os.environ.get("BENTOML_CONTAINERIZED") == "true"),
+    client_address=ClientAddress(settings.trusted_proxies),
+)
+if (rate_limiter := RateLimiter.from_settings(settings)) is not None:
+    Gateway.add_asgi_middleware(RateLimitMiddleware, limiter=rate_limiter)

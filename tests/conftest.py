@@ -96,3 +96,47 @@ def server(minilm_path, tmp_path_factory):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port that a test can stop and start again."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port, self.workdir, self.proc = free_port(), workdir, None
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import shutil
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail("redis-server is missing (.ci/run installs it)")
+            pytest.skip("redis-server is not installed")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        pytest.fail("redis-server did not start within 10 s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

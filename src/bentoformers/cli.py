@@ -36,6 +36,47 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- keys (issue 3): the key itself is printed once and never stored --------------------------------------
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from .auth import create_key
+
+    try:
+        key, record = create_key(args.id, args.scopes, args.tier, args.file)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    if args.file is not None:
+        print(f"stored its hash in {args.file} (id {record.id}); the key is shown only this once", file=sys.stderr)
+    else:
+        import yaml
+
+        print("add this record to the key file (BENTOFORMERS_API_KEYS_FILE); the key is shown only this once:",
+              file=sys.stderr)
+        print(yaml.safe_dump([record.model_dump(mode="json")], sort_keys=False), file=sys.stderr, end="")
+    return 0
+
+
+def _add_keys_parser(sub: argparse._SubParsersAction) -> None:
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser(
+        "create",
+        help="create an API key: prints it once, stores only its hash",
+        description="Prints a new API key on stdout (once) and appends its record {id, hash, scopes, tier} to "
+        "the key file; without --file, prints the record to add yourself.",
+    )
+    create.add_argument("--id", required=True, help="key id: who holds it (letters, digits, '.', '-')")
+    create.add_argument(
+        "--scopes", nargs="+", default=["*"], metavar="TASK",
+        help="tasks it may call: embeddings, classification, generation, or * (default: *)",
+    )
+    create.add_argument("--tier", default="default", help="rate-limit tier (default: %(default)s)")
+    create.add_argument("--file", type=Path, help="key file to append to (created with mode 0600)")
+    create.set_defaults(func=_keys_create)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bentoformers", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--only", nargs="+", metavar="NAME", help="build only these entries")
     build.add_argument("--force", action="store_true", help="rebuild even if an identical variant is stored")
     build.set_defaults(func=_build)
+    _add_keys_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

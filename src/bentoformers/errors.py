@@ -14,6 +14,10 @@ class ErrorType(StrEnum):
     VALIDATION = "validation_error"  # parsed, but a field is wrong
     TOO_LARGE = "request_too_large"  # over a documented limit
     NOT_FOUND = "not_found_error"
+    AUTHENTICATION = "authentication_error"  # missing or invalid credentials
+    PERMISSION = "permission_error"  # valid credentials without the route's scope
+    RATE_LIMITED = "rate_limit_error"  # over the caller's tier
+    TIMEOUT = "timeout_error"  # no answer within the request timeout
     OVERLOADED = "overloaded_error"
     SERVER = "server_error"
 
@@ -23,6 +27,10 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.VALIDATION: 422,
     ErrorType.TOO_LARGE: 413,
     ErrorType.NOT_FOUND: 404,
+    ErrorType.AUTHENTICATION: 401,
+    ErrorType.PERMISSION: 403,
+    ErrorType.RATE_LIMITED: 429,
+    ErrorType.TIMEOUT: 504,
     ErrorType.OVERLOADED: 503,
     ErrorType.SERVER: 500,
 }

@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ from . import metrics
 from .batcher import Coalescer
 from .engine import InputTooLong, ModelCard, TextTokenizer, l2_normalize
 from .errors import ApiError, ErrorType, error_response
+from .ratelimit import charge_tokens
 from .schemas import EmbedRequest, OpenAIEmbeddingRequest
 from .settings import Settings
 
@@ -57,7 +59,14 @@ class Gateway:
         self._served: dict[str, Any] | None = None
         self.created = int(time.time())
 
-    async def embed(self, texts: list[str], truncate: bool, normalize: bool | None, param: str) -> tuple[np.ndarray, int]:
+    async def embed(
+        self,
+        texts: list[str],
+        truncate: bool,
+        normalize: bool | None,
+        param: str,
+        charge: Callable[[int], Awaitable[None]] | None = None,
+    ) -> tuple[np.ndarray, int]:
         self._check_texts(texts, param)
         try:
             if sum(map(len, texts)) > INLINE_TOKENIZE_CHARS:
@@ -71,12 +80,16 @@ class Gateway:
                 "shorten it or send truncate: true",
                 param=f"{param}.{exc.index}",
             ) from None
+        if charge is not None:  # the caller's token budget, before any model work
+            await charge(sum(map(len, ids)))
         try:
             vectors = await self.coalescer.submit(ids)
         except ApiError:
             raise
-        except Exception:
-            logger.exception("model service call failed")
+        except Exception as exc:
+            # An honest 503, quietly: the model service logs its own failures, and a traceback per shed
+            # request (BentoML's batcher under load) would bury everything else.
+            logger.warning("model service call failed: %s: %s", type(exc).__name__, exc)
             raise ApiError(
                 ErrorType.OVERLOADED,
                 "the model service is unavailable; retry shortly",
@@ -151,7 +164,7 @@ async def embed(request: Request) -> Response:
     gw.check_model(body.model)
     request.state.model = gw.card.name
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    vectors, tokens = await gw.embed(texts, body.truncate, body.normalize, "inputs")
+    vectors, tokens = await gw.embed(texts, body.truncate, body.normalize, "inputs", partial(charge_tokens, request))
     request.state.tokens = tokens
     return _json({
         "model": gw.card.name,
@@ -173,7 +186,7 @@ async def openai_embeddings(request: Request) -> Response:
             param="dimensions",
         )
     texts = [body.input] if isinstance(body.input, str) else body.input
-    vectors, tokens = await gw.embed(texts, body.truncate, None, "input")
+    vectors, tokens = await gw.embed(texts, body.truncate, None, "input", partial(charge_tokens, request))
     request.state.tokens = tokens
     if body.encoding_format == "base64":
         items = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Precision = Literal["fp32", "int8", "fp16"]
@@ -29,6 +29,41 @@ class Settings(BaseSettings):
     max_queued_items: int = Field(4096, ge=1, description="Beyond this the gateway answers 503.")
     retry_after_seconds: int = Field(1, ge=1)
     access_log: bool = Field(True, description="One JSON line per gateway request on stdout.")
+
+    # ---- security and overload (auth.py, ratelimit.py, overload.py) ----
+    auth: Literal["auto", "required", "disabled"] = Field(
+        "auto",
+        description="auto: enforce when credentials are configured; with none, refuse to start in a container "
+        "and run open (with a warning) elsewhere. required: refuse to start without credentials. disabled: open.",
+    )
+    api_keys_file: str | None = Field(None, description="YAML/JSON list of {id, hash, scopes, tier}.")
+    api_keys: str | None = Field(None, description="The same list inline (e.g. a secret mounted as env).")
+    jwt_secret: SecretStr | None = Field(None, description="HMAC secret (HS256/384/512), at least 32 bytes.")
+    jwt_public_key_file: str | None = Field(None, description="PEM public key for RS256/ES256 tokens.")
+    jwt_algorithms: tuple[str, ...] = Field(
+        (), description="Accepted algorithms; default: HS256 with a secret, RS256 or ES256 from the key type."
+    )
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_scope_claim: str = Field("scope", description="Space-separated string or list of task names.")
+    jwt_tier_claim: str = "tier"
+    jwt_leeway_seconds: int = Field(30, ge=0)
+    rate_limit_storage: str = Field(
+        "memory://", description="memory:// (counts per worker process) or redis://host:port/db (shared)."
+    )
+    rate_limit_tiers: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description='{"tier": {"requests": "600/minute", "tokens": "200000/minute"}}; empty: no rate limits.',
+    )
+    rate_limit_on_store_error: Literal["open", "closed"] = Field(
+        "open", description="When the store (Redis) is unreachable: open admits, closed answers 503."
+    )
+    trusted_proxies: tuple[str, ...] = Field((), description="Addresses/CIDRs whose X-Forwarded-For is believed.")
+    max_in_flight: int = Field(256, ge=1, description="Requests in flight per gateway worker; beyond: 503.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    request_timeout_seconds: float = Field(
+        50, gt=0, description="Until the response starts; below BentoML's traffic timeout so ours answers."
+    )
 
     def threads(self) -> int:
         return self.intra_op_threads or (os.cpu_count() or 1)

@@ -1,0 +1,133 @@
+"""Admission at the gateway: bounded in-flight requests, a body-size cap and a request timeout.
+
+The outermost of our middlewares. Beyond `max_in_flight` requests per worker a request is refused at
+once with 503 and Retry-After (no queue); a body over `max_body_bytes` gets 413 before it is read; a
+request that has not started its response within `timeout` gets 504 (a stream that has started runs
+on). It is also the safety net for the BentoML trap where an exception escaping an ASGI app hangs the
+request until BentoML's own timeout: anything that escapes becomes a 500 in the one error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ApiError, ErrorType, error_response
+
+logger = logging.getLogger("bentoformers.overload")
+# Probes and metrics must answer even when the gateway is saturated.
+EXEMPT_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
+
+
+class OverloadMiddleware:
+    def __init__(
+        self, app: ASGIApp, *, max_in_flight: int, max_body_bytes: int, timeout: float, retry_after: int = 1
+    ) -> None:
+        self.app = app
+        self.max_in_flight, self.max_body_bytes, self.timeout = max_in_flight, max_body_bytes, timeout
+        self.retry_after = retry_after
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            await self._refuse(scope, receive, send, ApiError(
+                ErrorType.OVERLOADED,
+                f"the server is at capacity ({self.max_in_flight} requests in progress); "
+                f"retry after {self.retry_after}s",
+                headers={"Retry-After": str(self.retry_after)},
+            ))
+            return
+        self.in_flight += 1
+        try:
+            await self._admitted(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        too_large = ApiError(
+            ErrorType.TOO_LARGE, f"the request body is over the limit of {self.max_body_bytes} bytes"
+        )
+        length = _content_length(scope)
+        if length is not None and length > self.max_body_bytes:
+            await self._refuse(scope, receive, send, too_large)
+            return
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # No Content-Length (chunked): read it here, within the cap, and hand it on.
+            body = await _read_capped(receive, self.max_body_bytes)
+            if body is None:
+                await self._refuse(scope, receive, send, too_large)
+                return
+            receive = _replay(body, receive)
+
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                deadline.reschedule(None)  # a started response (a stream) is not cut off
+            await send(message)
+
+        try:
+            async with asyncio.timeout(self.timeout) as deadline:
+                await self.app(scope, receive, send_tracking)
+        except TimeoutError:
+            if not started:
+                await self._refuse(scope, receive, send, ApiError(
+                    ErrorType.TIMEOUT, f"no answer within the request timeout of {self.timeout:g}s",
+                    headers={"Retry-After": str(self.retry_after)},
+                ))
+        except Exception:
+            logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if not started:
+                await error_response(ApiError(ErrorType.SERVER, "internal error; see the server log"))(
+                    scope, receive, send
+                )
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
+        await error_response(error)(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _read_capped(receive: Receive, cap: int) -> bytes | None:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -1,0 +1,237 @@
+"""Per-identity rate limits: requests and input tokens per window, per tier, with the `limits` library.
+
+Sliding window counters (the `limits` strategy that weighs the previous window): no double burst at a
+window edge, O(1) storage however large a token charge is, and a refused hit takes nothing. With
+`memory://` the counters live in each worker process: a limit of N admits up to N per worker and per
+replica. With `redis://…` they are shared by every worker and replica.
+
+When the store fails (Redis down), `on_store_error` decides: "open" admits (the limits are off until
+it is back; authentication still holds) and "closed" answers 503. Either way the store is left alone
+for a second after a failure, so a dead Redis costs one connection attempt per second, not one per
+request, and one log line per outage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from limits import RateLimitItem, parse
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.storage import storage_from_string
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .auth import DEFAULT_TIER, Identity
+from .errors import ApiError, ErrorType, error_response
+from .settings import Settings
+
+logger = logging.getLogger("bentoformers.ratelimit")
+STORE_BACKOFF_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Tier:
+    requests: RateLimitItem | None = None
+    tokens: RateLimitItem | None = None
+
+    @classmethod
+    def parse(cls, name: str, spec: dict[str, str]) -> Tier:
+        unknown = set(spec) - {"requests", "tokens"}
+        if unknown:
+            raise ValueError(f"tier {name!r}: unknown keys {sorted(unknown)}; use requests and tokens")
+        try:
+            return cls(*(parse(spec[k]) if spec.get(k) else None for k in ("requests", "tokens")))
+        except ValueError as exc:
+            raise ValueError(f"tier {name!r}: {exc} (write limits like '600/minute' or '10 per second')") from None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_seconds: int
+
+    def headers(self) -> dict[str, str]:
+        headers = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_seconds),
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(self.reset_seconds)
+        return headers
+
+
+class StoreUnavailable(Exception):
+    pass
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        tiers: dict[str, Tier],
+        storage_uri: str = "memory://",
+        on_store_error: Literal["open", "closed"] = "open",
+        retry_after: int = 1,
+    ) -> None:
+        self.tiers = tiers
+        self.shared = not storage_uri.startswith("memory://")
+        self.on_store_error, self.retry_after = on_store_error, retry_after
+        timeouts = {} if not self.shared else {"connect_timeout": 0.5, "stream_timeout": 0.5}
+        storage = storage_from_string(f"async+{storage_uri}", wrap_exceptions=True, **timeouts)
+        self.strategy = SlidingWindowCounterRateLimiter(storage)
+        self._skip_store_until = 0.0
+        self.storage_label = storage_uri.split("@")[-1]  # never log a password in the URL
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RateLimiter | None:
+        if not settings.rate_limit_tiers:
+            logger.info("rate limits off (no BENTOFORMERS_RATE_LIMIT_TIERS)")
+            return None
+        tiers = {name: Tier.parse(name, spec) for name, spec in settings.rate_limit_tiers.items()}
+        limiter = cls(tiers, settings.rate_limit_storage, settings.rate_limit_on_store_error, settings.retry_after_seconds)
+        if limiter.shared:
+            logger.info("rate limits shared across workers and replicas in %s (on store error: %s)",
+                        limiter.storage_label, settings.rate_limit_on_store_error)
+        else:
+            logger.warning("rate limits are PER WORKER PROCESS (memory://): each worker and replica counts on its "
+                           "own; set BENTOFORMERS_RATE_LIMIT_STORAGE=redis://… to share them")
+        return limiter
+
+    def tier_of(self, identity: Identity) -> Tier | None:
+        return self.tiers.get(identity.tier) or self.tiers.get(DEFAULT_TIER)
+
+    async def hit(self, item: RateLimitItem, key: str, cost: int = 1) -> Verdict:
+        """Counts `cost` against `item` for `key`. Raises StoreUnavailable when the store fails."""
+        if time.monotonic() < self._skip_store_until:
+            raise StoreUnavailable
+        try:
+            allowed = await self.strategy.hit(item, key, cost=cost)
+            stats = await self.strategy.get_window_stats(item, key)
+        except Exception as exc:
+            if self._skip_store_until == 0.0:
+                logger.error("rate limit store %s unreachable (%s); failing %s until it is back",
+                             self.storage_label, type(exc).__name__, self.on_store_error)
+            self._skip_store_until = time.monotonic() + STORE_BACKOFF_SECONDS
+            raise StoreUnavailable from None
+        if self._skip_store_until:
+            logger.warning("rate limit store %s is back", self.storage_label)
+            self._skip_store_until = 0.0
+        reset = max(1, math.ceil(stats.reset_time - time.time()))
+        return Verdict(allowed, item.amount, stats.remaining, reset)
+
+    def store_error(self) -> ApiError | None:
+        if self.on_store_error == "open":
+            return None
+        return ApiError(
+            ErrorType.OVERLOADED,
+            "rate limits cannot be checked right now; retry shortly",
+            headers={"Retry-After": str(self.retry_after)},
+        )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """This request's caller and tier, left in scope["state"]["rate_limit"] for charge_tokens()."""
+
+    limiter: RateLimiter
+    key: str
+    tier: Tier
+
+    async def charge(self, tokens: int) -> None:
+        item = self.tier.tokens
+        if item is None or tokens <= 0:
+            return
+        if tokens > item.amount:
+            raise ApiError(
+                ErrorType.TOO_LARGE,
+                f"this request holds {tokens} input tokens; your tier allows {item.amount} per {_window(item)}",
+            )
+        try:
+            verdict = await self.limiter.hit(item, f"{self.key}:tokens", cost=tokens)
+        except StoreUnavailable:
+            error = self.limiter.store_error()
+            if error is not None:
+                raise error from None
+            return
+        if not verdict.allowed:
+            raise ApiError(
+                ErrorType.RATE_LIMITED,
+                f"input token budget exhausted: {item.amount} tokens per {_window(item)}, {verdict.remaining} left, "
+                f"this request needs {tokens}; retry after {verdict.reset_seconds}s",
+                headers=verdict.headers(),
+            )
+
+
+async def charge_tokens(request: Request, tokens: int) -> None:
+    """Counts a request's input tokens against its caller's budget; 429 beyond it. No-op when limits are off."""
+    budget = request.scope.get("state", {}).get("rate_limit")
+    if isinstance(budget, Budget):
+        await budget.charge(tokens)
+
+
+class RateLimitMiddleware:
+    """Counts requests per identity (after AuthMiddleware); 429 with Retry-After and RateLimit-* headers."""
+
+    def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
+        self.app, self.limiter = app, limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        identity = scope.get("state", {}).get("identity") if scope["type"] == "http" else None
+        if not isinstance(identity, Identity):  # public paths, preflight, non-HTTP
+            await self.app(scope, receive, send)
+            return
+        try:
+            verdict = await self._check(scope, identity)
+        except ApiError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        except Exception:  # never let an exception reach BentoML (it would hang the request)
+            logger.exception("rate limit check failed unexpectedly")
+            await error_response(ApiError(ErrorType.SERVER, "internal error; see the server log"))(scope, receive, send)
+            return
+        if verdict is None:
+            await self.app(scope, receive, send)
+            return
+        extra = [(k.lower().encode(), v.encode()) for k, v in verdict.headers().items()]
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    async def _check(self, scope: Scope, identity: Identity) -> Verdict | None:
+        tier = self.limiter.tier_of(identity)
+        if tier is None:
+            return None
+        key = f"{identity.kind}:{identity.id}"
+        scope["state"]["rate_limit"] = Budget(self.limiter, key, tier)
+        if tier.requests is None:
+            return None
+        try:
+            verdict = await self.limiter.hit(tier.requests, f"{key}:requests")
+        except StoreUnavailable:
+            error = self.limiter.store_error()
+            if error is not None:
+                raise error from None
+            return None
+        if not verdict.allowed:
+            raise ApiError(
+                ErrorType.RATE_LIMITED,
+                f"rate limit reached: {verdict.limit} requests per {_window(tier.requests)}; "
+                f"retry after {verdict.reset_seconds}s",
+                headers=verdict.headers(),
+            )
+        return verdict
+
+
+def _window(item: RateLimitItem) -> str:
+    unit = item.GRANULARITY.name
+    return unit if item.multiples == 1 else f"{item.multiples} {unit}s"

@@ -1,0 +1,204 @@
+"""Security and overload on a real `bentoml serve` with 2 gateway workers, API keys, a JWT secret and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+import jwt
+import pytest
+
+from bentoformers.auth import create_key
+from conftest import ROOT, RedisServer, free_port
+
+pytestmark = pytest.mark.slow
+
+JWT_SECRET = "e2e-secret-" + "x" * 32
+LIMIT = 10  # requests per day for the "ten" tier (a day window: no window edge during the test)
+MAX_IN_FLIGHT = 4  # per gateway worker
+WORKERS = 2
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log) -> None:
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"server did not become ready:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def secured(minilm_path, tmp_path_factory):
+    work = tmp_path_factory.mktemp("secured")
+    redis = RedisServer(work)
+    redis.start()
+    keys_file = work / "keys.yaml"
+    keys = {name: create_key(name, scopes, tier, keys_file)[0] for name, scopes, tier in [
+        ("limited", ["embeddings"], "ten"),
+        ("bulk", ["*"], "bulk"),
+        ("classifier", ["classification"], "bulk"),
+    ]}
+    port = free_port()
+    log = work / "serve.log"
+    env = {
+        **os.environ,
+        "BENTOML_CONFIG_OPTIONS": f"services.bentoformers.workers={WORKERS}",
+        "BENTOFORMERS_API_KEYS_FILE": str(keys_file),
+        "BENTOFORMERS_JWT_SECRET": JWT_SECRET,
+        "BENTOFORMERS_RATE_LIMIT_STORAGE": redis.url,
+        "BENTOFORMERS_RATE_LIMIT_TIERS": f'{{"ten": {{"requests": "{LIMIT}/day"}}, "bulk": {{}}}}',
+        "BENTOFORMERS_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
+    }
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service:Gateway", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc, log)
+        yield {"url": url, "keys": keys, "log": log, "redis": redis}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        redis.stop()
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_auth_is_enforced_through_bentoml_and_public_paths_stay_open(secured):
+    url, keys = secured["url"], secured["keys"]
+    body = {"inputs": "hello"}
+    r = httpx.post(f"{url}/embed", json=body)
+    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+    assert r.json()["error"]["type"] == "authentication_error" and r.headers["x-request-id"]
+    assert httpx.post(f"{url}/embed", json=body, headers=_auth(keys["classifier"])).status_code == 403
+    assert httpx.post(f"{url}/embed", json=body, headers=_auth(keys["bulk"])).status_code == 200
+    token = jwt.encode({"sub": "svc", "exp": int(time.time()) + 60, "scope": "embeddings"}, JWT_SECRET, "HS256")
+    assert httpx.post(f"{url}/embed", json={"inputs": "hi"}, headers=_auth(token)).status_code == 200
+    for path in ["/livez", "/readyz", "/metrics"]:
+        assert httpx.get(f"{url}{path}").status_code == 200, path
+
+
+def test_a_limit_of_n_admits_exactly_n_across_both_workers(secured):
+    url, key = secured["url"], secured["keys"]["limited"]
+
+    async def requests():
+        # A fresh connection per request, a few at a time, so both workers take some (a single burst of
+        # new connections tends to be accepted by one). A 503 (over the in-flight bound, refused before
+        # the limiter counts it) is retried, as a client would.
+        async def one(i):
+            async with httpx.AsyncClient(timeout=30) as client:
+                while True:
+                    r = await client.post(f"{url}/v1/embeddings", json={"input": f"text {i}"}, headers=_auth(key))
+                    if r.status_code != 503:
+                        return r
+                    await asyncio.sleep(0.05)
+
+        out = []
+        for group in range(LIMIT):
+            out += await asyncio.gather(*(one(3 * group + j) for j in range(3)))
+            await asyncio.sleep(0.05)
+        return out
+
+    responses = asyncio.run(requests())
+    codes = [r.status_code for r in responses]
+    time.sleep(1)  # the workers' access-log lines land asynchronously
+    # Which worker answered: BentoML's access log names it ([entry_service:bentoformers:<worker>]).
+    lines = [ln for ln in secured["log"].read_text().splitlines() if "path=/v1/embeddings" in ln]
+    per_worker = {w: {c: sum(f"bentoformers:{w}]" in ln and f"status={c}" in ln for ln in lines) for c in (200, 429)}
+                  for w in range(1, WORKERS + 1)}
+    print(f"\ncross-worker limit of {LIMIT}/day, {len(codes)} requests: {codes.count(200)} admitted, "
+          f"{codes.count(429)} refused (429); per worker {per_worker}")
+    assert codes.count(200) == LIMIT and codes.count(429) == 2 * LIMIT, codes
+    assert all(sum(counts.values()) > 0 for counts in per_worker.values()), "both workers took requests"
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert int(refused.headers["retry-after"]) > 0 and refused.headers["ratelimit-remaining"] == "0"
+    assert refused.headers["ratelimit-limit"] == str(LIMIT)
+
+
+def test_burst_at_four_times_capacity_ends_in_200_or_a_fast_503(secured, sentences):
+    url, key = secured["url"], secured["keys"]["bulk"]
+    capacity = MAX_IN_FLIGHT * WORKERS
+    body = {"inputs": sentences[:32], "truncate": True}
+
+    async def burst():
+        results = []
+
+        async def one(client):
+            start = time.perf_counter()
+            r = await client.post(f"{url}/embed", json=body, headers=_auth(key))
+            results.append((r.status_code, time.perf_counter() - start, r))
+
+        clients = [httpx.AsyncClient(timeout=30) for _ in range(4 * capacity)]
+        try:
+            for _ in range(5):  # five waves of 4x capacity requests at once
+                await asyncio.gather(*(one(c) for c in clients))
+        finally:
+            await asyncio.gather(*(c.aclose() for c in clients))
+        return results
+
+    results = asyncio.run(burst())
+    codes = [code for code, _, _ in results]
+    admitted = sorted(s for code, s, _ in results if code == 200)
+    rejected = sorted(s for code, s, _ in results if code != 200)
+    p = lambda xs, q: 1e3 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
+    print(f"\nburst: 5 waves of {4 * capacity} concurrent requests (32 texts each) against capacity {capacity} "
+          f"({MAX_IN_FLIGHT} in flight x {WORKERS} workers):\n"
+          f"  admitted {len(admitted)} (p50 {p(admitted, .5):.1f} ms, p99 {p(admitted, .99):.1f} ms)\n"
+          f"  rejected {len(rejected)} (p50 {p(rejected, .5):.1f} ms, p99 {p(rejected, .99):.1f} ms, "
+          f"max {p(rejected, 1):.1f} ms)")
+    assert set(codes) <= {200, 503}, sorted(set(codes))
+    assert admitted and rejected
+    for code, _, r in results:
+        if code == 503:
+            assert r.json()["error"]["type"] == "overloaded_error" and r.headers["retry-after"]
+    # A rejection does not wait for capacity: it is answered faster than the typical admitted request.
+    assert statistics.median(rejected) < statistics.median(admitted)
+
+
+def test_credentials_never_reach_the_logs(secured):
+    url, keys = secured["url"], secured["keys"]
+    token = jwt.encode({"sub": "logcheck", "exp": int(time.time()) + 60}, JWT_SECRET, "HS256")
+    forged = keys["bulk"][:-4] + "AAAA"
+    for header in [keys["bulk"], keys["limited"], token, forged, "bf_nobody_" + "B" * 43]:
+        httpx.post(f"{url}/embed", json={"inputs": "x"}, headers=_auth(header))
+        httpx.post(f"{url}/nowhere", json={"inputs": "x"}, headers=_auth(header))
+    time.sleep(1)  # the workers' log lines land asynchronously
+    log = secured["log"].read_text(errors="replace")
+    assert "POST" in log or "/embed" in log, "the access log is on, so requests were logged"
+    for secret in [*keys.values(), token, forged, JWT_SECRET]:
+        assert secret not in log
+        assert secret.rsplit("_", 1)[-1] not in log
+
+
+def test_a_container_without_credentials_refuses_to_start(minilm_path, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BENTOFORMERS_")}
+    env["BENTOML_CONTAINERIZED"] = "true"
+    out = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", "service:Gateway", "--host", "127.0.0.1", "--port", str(free_port())],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "no credentials configured" in out.stdout + out.stderr
+    env["BENTOFORMERS_AUTH"] = "disabled"
+    check = subprocess.run([sys.executable, "-c", "import service"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert "AUTHENTICATION IS DISABLED" in check.stderr

@@ -1,0 +1,161 @@
+"""Rate limits per identity, in memory and in a real Redis (including Redis going away and coming back)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from bentoformers.auth import AuthMiddleware, Authenticator, ClientAddress, KeyStore, create_key
+from bentoformers.errors import ApiError, error_response
+from bentoformers.ratelimit import RateLimiter, RateLimitMiddleware, Tier, charge_tokens
+
+# Hour windows: the sliding window counter may admit one extra right at a window edge, which a
+# minute window would make a (rare) flake.
+TIERS = {
+    "default": Tier.parse("default", {"requests": "3/hour", "tokens": "100/hour"}),
+    "gold": Tier.parse("gold", {"requests": "5/hour"}),
+}
+
+
+async def _embed(request: Request) -> JSONResponse:
+    try:
+        await charge_tokens(request, int(request.query_params.get("tokens", "0")))
+    except ApiError as exc:
+        return error_response(exc)
+    return JSONResponse({"ok": True})
+
+
+def _stack(limiter: RateLimiter, keys: KeyStore | None = None, trusted: tuple[str, ...] = ()) -> httpx.AsyncClient:
+    app = Starlette(routes=[Route("/embed", _embed, methods=["POST"])])
+    asgi = AuthMiddleware(RateLimitMiddleware(app, limiter), Authenticator(keys) if keys else None, ClientAddress(trusted))
+    transport = httpx.ASGITransport(app=asgi, client=("10.0.0.2", 1234))
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    path = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    made = {name: create_key(name, ["*"], tier, path)[0] for name, tier in [("a", "default"), ("b", "default"),
+                                                                             ("g", "gold"), ("x", "platinum")]}
+    return KeyStore.load(path), made
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_requests_per_window_with_ratelimit_headers(keys):
+    store, made = keys
+
+    async def run():
+        async with _stack(RateLimiter(TIERS), store) as client:
+            return [await client.post("/embed", headers=_bearer(made["a"])) for _ in range(5)]
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200, 200, 200, 429, 429]
+    assert [r.headers["ratelimit-remaining"] for r in responses] == ["2", "1", "0", "0", "0"]
+    assert all(r.headers["ratelimit-limit"] == "3" for r in responses)
+    refused = responses[-1]
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert 0 < int(refused.headers["retry-after"]) <= 3600
+    assert refused.headers["retry-after"] == refused.headers["ratelimit-reset"]
+
+
+def test_each_identity_has_its_own_counter_and_its_tier(keys):
+    store, made = keys
+
+    async def run():
+        async with _stack(RateLimiter(TIERS), store) as client:
+            return {name: [(await client.post("/embed", headers=_bearer(made[name]))).status_code for _ in range(6)]
+                    for name in ["a", "b", "g", "x"]}
+
+    admitted = {name: codes.count(200) for name, codes in asyncio.run(run()).items()}
+    assert admitted == {"a": 3, "b": 3, "g": 5, "x": 3}  # an unknown tier falls back to "default"
+
+
+def test_input_tokens_per_window(keys):
+    store, made = keys
+
+    async def run():
+        tokens_only = {"default": Tier.parse("default", {"tokens": "100/hour"})}
+        async with _stack(RateLimiter(tokens_only), store) as client:
+            h = _bearer(made["a"])
+            return [await client.post(f"/embed?tokens={n}", headers=h) for n in (60, 50, 150, 40)]
+
+    ok, over_budget, over_tier, last = asyncio.run(run())
+    assert ok.status_code == 200
+    assert over_budget.status_code == 429 and "retry-after" in over_budget.headers
+    assert "40 left" in over_budget.json()["error"]["message"]
+    assert over_tier.status_code == 413  # could never fit: retrying would not help
+    assert last.status_code == 200  # a refused charge takes nothing
+
+
+def test_anonymous_callers_are_counted_by_address_through_trusted_proxies():
+    async def run():
+        async with _stack(RateLimiter(TIERS), trusted=("10.0.0.0/8",)) as client:
+            first = [(await client.post("/embed", headers={"X-Forwarded-For": "198.51.100.1"})).status_code
+                     for _ in range(4)]
+            other = (await client.post("/embed", headers={"X-Forwarded-For": "198.51.100.2"})).status_code
+            return first, other
+
+    first, other = asyncio.run(run())
+    assert first == [200, 200, 200, 429] and other == 200
+
+
+def test_redis_counts_are_shared_between_limiters(redis_server, keys):
+    store, made = keys
+
+    async def run():
+        # Two limiters on one Redis stand for two worker processes (tests/e2e proves it with real workers).
+        async with _stack(RateLimiter(TIERS, redis_server.url), store) as one, \
+                _stack(RateLimiter(TIERS, redis_server.url), store) as two:
+            codes = await asyncio.gather(*(c.post("/embed", headers=_bearer(made["a"])) for c in [one, two] * 4))
+            return [r.status_code for r in codes]
+
+    codes = asyncio.run(run())
+    assert codes.count(200) == 3 and codes.count(429) == 5
+
+
+@pytest.mark.parametrize("policy,status", [("open", 200), ("closed", 503)])
+def test_when_redis_stops_the_configured_policy_applies_and_counting_resumes(redis_server, keys, policy, status):
+    store, made = keys
+
+    async def run():
+        limiter = RateLimiter(TIERS, redis_server.url, on_store_error=policy)
+        async with _stack(limiter, store) as client:
+            h = _bearer(made["a"])
+            before = (await client.post("/embed", headers=h)).status_code
+            redis_server.stop()
+            during = []
+            for _ in range(3):
+                start = time.perf_counter()
+                during.append((await client.post("/embed?tokens=5", headers=h), time.perf_counter() - start))
+            redis_server.start()  # an empty Redis: the count starts again
+            await asyncio.sleep(1.1)  # the limiter leaves a failed store alone for a second
+            after = [(await client.post("/embed", headers=h)).status_code for _ in range(4)]
+            return before, during, after
+
+    before, during, after = asyncio.run(run())
+    assert before == 200
+    for response, seconds in during:
+        assert response.status_code == status, response.text
+        assert seconds < 2, "an unreachable store must not stall requests"
+        if status == 503:
+            assert response.json()["error"]["type"] == "overloaded_error" and response.headers["retry-after"]
+        else:
+            assert "ratelimit-limit" not in response.headers  # nothing was counted
+    assert after == [200, 200, 200, 429]
+
+
+def test_bad_tier_specs_are_refused():
+    with pytest.raises(ValueError, match="tier 'x'"):
+        Tier.parse("x", {"requests": "lots"})
+    with pytest.raises(ValueError, match="unknown keys"):
+        Tier.parse("x", {"request": "1/second"})
