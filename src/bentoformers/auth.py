@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import metrics
 from .errors import ApiError, ErrorType, error_response
 from .settings import Settings
 
@@ -140,6 +141,10 @@ def create_key(key_id: str, scopes: list[str], tier: str, path: Path | None) -> 
     return key, record
 
 
+class ExpiredCredentials(Exception):
+    pass
+
+
 class JwtVerifier:
     """Pinned algorithms: the HMAC secret verifies only HS*, the public key only its own family (no alg confusion)."""
 
@@ -199,6 +204,8 @@ class JwtVerifier:
                 leeway=self.leeway,
                 options={"require": ["exp", "sub", *(["iss"] if self.issuer else []), *(["aud"] if self.audience else [])]},
             )
+        except jwt.ExpiredSignatureError:
+            raise ExpiredCredentials from None
         except jwt.PyJWTError:
             return None
         raw = claims.get(self.scope_claim, "")
@@ -286,8 +293,9 @@ class AuthMiddleware:
             return
         try:
             identity = self._identify(scope)
-        except ApiError as exc:
-            await error_response(exc)(scope, receive, send)
+        except Refused as refused:
+            metrics.count_rejection(refused.reason)
+            await error_response(refused.error)(scope, receive, send)
             return
         except Exception:  # never let an exception reach BentoML (it would hang the request)
             logger.exception("authentication failed unexpectedly")
@@ -302,16 +310,22 @@ class AuthMiddleware:
         header = _header(scope, b"authorization")
         scheme, _, token = header.partition(" ")
         if not header:
-            raise _unauthorized("missing credentials: send `Authorization: Bearer <API key or JWT>`")
+            raise _unauthorized("missing credentials: send `Authorization: Bearer <API key or JWT>`",
+                                reason="missing_credentials")
         if scheme.lower() != "bearer" or not token.strip():
             raise _unauthorized("unsupported authorization scheme: send `Authorization: Bearer <API key or JWT>`")
-        identity = self.auth.identify(token.strip())
+        try:
+            identity = self.auth.identify(token.strip())
+        except ExpiredCredentials:
+            raise _unauthorized("the token has expired", error="invalid_token", reason="expired_credentials") from None
         if identity is None:
-            raise _unauthorized("invalid or expired credentials", error="invalid_token")
+            raise _unauthorized("invalid credentials", error="invalid_token")
         task = ROUTE_TASKS.get(scope["path"].rstrip("/") or "/")
         if task is not None and not identity.may(task):
-            raise ApiError(ErrorType.PERMISSION, f"this credential may not call {task} (its scopes: "
-                           f"{', '.join(sorted(identity.scopes)) or 'none'})")
+            raise Refused("forbidden", ApiError(
+                ErrorType.PERMISSION,
+                f"this credential may not call {task} (its scopes: {', '.join(sorted(identity.scopes)) or 'none'})",
+            ))
         return identity
 
 
@@ -340,9 +354,17 @@ class ClientAddress:
         return hops[0] if hops else peer
 
 
-def _unauthorized(message: str, error: str | None = None) -> ApiError:
+class Refused(Exception):
+    """A refusal: the answer, and its reason for the rejection metric."""
+
+    def __init__(self, reason: str, error: ApiError) -> None:
+        super().__init__(reason)
+        self.reason, self.error = reason, error
+
+
+def _unauthorized(message: str, error: str | None = None, reason: str = "invalid_credentials") -> Refused:
     challenge = f'Bearer realm="bentoformers", error="{error}"' if error else 'Bearer realm="bentoformers"'
-    return ApiError(ErrorType.AUTHENTICATION, message, headers={"WWW-Authenticate": challenge})
+    return Refused(reason, ApiError(ErrorType.AUTHENTICATION, message, headers={"WWW-Authenticate": challenge}))
 
 
 def _header(scope: Scope, name: bytes) -> str:

@@ -14,6 +14,7 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import metrics
 from .errors import ApiError, ErrorType, error_response
 
 logger = logging.getLogger("bentoformers.overload")
@@ -35,7 +36,8 @@ class OverloadMiddleware:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_in_flight:
-            await self._refuse(scope, receive, send, ApiError(
+            metrics.count_rejection("too_many_in_flight")
+            await _answer(scope, receive, send, ApiError(
                 ErrorType.OVERLOADED,
                 f"the server is at capacity ({self.max_in_flight} requests in progress); "
                 f"retry after {self.retry_after}s",
@@ -54,13 +56,15 @@ class OverloadMiddleware:
         )
         length = _content_length(scope)
         if length is not None and length > self.max_body_bytes:
-            await self._refuse(scope, receive, send, too_large)
+            metrics.count_rejection("request_too_large")
+            await _answer(scope, receive, send, too_large)
             return
         if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
             # No Content-Length (chunked): read it here, within the cap, and hand it on.
             body = await _read_capped(receive, self.max_body_bytes)
             if body is None:
-                await self._refuse(scope, receive, send, too_large)
+                metrics.count_rejection("request_too_large")
+                await _answer(scope, receive, send, too_large)
                 return
             receive = _replay(body, receive)
 
@@ -78,20 +82,18 @@ class OverloadMiddleware:
                 await self.app(scope, receive, send_tracking)
         except TimeoutError:
             if not started:
-                await self._refuse(scope, receive, send, ApiError(
+                await _answer(scope, receive, send, ApiError(
                     ErrorType.TIMEOUT, f"no answer within the request timeout of {self.timeout:g}s",
                     headers={"Retry-After": str(self.retry_after)},
                 ))
         except Exception:
             logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if not started:
-                await error_response(ApiError(ErrorType.SERVER, "internal error; see the server log"))(
-                    scope, receive, send
-                )
+                await _answer(scope, receive, send, ApiError(ErrorType.SERVER, "internal error; see the server log"))
 
-    @staticmethod
-    async def _refuse(scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
-        await error_response(error)(scope, receive, send)
+
+async def _answer(scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
+    await error_response(error)(scope, receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:

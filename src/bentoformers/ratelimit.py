@@ -25,7 +25,8 @@ from limits.storage import storage_from_string
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import DEFAULT_TIER, Identity
+from . import metrics
+from .auth import DEFAULT_TIER, Identity, Refused
 from .errors import ApiError, ErrorType, error_response
 from .settings import Settings
 
@@ -94,13 +95,15 @@ class RateLimiter:
             logger.info("rate limits off (no BENTOFORMERS_RATE_LIMIT_TIERS)")
             return None
         tiers = {name: Tier.parse(name, spec) for name, spec in settings.rate_limit_tiers.items()}
-        limiter = cls(tiers, settings.rate_limit_storage, settings.rate_limit_on_store_error, settings.retry_after_seconds)
+        limiter = cls(
+            tiers, settings.redis_url or "memory://", settings.rate_limit_on_store_error, settings.retry_after_seconds
+        )
         if limiter.shared:
             logger.info("rate limits shared across workers and replicas in %s (on store error: %s)",
                         limiter.storage_label, settings.rate_limit_on_store_error)
         else:
             logger.warning("rate limits are PER WORKER PROCESS (memory://): each worker and replica counts on its "
-                           "own; set BENTOFORMERS_RATE_LIMIT_STORAGE=redis://… to share them")
+                           "own; set BENTOFORMERS_REDIS_URL=redis://… to share them")
         return limiter
 
     def tier_of(self, identity: Identity) -> Tier | None:
@@ -148,6 +151,7 @@ class Budget:
         if item is None or tokens <= 0:
             return
         if tokens > item.amount:
+            metrics.count_rejection("request_too_large")
             raise ApiError(
                 ErrorType.TOO_LARGE,
                 f"this request holds {tokens} input tokens; your tier allows {item.amount} per {_window(item)}",
@@ -157,9 +161,11 @@ class Budget:
         except StoreUnavailable:
             error = self.limiter.store_error()
             if error is not None:
+                metrics.count_rejection("rate_limit_store_unavailable")
                 raise error from None
             return
         if not verdict.allowed:
+            metrics.count_rejection("rate_limit_tokens")
             raise ApiError(
                 ErrorType.RATE_LIMITED,
                 f"input token budget exhausted: {item.amount} tokens per {_window(item)}, {verdict.remaining} left, "
@@ -188,8 +194,9 @@ class RateLimitMiddleware:
             return
         try:
             verdict = await self._check(scope, identity)
-        except ApiError as exc:
-            await error_response(exc)(scope, receive, send)
+        except Refused as refused:
+            metrics.count_rejection(refused.reason)
+            await error_response(refused.error)(scope, receive, send)
             return
         except Exception:  # never let an exception reach BentoML (it would hang the request)
             logger.exception("rate limit check failed unexpectedly")
@@ -220,15 +227,15 @@ class RateLimitMiddleware:
         except StoreUnavailable:
             error = self.limiter.store_error()
             if error is not None:
-                raise error from None
+                raise Refused("rate_limit_store_unavailable", error) from None
             return None
         if not verdict.allowed:
-            raise ApiError(
+            raise Refused("rate_limit_requests", ApiError(
                 ErrorType.RATE_LIMITED,
                 f"rate limit reached: {verdict.limit} requests per {_window(tier.requests)}; "
                 f"retry after {verdict.reset_seconds}s",
                 headers=verdict.headers(),
-            )
+            ))
         return verdict
 
 

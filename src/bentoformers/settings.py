@@ -48,8 +48,9 @@ class Settings(BaseSettings):
     jwt_scope_claim: str = Field("scope", description="Space-separated string or list of task names.")
     jwt_tier_claim: str = "tier"
     jwt_leeway_seconds: int = Field(30, ge=0)
-    rate_limit_storage: str = Field(
-        "memory://", description="memory:// (counts per worker process) or redis://host:port/db (shared)."
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db: rate-limit counts shared by all workers and replicas; "
+        "without it they are per worker process."
     )
     rate_limit_tiers: dict[str, dict[str, str]] = Field(
         default_factory=dict,

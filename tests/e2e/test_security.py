@@ -52,10 +52,11 @@ def secured(minilm_path, tmp_path_factory):
     log = work / "serve.log"
     env = {
         **os.environ,
-        "BENTOML_CONFIG_OPTIONS": f"services.bentoformers.workers={WORKERS}",
+        # BentoML's text access log names the worker that answered (the cross-worker test reads it).
+        "BENTOML_CONFIG_OPTIONS": f"services.bentoformers.workers={WORKERS} services.bentoformers.logging.access.enabled=true",
         "BENTOFORMERS_API_KEYS_FILE": str(keys_file),
         "BENTOFORMERS_JWT_SECRET": JWT_SECRET,
-        "BENTOFORMERS_RATE_LIMIT_STORAGE": redis.url,
+        "BENTOFORMERS_REDIS_URL": redis.url,
         "BENTOFORMERS_RATE_LIMIT_TIERS": f'{{"ten": {{"requests": "{LIMIT}/day"}}, "bulk": {{}}}}',
         "BENTOFORMERS_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
     }
@@ -93,6 +94,10 @@ def test_auth_is_enforced_through_bentoml_and_public_paths_stay_open(secured):
     assert httpx.post(f"{url}/embed", json={"inputs": "hi"}, headers=_auth(token)).status_code == 200
     for path in ["/livez", "/readyz", "/metrics"]:
         assert httpx.get(f"{url}{path}").status_code == 200, path
+    scraped = httpx.get(f"{url}/metrics").text
+    for reason in ["missing_credentials", "forbidden"]:
+        line = next(ln for ln in scraped.splitlines() if ln.startswith(f'bentoformers_rejections_total{{reason="{reason}"'))
+        assert float(line.split()[-1]) >= 1, line
 
 
 def test_a_limit_of_n_admits_exactly_n_across_both_workers(secured):
@@ -202,3 +207,24 @@ def test_a_container_without_credentials_refuses_to_start(minilm_path, tmp_path)
                            text=True, timeout=120)
     assert check.returncode == 0, check.stderr[-2000:]
     assert "AUTHENTICATION IS DISABLED" in check.stderr
+
+
+def _readme_bash_blocks() -> list[str]:
+    import re
+
+    return re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_readme_security_examples_run(secured, tmp_path):
+    blocks = _readme_bash_blocks()
+    (create,) = [b for b in blocks if b.startswith("bentoformers keys create")]
+    made = subprocess.run(["bash", "-ec", create], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    assert key.startswith("bf_alice_") and key not in (tmp_path / "keys.yaml").read_text()
+    (call,) = [b for b in blocks if b.startswith("curl") and "Authorization" in b]
+    call = call.replace("http://localhost:3000", secured["url"])
+    for api_key, expected in [(secured["keys"]["bulk"], '"embedding'), (key, "authentication_error")]:
+        out = subprocess.run(["bash", "-ec", call], env={**os.environ, "BENTOFORMERS_API_KEY": api_key},
+                             capture_output=True, text=True, timeout=60)
+        assert expected in out.stdout, out.stdout[:500]
