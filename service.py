@@ -19,7 +19,7 @@ from bentoformers.auth import AuthMiddleware, ClientAddress, startup_authenticat
 from bentoformers.engine import OnnxEncoder, pick_device
 from bentoformers.gateway import Gateway as GatewayRuntime
 from bentoformers.gateway import RequestIdMiddleware, create_app
-from bentoformers.overload import OverloadMiddleware
+from bentoformers.overload import OverloadMiddleware, ShutdownDrain
 from bentoformers.ratelimit import RateLimiter, RateLimitMiddleware
 from bentoformers.settings import Settings
 from bentoformers.store import choose_precision, stored_variants
@@ -45,11 +45,15 @@ class Embedder:
         self.inference_seconds = metrics.inference_seconds.labels(*labels)
         self.gpu_memory = metrics.GpuMemory() if self.device == "cuda" else None
         logger.info("serving %s on %s (%s)", model.tag, self.device, self.precision)
+        # On SIGTERM, keep answering while the gateway finishes its requests in flight.
+        self.drain = ShutdownDrain()
+        self.drain.install()
 
     @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
     def embed(self, token_ids: list[list[int]]) -> np.ndarray:
         started = time.perf_counter()
-        vectors = self.encoder.embed(token_ids)
+        with self.drain.busy():
+            vectors = self.encoder.embed(token_ids)
         self.inference_seconds.observe(time.perf_counter() - started)
         if self.gpu_memory:
             self.gpu_memory.sample()
