@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,47 @@ class KeyRecord(BaseModel):
 
 
 _RECORDS = TypeAdapter(list[KeyRecord])
+
+
+class ReloadingKeyStore:
+    """The key file, re-read within `every` seconds of a change (a revoked key stops working without a
+    restart; a Kubernetes Secret volume updates in place), plus records given inline. A file that no longer
+    parses keeps the keys already loaded, and says so in the log."""
+
+    def __init__(self, path: str | Path, inline: str | None = None, every: float = 5.0) -> None:
+        self.path, self.inline, self.every = Path(path), inline, every
+        self._next_check, self._mtime = time.monotonic() + every, self._stat()
+        self.store = self._load()
+
+    def _stat(self) -> int | None:
+        try:
+            return self.path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def _load(self) -> KeyStore:
+        records = list(KeyStore.load(self.path).records.values())
+        if self.inline:
+            records += KeyStore.parse(self.inline).records.values()
+        return KeyStore(records)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def verify(self, key: str) -> Identity | None:
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self.every
+            mtime = self._stat()
+            if mtime != self._mtime:
+                self._mtime = mtime
+                try:
+                    self.store = self._load()
+                    logger.info("API keys reloaded from %s: %d key(s)", self.path, len(self.store))
+                except Exception as exc:
+                    logger.error("API key file %s unreadable (%s); keeping the %d key(s) loaded before",
+                                 self.path, type(exc).__name__, len(self.store))
+        return self.store.verify(key)
 
 
 def hash_key(key: str) -> str:
@@ -187,6 +229,7 @@ class JwtVerifier:
         if not self.keys:
             raise ValueError("JWT needs a secret or a public key")
         self.issuer, self.audience, self.leeway = issuer, audience, leeway
+        self.required_claims = ["exp", "sub", *(["iss"] if issuer else []), *(["aud"] if audience else [])]
         self.scope_claim, self.tier_claim = scope_claim, tier_claim
 
     def verify(self, token: str) -> Identity | None:
@@ -202,14 +245,17 @@ class JwtVerifier:
                 issuer=self.issuer,
                 audience=self.audience,
                 leeway=self.leeway,
-                options={"require": ["exp", "sub", *(["iss"] if self.issuer else []), *(["aud"] if self.audience else [])]},
+                options={"require": self.required_claims},
             )
         except jwt.ExpiredSignatureError:
             raise ExpiredCredentials from None
         except jwt.PyJWTError:
             return None
         raw = claims.get(self.scope_claim, "")
-        scopes = raw.split() if isinstance(raw, str) else [s for s in raw if isinstance(s, str)] if isinstance(raw, list) else []
+        if isinstance(raw, str):
+            scopes = raw.split()
+        else:
+            scopes = [s for s in raw if isinstance(s, str)] if isinstance(raw, list) else []
         tier = claims.get(self.tier_claim)
         return Identity(str(claims["sub"]), frozenset(scopes), tier if isinstance(tier, str) else DEFAULT_TIER, "jwt")
 
@@ -217,7 +263,9 @@ class JwtVerifier:
 class Authenticator:
     """Every configured credential source; `None` sources are simply absent."""
 
-    def __init__(self, keys: KeyStore | None = None, jwt_verifier: JwtVerifier | None = None) -> None:
+    def __init__(
+        self, keys: KeyStore | ReloadingKeyStore | None = None, jwt_verifier: JwtVerifier | None = None
+    ) -> None:
         self.keys, self.jwt = keys, jwt_verifier
 
     @property
@@ -233,16 +281,17 @@ class Authenticator:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Authenticator:
-        records: list[KeyRecord] = []
+        keys: KeyStore | ReloadingKeyStore | None = None
         if settings.api_keys_file:
-            records += KeyStore.load(settings.api_keys_file).records.values()
-        if settings.api_keys:
-            records += KeyStore.parse(settings.api_keys).records.values()
+            keys = ReloadingKeyStore(settings.api_keys_file, settings.api_keys)
+        elif settings.api_keys:
+            keys = KeyStore.parse(settings.api_keys)
         verifier = None
         if settings.jwt_secret is not None or settings.jwt_public_key_file:
+            key_file = settings.jwt_public_key_file
             verifier = JwtVerifier(
                 secret=settings.jwt_secret.get_secret_value() if settings.jwt_secret else None,
-                public_key_pem=Path(settings.jwt_public_key_file).read_bytes() if settings.jwt_public_key_file else None,
+                public_key_pem=Path(key_file).read_bytes() if key_file else None,
                 algorithms=settings.jwt_algorithms,
                 issuer=settings.jwt_issuer,
                 audience=settings.jwt_audience,
@@ -250,13 +299,15 @@ class Authenticator:
                 tier_claim=settings.jwt_tier_claim,
                 leeway=settings.jwt_leeway_seconds,
             )
-        return cls(KeyStore(records) if records else None, verifier)
+        return cls(keys if keys else None, verifier)
 
 
 def startup_authenticator(settings: Settings, containerized: bool) -> Authenticator | None:
     """The authenticator to enforce, or None to run open. Refuses (raises) where running open is not allowed."""
     if settings.auth == "disabled":
-        logger.warning("AUTHENTICATION IS DISABLED (BENTOFORMERS_AUTH=disabled): anyone who reaches this server can use it")
+        logger.warning(
+            "AUTHENTICATION IS DISABLED (BENTOFORMERS_AUTH=disabled): anyone who reaches this server can use it"
+        )
         return None
     auth = Authenticator.from_settings(settings)
     if auth.configured:

@@ -12,9 +12,9 @@ import time
 import httpx
 import jwt
 import pytest
+from conftest import ROOT, RedisServer, free_port
 
 from bentoformers.auth import create_key
-from conftest import ROOT, RedisServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,8 @@ def secured(minilm_path, tmp_path_factory):
     env = {
         **os.environ,
         # BentoML's text access log names the worker that answered (the cross-worker test reads it).
-        "BENTOML_CONFIG_OPTIONS": f"services.bentoformers.workers={WORKERS} services.bentoformers.logging.access.enabled=true",
+        "BENTOML_CONFIG_OPTIONS": f"services.bentoformers.workers={WORKERS} "
+        "services.bentoformers.logging.access.enabled=true",
         "BENTOFORMERS_API_KEYS_FILE": str(keys_file),
         "BENTOFORMERS_JWT_SECRET": JWT_SECRET,
         "BENTOFORMERS_REDIS_URL": redis.url,
@@ -96,7 +97,8 @@ def test_auth_is_enforced_through_bentoml_and_public_paths_stay_open(secured):
         assert httpx.get(f"{url}{path}").status_code == 200, path
     scraped = httpx.get(f"{url}/metrics").text
     for reason in ["missing_credentials", "forbidden"]:
-        line = next(ln for ln in scraped.splitlines() if ln.startswith(f'bentoformers_rejections_total{{reason="{reason}"'))
+        prefix = f'bentoformers_rejections_total{{reason="{reason}"'
+        line = next(ln for ln in scraped.splitlines() if ln.startswith(prefix))
         assert float(line.split()[-1]) >= 1, line
 
 
@@ -197,7 +199,8 @@ def test_a_container_without_credentials_refuses_to_start(minilm_path, tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BENTOFORMERS_")}
     env["BENTOML_CONTAINERIZED"] = "true"
     out = subprocess.run(
-        [sys.executable, "-m", "bentoml", "serve", "service:Gateway", "--host", "127.0.0.1", "--port", str(free_port())],
+        [sys.executable, "-m", "bentoml", "serve", "service:Gateway",
+         "--host", "127.0.0.1", "--port", str(free_port())],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode != 0

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow

@@ -7,10 +7,12 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import time
 
 import jwt
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.applications import Starlette
@@ -20,11 +22,12 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from bentoformers.auth import (
-    AuthMiddleware,
     Authenticator,
+    AuthMiddleware,
     ClientAddress,
     JwtVerifier,
     KeyStore,
+    ReloadingKeyStore,
     create_key,
     startup_authenticator,
 )
@@ -55,7 +58,8 @@ def rsa_key():
 
 @pytest.fixture(scope="module")
 def rsa_public_pem(rsa_key):
-    return rsa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public = rsa_key.public_key()
+    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,7 @@ def _tokens(keys, rsa_key, rsa_public_pem):
     """name -> Authorization header value (None: no header) for the matrix below."""
     rs = lambda **kw: jwt.encode(_claims(**kw), rsa_key, algorithm="RS256")  # noqa: E731
     other_rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    alice_id, _, secret = keys["alice"][3:].partition("_")
+    _, _, secret = keys["alice"][3:].partition("_")
     return {
         "no header": None,
         "wrong scheme": f"Basic {base64.b64encode(b'alice:' + keys['alice'].encode()).decode()}",
@@ -187,7 +191,8 @@ def test_configuration_mistakes_are_refused():
 def test_probes_metrics_and_cors_preflight_pass_without_credentials(client):
     for path in ["/livez", "/readyz", "/metrics"]:
         assert client.get(path).status_code == 200, path
-    preflight = client.options("/embed", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+    preflight_headers = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    preflight = client.options("/embed", headers=preflight_headers)
     assert preflight.status_code != 401
     assert client.options("/embed").status_code == 401  # a bare OPTIONS is no preflight
 
@@ -223,3 +228,18 @@ def test_secure_by_default_refuses_a_container_without_credentials(monkeypatch, 
     assert auth is not None and auth.identify(keys["alice"]).id == "alice"
     inline = Settings(api_keys=keys["path"].read_text())
     assert startup_authenticator(inline, containerized=True).identify(keys["root"]).id == "root"
+
+
+def test_a_key_removed_from_the_file_stops_working_without_a_restart(tmp_path):
+    path = tmp_path / "keys.yaml"
+    keep, _ = create_key("keep", ["*"], "default", path)
+    revoke, _ = create_key("revoke", ["*"], "default", path)
+    store = ReloadingKeyStore(path, every=0)
+    assert store.verify(revoke).id == "revoke"
+    rows = [r for r in yaml.safe_load(path.read_text()) if r["id"] != "revoke"]
+    path.write_text(yaml.safe_dump(rows))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # a changed mtime, even on a coarse clock
+    assert store.verify(revoke) is None and store.verify(keep).id == "keep"
+    path.write_text("{not: [valid")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    assert store.verify(keep).id == "keep"  # a broken file keeps the keys loaded before

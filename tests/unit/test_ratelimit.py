@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from bentoformers.auth import AuthMiddleware, Authenticator, ClientAddress, KeyStore, create_key
+from bentoformers.auth import Authenticator, AuthMiddleware, ClientAddress, KeyStore, create_key
 from bentoformers.errors import ApiError, error_response
 from bentoformers.ratelimit import RateLimiter, RateLimitMiddleware, Tier, charge_tokens
 
@@ -34,7 +34,8 @@ async def _embed(request: Request) -> JSONResponse:
 
 def _stack(limiter: RateLimiter, keys: KeyStore | None = None, trusted: tuple[str, ...] = ()) -> httpx.AsyncClient:
     app = Starlette(routes=[Route("/embed", _embed, methods=["POST"])])
-    asgi = AuthMiddleware(RateLimitMiddleware(app, limiter), Authenticator(keys) if keys else None, ClientAddress(trusted))
+    authenticator = Authenticator(keys) if keys else None
+    asgi = AuthMiddleware(RateLimitMiddleware(app, limiter), authenticator, ClientAddress(trusted))
     transport = httpx.ASGITransport(app=asgi, client=("10.0.0.2", 1234))
     return httpx.AsyncClient(transport=transport, base_url="http://test")
 
