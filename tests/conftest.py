@@ -69,12 +69,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def server(minilm_path, tmp_path_factory):
-    """One real `bentoml serve` of the built default model, shared by the e2e tests."""
+    """One real `bentoformers serve` (`bentoml serve`) of the built default model, shared by the e2e tests."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:Gateway", "--host", "127.0.0.1", "--port", str(port)],
+            # Through our command line, so the e2e tests prove `bentoformers serve` too.
+            [sys.executable, "-m", "bentoformers.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(),
         )
     url = f"http://127.0.0.1:{port}"

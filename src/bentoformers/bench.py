@@ -1,12 +1,10 @@
-"""Embedding throughput and latency: the served default model against in-process ONNX Runtime.
+"""`bentoformers bench`: closed-loop load against an embeddings endpoint, as figures, JSON and a plot.
 
-Run from the repository root after `bentoformers build`:
-
-    python -m bentoformers.bench [--seconds 8] [--json results.json]
-
-It starts `bentoml serve service:Gateway`, drives it with closed-loop concurrent clients (one text and
-32 texts per request), and in the same run measures the in-process int8 (and fp32) throughput on the
-same texts: the ceiling the served figures are compared with.
+At each request size, after a warm-up, for each concurrency C: C clients each send a request, wait for
+the answer and send the next, for a fixed time. Recorded per point: texts/s and requests/s over the
+whole point, p50/p95/p99 latency of the successful requests, errors by status, and the peak memory
+(RSS) of the server's process tree when it runs on this machine. Works against our native `/embed`,
+our `/v1/embeddings`, or any OpenAI-compatible peer.
 """
 
 from __future__ import annotations
@@ -14,194 +12,420 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
+import platform
 import random
 import socket
-import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
-import numpy as np
+from . import __version__
 
-ROOT = Path.cwd()  # the project folder that holds service.py
-
-
-def texts() -> list[str]:
-    from bentoformers.fidelity import shipped_sentences
-
-    rows = shipped_sentences()
-    random.Random(0).shuffle(rows)
-    return rows
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
+LABEL_BOX = {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75}
+DISTINCT_BODIES = 64  # request bodies are encoded up front, so the load generator spends its CPU on HTTP
 
 
-# ---- in process ---------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    from .cli import FAILED, OK, CliError
+
+    texts = load_texts(args.texts)
+    server = LocalServer.start() if args.url is None else None
+    base = (server.url if server else args.url).rstrip("/")
+    route = args.path or ("/embed" if args.api == "native" else "/v1/embeddings")
+    pid = args.server_pid or (server.pid if server else listening_pid(base))
+    memory = MemorySampler(pid)
+    try:
+        points = asyncio.run(_sweep(args, base + route, texts, memory))
+    except OSError as exc:
+        raise CliError(f"could not reach {base}: {exc}") from None
+    finally:
+        memory.stop()
+        if server:
+            server.stop()
+    report = {
+        "target": {"url": base, "route": route, "api": args.api, "model": args.model, "local": server is not None},
+        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "timeout_s": args.timeout,
+                     "texts": str(args.texts) if args.texts else "shipped sentences", "distinct_texts": len(texts)},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "bentoformers": __version__,
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "server_pid": pid,
+        "points": points,
+    }
+    if args.in_process:
+        report["in_process"] = in_process(texts, sorted({p["texts_per_request"] for p in points}), args.duration)
+    print_table(report)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.plot)
+    print(f"\nwrote {args.json} and {args.plot}", file=sys.stderr)
+    dead = [p for p in points if p["ok"] == 0]
+    if dead:
+        for p in dead:
+            print(f"error: no successful answer at concurrency {p['concurrency']}, {p['texts_per_request']} "
+                  f"texts/request: {_errors(p['errors'])}", file=sys.stderr)
+        return FAILED
+    return OK
 
 
-def in_process(sentences: list[str], seconds: float) -> dict[str, dict[str, float]]:
-    import bentoml
-    import onnxruntime as ort
+def load_texts(path: Path | None) -> list[str]:
+    if path is None:
+        from importlib.resources import files
 
-    from bentoformers.engine import ModelCard, OnnxEncoder, TextTokenizer
-    from bentoformers.settings import Settings
-    from bentoformers.spec import store_name
-
-    name = Settings().model
-    out: dict[str, dict[str, float]] = {}
-    for precision in ("int8", "fp32"):
-        folder = bentoml.models.get(f"{store_name(name, precision)}:latest").path
-        tokenizer = TextTokenizer(folder, ModelCard.load(folder).max_length)
-        ids = tokenizer.encode(sentences, truncate=True)
-
-        # Plain ONNX Runtime, as a user would call it: default threads, one text per call.
-        session = ort.InferenceSession(f"{folder}/model.onnx", providers=["CPUExecutionProvider"])
-
-        def plain(batch: list[list[int]]) -> None:
-            width = max(map(len, batch))
-            x = np.zeros((len(batch), width), np.int64)
-            m = np.zeros_like(x)
-            for r, s in enumerate(batch):
-                x[r, : len(s)], m[r, : len(s)] = s, 1
-            session.run(None, {"input_ids": x, "attention_mask": m, "token_type_ids": np.zeros_like(x)})
-
-        encoder = OnnxEncoder(folder, threads=os.cpu_count())
-        for label, fn, size in [
-            ("ort, 1 text/call", plain, 1),
-            ("ort, 32 texts/call", plain, 32),
-            ("bentoformers engine, 32 texts/call", encoder.embed, 32),
-        ]:
-            out[f"{precision}: {label}"] = _rate(fn, ids, size, seconds)
-        # Single-text latency of the engine, the floor for concurrency 1 over HTTP.
-        lat = []
-        for seq in ids[:200]:
-            t = time.perf_counter()
-            encoder.embed([seq])
-            lat.append(time.perf_counter() - t)
-        out[f"{precision}: bentoformers engine, 1 text latency"] = {"p50_ms": 1e3 * statistics.median(lat)}
-        encoder.close()
-    return out
+        source = files("bentoformers").joinpath("data/sentences.txt").read_text(encoding="utf-8")
+    else:
+        source = path.read_text(encoding="utf-8")
+    texts = [line.strip() for line in source.splitlines() if line.strip()]
+    random.Random(0).shuffle(texts)
+    return texts
 
 
-def _rate(fn, ids: list[list[int]], size: int, seconds: float) -> dict[str, float]:
-    fn(ids[:size])
-    done, start, i = 0, time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        batch = ids[i : i + size] or ids[:size]
-        fn(batch)
-        done += len(batch)
-        i = (i + size) % len(ids)
-    return {"items_per_s": done / (time.perf_counter() - start)}
+# ---- load ---------------------------------------------------------------------------------------------
 
 
-# ---- over HTTP ----------------------------------------------------------------------------------------
+async def _sweep(args: argparse.Namespace, url: str, texts: list[str], memory: MemorySampler) -> list[dict[str, Any]]:
+    import aiohttp
+    from tqdm import tqdm
+
+    headers = {"Content-Type": "application/json"}
+    if args.api_key:
+        headers["Authorization"] = f"Bearer {args.api_key}"
+    sizes, levels = args.texts_per_request, args.concurrency
+    points = []
+    print(HEADER, file=sys.stderr)
+    with tqdm(total=len(sizes) * len(levels), unit="point", desc="bench", file=sys.stderr, leave=False) as bar:
+        for size in sizes:
+            bodies = _bodies(args.api, args.model, texts, size)
+            connector = aiohttp.TCPConnector(limit=max(levels))
+            timeout = aiohttp.ClientTimeout(total=args.timeout)
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
+                if args.warmup > 0:
+                    bar.set_postfix_str(f"warm-up, {size} texts/request")
+                    await closed_loop(session, url, bodies, max(levels), args.warmup)
+                for concurrency in levels:
+                    bar.set_postfix_str(f"{size} texts/request at concurrency {concurrency}")
+                    memory.reset()
+                    point = await closed_loop(session, url, bodies, concurrency, args.duration)
+                    point.update(texts_per_request=size, concurrency=concurrency,
+                                 items_per_s=point["ok"] * size / point["elapsed_s"], server_rss_mib=memory.peak_mib())
+                    points.append(point)
+                    bar.update()
+                    tqdm.write(_row(point), file=sys.stderr)
+    return points
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _bodies(api: str, model: str | None, texts: list[str], size: int) -> list[bytes]:
+    bodies = []
+    for k in range(DISTINCT_BODIES):
+        batch = [texts[(k * size + j) % len(texts)] for j in range(size)]
+        body: dict[str, Any] = {"inputs": batch, "truncate": True} if api == "native" else {"input": batch}
+        if model:
+            body["model"] = model
+        bodies.append(json.dumps(body).encode())
+    return bodies
 
 
-def serve(port: int) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service:Gateway", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import urllib.request
-
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("the server did not become ready in 120 s")
-
-
-async def load(url: str, sentences: list[str], concurrency: int, per_request: int, seconds: float) -> dict[str, float]:
+async def closed_loop(session: Any, url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
     import aiohttp
 
     latencies: list[float] = []
-    statuses: dict[int, int] = {}
+    statuses: Counter[str] = Counter()
     stop = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def worker(k: int) -> None:
-            i = k * 997
-            while time.perf_counter() < stop:
-                batch = [sentences[(i + j) % len(sentences)] for j in range(per_request)]
-                i += per_request
-                t = time.perf_counter()
-                async with session.post(url, json={"inputs": batch, "truncate": True}) as r:
-                    await r.read()
-                    statuses[r.status] = statuses.get(r.status, 0) + 1
-                if r.status == 200:
-                    latencies.append(time.perf_counter() - t)
+    async def client(k: int) -> None:
+        i = k
+        while time.perf_counter() < stop:
+            body = bodies[i % len(bodies)]
+            i += concurrency
+            start = time.perf_counter()
+            try:
+                async with session.post(url, data=body) as response:
+                    await response.read()
+                    status = str(response.status)
+            except TimeoutError:
+                status = "timeout"
+            except aiohttp.ClientError:
+                status = "connection"
+                await asyncio.sleep(0.05)  # a refused connection fails at once; do not spin
+            statuses[status] += 1
+            if status == "200":
+                latencies.append(time.perf_counter() - start)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    lat = sorted(latencies)
+    started = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    ok = statuses.pop("200", 0)
     return {
-        "concurrency": concurrency,
-        "texts_per_request": per_request,
-        "items_per_s": len(lat) * per_request / elapsed,
-        "p50_ms": 1e3 * lat[len(lat) // 2] if lat else float("nan"),
-        "p99_ms": 1e3 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan"),
-        "errors": sum(n for s, n in statuses.items() if s != 200),
+        "ok": ok,
+        "elapsed_s": elapsed,
+        "requests_per_s": ok / elapsed,
+        "p50_ms": _percentile(latencies, 0.50),
+        "p95_ms": _percentile(latencies, 0.95),
+        "p99_ms": _percentile(latencies, 0.99),
+        "errors": dict(statuses),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
+def _percentile(sorted_seconds: list[float], q: float) -> float | None:
+    if not sorted_seconds:
+        return None
+    return 1e3 * sorted_seconds[min(len(sorted_seconds) - 1, max(0, math.ceil(q * len(sorted_seconds)) - 1))]
+
+
+# ---- the server: started here, or found by port; its memory -------------------------------------------
+
+
+class LocalServer:
+    """`bentoml serve service:Gateway` from the current folder on a free loopback port."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.proc, self.url, self.log = proc, url, log
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @classmethod
+    def start(cls, timeout: float = 180.0) -> LocalServer:
+        import httpx
+
+        from .cli import CliError
+
+        if not Path("service.py").is_file():
+            raise CliError("no URL given and no service.py here: pass the server's URL, or run from the project folder")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = Path(tempfile.mkdtemp(prefix="bentoformers-bench-")) / "serve.log"
+        cmd = [sys.executable, "-m", "bentoml", "serve", "service:Gateway", "--host", "127.0.0.1", "--port", str(port)]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        server = cls(proc, f"http://127.0.0.1:{port}", log)
+        print(f"started a local server at {server.url} (log: {log})", file=sys.stderr)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        server.stop()
+        tail = log.read_text(errors="replace")[-2000:]
+        raise CliError(f"the local server did not become ready (is the model built? `bentoformers build`):\n{tail}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def listening_pid(url: str) -> int | None:
+    """The top process listening on the URL's port, when that is on this machine."""
+    parts = urlsplit(url)
+    if parts.hostname not in LOOPBACK:
+        return None
+    import psutil
+
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    sentences = texts()
-    port = free_port()
-    proc = serve(port)
-    try:
-        url = f"http://127.0.0.1:{port}/embed"
-        asyncio.run(load(url, sentences, 4, 1, 3))  # warm-up
-        served = [
-            asyncio.run(load(url, sentences, c, n, args.seconds))
-            for c, n in [(1, 1), (4, 1), (16, 1), (64, 1), (1, 32), (4, 32)]
-        ]
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    local = in_process(sentences, args.seconds)
-
-    ceiling_key = max((k for k in local if k.startswith("int8") and "items_per_s" in local[k]), key=lambda k: local[k]["items_per_s"])
-    ceiling = local[ceiling_key]["items_per_s"]
-    print(f"\nIn process ({len(sentences)} shipped texts, {os.cpu_count()} CPUs)")
-    for k, v in local.items():
-        print(f"  {k:48s} " + "  ".join(f"{m} {x:8.1f}" for m, x in v.items()))
-    print(f"\nServed over HTTP (ceiling = {ceiling_key}: {ceiling:.0f} texts/s)")
-    print(f"  {'concurrency':>11} {'texts/req':>9} {'texts/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'of ceiling':>10}")
-    for r in served:
-        print(
-            f"  {r['concurrency']:>11} {r['texts_per_request']:>9} {r['items_per_s']:>8.1f} {r['p50_ms']:>7.1f} "
-            f"{r['p99_ms']:>7.1f} {r['errors']:>6} {r['items_per_s'] / ceiling:>9.0%}"
-        )
-    single = local["int8: bentoformers engine, 1 text latency"]["p50_ms"]
-    int8 = local["int8: bentoformers engine, 32 texts/call"]["items_per_s"]
-    fp32 = local["fp32: bentoformers engine, 32 texts/call"]["items_per_s"]
-    print(f"\nConcurrency 1: p50 {served[0]['p50_ms']:.2f} ms over HTTP vs {single:.2f} ms in process "
-          f"(+{served[0]['p50_ms'] - single:.2f} ms)")
-    print(f"int8 / fp32 engine throughput: {int8 / fp32:.2f}x")
-    if args.json:
-        args.json.write_text(json.dumps({"in_process": local, "served": served, "ceiling": ceiling_key}, indent=2))
+        pids = {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
+                and c.status == psutil.CONN_LISTEN and c.pid}
+    except psutil.AccessDenied:
+        return None
+    for pid in pids:  # bentoml's workers share the socket of the process that started them
+        try:
+            if not {p.pid for p in psutil.Process(pid).parents()} & pids:
+                return pid
+        except psutil.NoSuchProcess:
+            continue
+    return None
 
 
-if __name__ == "__main__":
-    main()
+class MemorySampler:
+    """Peak RSS of a process and its children, sampled in the background."""
+
+    def __init__(self, pid: int | None, every: float = 0.2) -> None:
+        self._peak = 0
+        self._stop = threading.Event()
+        self._process = None
+        if pid is None:
+            return
+        import psutil
+
+        try:
+            self._process = psutil.Process(pid)
+        except psutil.Error:
+            return
+        threading.Thread(target=self._sample, args=(every,), daemon=True).start()
+
+    def _sample(self, every: float) -> None:
+        import psutil
+
+        while not self._stop.wait(every):
+            try:
+                tree = [self._process, *self._process.children(recursive=True)]
+                rss = 0
+                for p in tree:
+                    try:
+                        rss += p.memory_info().rss
+                    except psutil.NoSuchProcess:
+                        pass
+                self._peak = max(self._peak, rss)
+            except psutil.Error:
+                return
+
+    def reset(self) -> None:
+        if self._process is not None:
+            self._peak = 0
+
+    def peak_mib(self) -> float | None:
+        return round(self._peak / 2**20, 1) if self._peak else None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# ---- in process: the ceiling --------------------------------------------------------------------------
+
+
+def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, float]:
+    """texts/s of the built model called directly (no HTTP, no queue): the ceiling a server approaches."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    from .engine import ModelCard, OnnxEncoder, TextTokenizer
+    from .settings import Settings
+    from .spec import store_name
+
+    name = Settings().model
+    out: dict[str, float] = {}
+    for precision in ("int8", "fp32"):
+        try:
+            folder = bentoml.models.get(f"{store_name(name, precision)}:latest").path
+        except NotFound:
+            continue
+        ids = TextTokenizer(folder, ModelCard.load(folder).max_length).encode(texts, truncate=True)
+        encoder = OnnxEncoder(folder, threads=os.cpu_count())
+        try:
+            for size in sizes:
+                encoder.embed(ids[:size])
+                done, i, start = 0, 0, time.perf_counter()
+                while time.perf_counter() - start < seconds:
+                    batch = [ids[(i + j) % len(ids)] for j in range(size)]
+                    encoder.embed(batch)
+                    done, i = done + size, i + size
+                out[f"{precision}, {size} text{'s' if size > 1 else ''}/call"] = done / (time.perf_counter() - start)
+        finally:
+            encoder.close()
+    return out
+
+
+# ---- output -------------------------------------------------------------------------------------------
+
+
+def _errors(errors: dict[str, int]) -> str:
+    return ", ".join(f"{status}×{n}" for status, n in sorted(errors.items())) or "-"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+HEADER = f"{'texts/req':>9} {'conc':>5} {'texts/s':>9} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'RSS MiB':>8}  errors"
+
+
+def _row(p: dict[str, Any]) -> str:
+    rss = "-" if p["server_rss_mib"] is None else f"{p['server_rss_mib']:.0f}"
+    return (f"{p['texts_per_request']:>9} {p['concurrency']:>5} {p['items_per_s']:>9.1f} {p['requests_per_s']:>8.1f} "
+            f"{_ms(p['p50_ms']):>8} {_ms(p['p95_ms']):>8} {_ms(p['p99_ms']):>8} {rss:>8}  {_errors(p['errors'])}")
+
+
+def print_table(report: dict[str, Any]) -> None:
+    target = report["target"]
+    print(f"\n{target['url']}{target['route']}  ({report['settings']['duration_s']:g} s per point, closed loop)")
+    print(HEADER)
+    for p in report["points"]:
+        print(_row(p))
+    for label, rate in report.get("in_process", {}).items():
+        print(f"in process, {label}: {rate:.1f} texts/s")
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    points = report["points"]
+    levels = sorted({p["concurrency"] for p in points})
+    sizes = sorted({p["texts_per_request"] for p in points})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+    colors = plt.get_cmap("tab10")
+    for k, size in enumerate(sizes):
+        row = sorted((p for p in points if p["texts_per_request"] == size), key=lambda p: p["concurrency"])
+        x = [p["concurrency"] for p in row]
+        label = f"{size} text{'s' if size > 1 else ''} per request"
+        rates = [p["items_per_s"] for p in row]
+        left.plot(x, rates, "o-", color=colors(k), lw=2, label=label)
+        for xi, rate in zip(x, rates, strict=True):
+            left.annotate(f"{rate:.0f}", (xi, rate), textcoords="offset points", xytext=(0, 6), ha="center",
+                          fontsize=8, color=colors(k), bbox=LABEL_BOX)
+        right.plot(x, [p["p99_ms"] or math.nan for p in row], "o-", color=colors(k), lw=2, label=label)
+        right.plot(x, [p["p50_ms"] or math.nan for p in row], "s--", color=colors(k), lw=1, alpha=0.6)
+        for p in row:
+            failed = sum(p["errors"].values())
+            if failed:
+                share = failed / (failed + p["ok"])
+                left.annotate(f"{share:.0%} errors", (p["concurrency"], p["items_per_s"]), color="crimson",
+                              textcoords="offset points", xytext=(4, -12), fontsize=8)
+    ceilings = report.get("in_process", {})
+    if ceilings:
+        best = max(ceilings, key=ceilings.get)
+        left.axhline(ceilings[best], color="gray", ls=":", lw=1.5)
+        left.annotate(f"model alone, in process ({best}): {ceilings[best]:.0f}/s", (levels[-1], ceilings[best]),
+                      color="dimgray", textcoords="offset points", xytext=(0, 4), ha="right", fontsize=8,
+                      bbox=LABEL_BOX)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(levels))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("concurrent clients (closed loop)")
+        ax.grid(True, which="major", alpha=0.3)
+    left.set_ylabel("texts per second")
+    top = max([p["items_per_s"] for p in points] + list(ceilings.values()) + [1.0])
+    left.set_ylim(0, top * 1.15)
+    left.set_title("Throughput")
+    left.legend(loc="lower right", fontsize=9)
+    if any(p["p99_ms"] for p in points):
+        right.set_yscale("log")
+    right.set_ylabel("latency (ms, log scale)")
+    right.set_title("Latency: p99 solid, p50 dashed")
+    right.legend(loc="upper left", fontsize=9)
+    target, settings = report["target"], report["settings"]
+    model = f" · model {target['model']}" if target.get("model") else ""
+    where = "a local bentoml serve" if target.get("local") else target["url"]
+    fig.suptitle(f"bentoformers bench: POST {target['route']} on {where}{model}", fontsize=13)
+    rss = [p["server_rss_mib"] for p in points if p["server_rss_mib"]]
+    memory = f" · server RSS peak {max(rss):.0f} MiB" if rss else ""
+    fig.text(0.5, -0.02, f"{report['machine']['cpus']} CPUs, load generator on the same machine · "
+             f"{settings['duration_s']:g} s per point after {settings['warmup_s']:g} s warm-up{memory} · "
+             f"{report['finished'][:16].replace('T', ' ')} UTC", ha="center", fontsize=9, color="dimgray")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

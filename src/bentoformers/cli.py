@@ -1,45 +1,83 @@
-"""`bentoformers` command line."""
+"""`bentoformers`: build models into the BentoML store, serve them, list them, benchmark a server."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import os
+import shlex
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MODEL_LIST = Path("build/models.yaml")
+DEFAULT_TARGET = "service:Gateway"
+EXTRAS = {"serve": "bentoml", "build": "torch", "bench": "matplotlib"}
+
+# Exit codes, also listed in `bentoformers --help`.
+OK, FAILED, USAGE = 0, 1, 2
+
+EPILOG = """\
+exit codes: 0 done; 1 the work failed (a variant below its fidelity gate, a benchmark point with no
+successful answer); 2 a usage or setup problem (bad flag, missing extra, nothing built), with a hint.
+
+examples:
+  bentoformers build                      export, quantize, validate and store build/models.yaml
+  bentoformers serve --port 3000          serve the built default model
+  bentoformers models                     what the model store holds, with fidelity figures
+  bentoformers keys create --id team-a --file keys.yaml    a new API key (printed once, hash stored)
+  bentoformers bench http://host:3000     throughput and latency sweep, JSON and a PNG plot
+"""
+
+
+class CliError(Exception):
+    """A problem the user can fix; the message says how. Exits with code 2."""
+
+
+def _need(extra: str, command: str) -> None:
+    if importlib.util.find_spec(EXTRAS[extra]) is None:
+        raise CliError(f"`bentoformers {command}` needs the {extra} extra: pip install 'bentoformers[{extra}]'")
+
+
+# ---- build ------------------------------------------------------------------------------------------------
 
 
 def _build(args: argparse.Namespace) -> int:
+    _need("build", "build")
     from .builder import build_model
     from .spec import load_model_list
 
+    if not args.models.is_file():
+        raise CliError(f"no model list at {args.models}; run from the project folder or pass --models PATH")
     specs = load_model_list(args.models)
     if args.only:
         specs = [s for s in specs if s.name in args.only]
         missing = set(args.only) - {s.name for s in specs}
         if missing:
-            print(f"error: not in {args.models}: {', '.join(sorted(missing))}", file=sys.stderr)
-            return 2
+            raise CliError(f"not in {args.models}: {', '.join(sorted(missing))}")
     failed = []
     for spec in specs:
         try:
             results = build_model(spec, force=args.force)
         except RuntimeError as exc:
             print(f"error: {spec.name}: {exc}", file=sys.stderr)
-            return 1
+            return FAILED
         failed += [r for r in results if r.status == "failed gate"]
     if failed:
         print("\nNot saved (below their fidelity gates):", file=sys.stderr)
         for r in failed:
             print(f"  {r.tag}: {r.reason}", file=sys.stderr)
-        return 1
-    return 0
+        return FAILED
+    return OK
 
 
-# ---- keys (issue 3): the key itself is printed once and never stored --------------------------------------
+# ---- keys (issue 3): the key itself is printed once and never stored ------------------------------------
 
 
 def _keys_create(args: argparse.Namespace) -> int:
+    _need("serve", "keys create")
     from .auth import create_key
 
     try:
@@ -77,22 +115,295 @@ def _add_keys_parser(sub: argparse._SubParsersAction) -> None:
     create.set_defaults(func=_keys_create)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bentoformers", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+# ---- serve ------------------------------------------------------------------------------------------------
+
+
+def _settings_fields() -> dict[str, Any]:
+    """Settings fields that can be flags, or {} when the serve extra is not installed."""
+    if importlib.util.find_spec("pydantic_settings") is None:
+        return {}
+    from pydantic import SecretStr
+
+    from .settings import Settings
+
+    # Secrets stay out of flags: a command line is visible to every user of the machine.
+    return {n: f for n, f in Settings.model_fields.items() if SecretStr not in _types(f.annotation)}
+
+
+def _types(annotation: Any) -> set[Any]:
+    args = typing.get_args(annotation)
+    return {annotation} | {t for a in args for t in _types(a)} if args else {annotation}
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    fields = _settings_fields()
+    if not fields:
+        return
+    group = parser.add_argument_group(
+        "server settings", "each sets the BENTOFORMERS_<NAME> environment variable of the server"
+    )
+    for name, field in fields.items():
+        flag = "--" + name.replace("_", "-")
+        described = (field.description or "").rstrip(".")
+        help_text = f"{described} (default: {field.default})" if described else f"default: {field.default}"
+        kwargs: dict[str, Any] = {"dest": f"setting_{name}", "default": None, "help": help_text}
+        if field.annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+            kwargs.update(metavar=name.split("_")[-1].upper() if not choices else None, choices=choices)
+        group.add_argument(flag, **kwargs)
+
+
+def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The `bentoml serve` command line and environment that `bentoformers serve` runs."""
+    env = dict(os.environ)
+    for key, value in vars(args).items():
+        if key.startswith("setting_") and value is not None:
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            env["BENTOFORMERS_" + key.removeprefix("setting_").upper()] = str(value)
+    cmd = [sys.executable, "-m", "bentoml", "serve", args.target, "--host", args.host, "--port", str(args.port)]
+    if args.target == DEFAULT_TARGET:
+        cmd += ["--working-dir", str(args.working_dir)]
+    return cmd + args.bentoml_args, env
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _need("serve", "serve")
+    cmd, env = serve_command(args)
+    settings = _check_settings(env)
+    if args.target == DEFAULT_TARGET:
+        if not (args.working_dir / "service.py").is_file():
+            raise CliError(
+                f"no service.py in {args.working_dir.resolve()}: run from the project folder, pass --working-dir, "
+                "or serve a built bento by tag (bentoformers serve bentoformers:latest)"
+            )
+        from .store import stored_variants
+
+        try:
+            built = stored_variants(settings.model)
+        except RuntimeError as exc:
+            raise CliError(str(exc)) from None
+        print(f"serving {settings.model} ({', '.join(sorted(built))} built) on http://{args.host}:{args.port}",
+              file=sys.stderr)
+    if args.dry_run:
+        changed = {k: v for k, v in env.items() if k.startswith("BENTOFORMERS_") and os.environ.get(k) != v}
+        print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in sorted(changed.items())), *map(shlex.quote, cmd)]))
+        return OK
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)  # bentoml takes over this process: signals reach it directly
+
+
+def _check_settings(env: dict[str, str]) -> Any:
+    from pydantic import ValidationError
+
+    from .settings import Settings
+
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        raise CliError(f"invalid server setting: {problems}") from None
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+# ---- models -----------------------------------------------------------------------------------------------
+
+
+def store_listing(every_version: bool = False) -> list[dict[str, Any]]:
+    """Built models in the BentoML store with their labels and fidelity figures, newest first."""
+    import bentoml
+
+    rows = []
+    for model in sorted(bentoml.models.list(), key=lambda m: m.info.creation_time, reverse=True):
+        labels, metadata = model.info.labels, model.info.metadata
+        if "task" not in labels:
+            continue  # not built by bentoformers
+        rows.append({
+            "tag": str(model.tag),
+            "name": model.tag.name,
+            "task": labels.get("task"),
+            "precision": labels.get("precision"),
+            "source": labels.get("source"),
+            "validation": metadata.get("validation", {}),
+            "size_bytes": int(model.file_size),
+            "created": model.info.creation_time.isoformat(timespec="seconds"),
+        })
+    if not every_version:
+        latest: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            latest.setdefault(row["name"], row)
+        rows = list(latest.values())
+    return rows
+
+
+def _models(args: argparse.Namespace) -> int:
+    _need("serve", "models")
+    rows = store_listing(args.all)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return OK
+    if not rows:
+        print("The model store holds no bentoformers model; run `bentoformers build`.", file=sys.stderr)
+        return OK
+    table = [("TAG", "TASK", "PRECISION", "FIDELITY (vs fp32 PyTorch)", "SIZE", "CREATED")]
+    for r in rows:
+        fidelity = "  ".join(f"{k} {v:.5f}" for k, v in r["validation"].items()) or "-"
+        table.append((r["tag"], r["task"], r["precision"], fidelity, _size(r["size_bytes"]), r["created"][:16]))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return OK
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+# ---- bench ------------------------------------------------------------------------------------------------
+
+
+def _bench(args: argparse.Namespace) -> int:
+    _need("bench", "bench")
+    from . import bench
+
+    return bench.run(args)
+
+
+# ---- parser -----------------------------------------------------------------------------------------------
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="bentoformers", description=__doc__, epilog=EPILOG, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     build = sub.add_parser(
         "build",
         help="export, quantize, validate and store the models of a model list",
         description="For each model and variant: export to ONNX, optimise or quantize, validate against the "
-        "fp32 PyTorch reference, and save into the BentoML model store. Up-to-date variants are skipped.",
+        "fp32 PyTorch reference, and save into the BentoML model store. Up-to-date variants are skipped; "
+        "a variant below its fidelity gate is not saved and the command exits with 1.",
     )
     build.add_argument("--models", type=Path, default=DEFAULT_MODEL_LIST, help="model list (default: %(default)s)")
     build.add_argument("--only", nargs="+", metavar="NAME", help="build only these entries")
     build.add_argument("--force", action="store_true", help="rebuild even if an identical variant is stored")
     build.set_defaults(func=_build)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the built models (bentoml serve with our settings)",
+        description="Run `bentoml serve service:Gateway` from the project folder, with the settings below "
+        "passed as BENTOFORMERS_* environment variables (flags win over the environment). Checks the "
+        "settings and that the model is built before starting. Arguments after `--` go to bentoml serve.",
+        epilog="example: bentoformers serve --port 3000 --max-queued-items 2048 -- --development",
+        formatter_class=fmt,
+    )
+    serve.add_argument("target", nargs="?", default=DEFAULT_TARGET,
+                       help="service import path or a built bento's tag (default: %(default)s)")
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=3000, help="(default: %(default)s)")
+    serve.add_argument("--working-dir", type=Path, default=Path("."), help="the folder holding service.py")
+    serve.add_argument("--dry-run", action="store_true", help="print the command and environment, do not run")
+    _add_setting_flags(serve)
+    serve.set_defaults(func=_serve, bentoml_args=[])
+
+    models = sub.add_parser(
+        "models",
+        help="list the built models in the BentoML store",
+        description="The bentoformers models in the BentoML store (BENTOML_HOME): task, precision, the "
+        "fidelity figures measured against the fp32 PyTorch reference at build time, and size. "
+        "`bentoml models get TAG` shows one in full.",
+    )
+    models.add_argument("--all", action="store_true", help="every stored version, not only the latest per model")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+    models.set_defaults(func=_models)
+
     _add_keys_parser(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+
+    bench = sub.add_parser(
+        "bench",
+        help="closed-loop load sweep against a server: throughput, latency, errors, memory",
+        description="Drive an embeddings endpoint with closed-loop clients (each sends its next request when "
+        "the last is answered) at every concurrency and request size given, after a warm-up. Reports "
+        "texts/s, p50/p95/p99 latency, errors by status and, for a server on this machine, its memory; "
+        "writes the figures as JSON and a PNG plot. Without URL it starts `bentoml serve` here.",
+        epilog="examples:\n"
+        "  bentoformers bench                                    serve locally and sweep the defaults\n"
+        "  bentoformers bench http://host:3000 -c 1,8,32 -n 1,16  our server, native /embed\n"
+        "  bentoformers bench http://peer:7997 --api openai --path /embeddings --model m\n",
+        formatter_class=fmt,
+    )
+    bench.add_argument("url", nargs="?", help="server root URL (default: start a local server)")
+    bench.add_argument("--api", choices=("native", "openai"), default="native",
+                       help="native: POST /embed; openai: POST /v1/embeddings (default: %(default)s)")
+    bench.add_argument("--path", help="route to post to, for servers that put it elsewhere")
+    bench.add_argument("--model", help="model name to send")
+    bench.add_argument("--api-key", default=os.environ.get("BENTOFORMERS_API_KEY"),
+                       help="Bearer token (default: $BENTOFORMERS_API_KEY)")
+    bench.add_argument("-c", "--concurrency", type=_csv_ints, default=[1, 4, 16, 64], metavar="N,N",
+                       help="clients in flight (default: 1,4,16,64)")
+    bench.add_argument("-n", "--texts-per-request", type=_csv_ints, default=[1, 32], metavar="N,N",
+                       help="request sizes (default: 1,32)")
+    bench.add_argument("--duration", type=float, default=5.0, help="seconds per point (default: %(default)s)")
+    bench.add_argument("--warmup", type=float, default=2.0,
+                       help="seconds of unrecorded load per request size first (default: %(default)s)")
+    bench.add_argument("--texts", type=Path, help="a file with one text per line (default: 400 shipped sentences)")
+    bench.add_argument("--timeout", type=float, default=60.0, help="per request, seconds (default: %(default)s)")
+    bench.add_argument("--server-pid", type=int, help="pid of the server, for memory (default: found by port)")
+    bench.add_argument("--in-process", action="store_true",
+                       help="also measure the built model in this process: the ceiling the server is compared with")
+    bench.add_argument("--json", type=Path, default=Path("bench-results/bench.json"), help="(default: %(default)s)")
+    bench.add_argument("--plot", type=Path, default=Path("bench-results/bench.png"), help="(default: %(default)s)")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    passthrough: list[str] = []
+    if "--" in argv:  # for `serve`: the rest goes to bentoml serve
+        at = argv.index("--")
+        argv, passthrough = argv[:at], argv[at + 1 :]
+    args = build_parser().parse_args(argv)
+    if passthrough:
+        if args.command != "serve":
+            print(f"error: `--` passes arguments to bentoml serve only, not to {args.command}", file=sys.stderr)
+            return USAGE
+        args.bentoml_args = passthrough
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

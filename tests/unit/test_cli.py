@@ -1,0 +1,104 @@
+"""The command line's parsing, checks and messages, without a model or a server."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from bentoformers import bench, cli
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", ["build", "serve", "models", "keys", "bench"])
+def test_every_command_has_help(capsys, command):
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "--help"])
+    assert exited.value.code == 0
+    assert "usage: bentoformers " + command in capsys.readouterr().out
+
+
+def test_top_level_help_lists_commands_and_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(c in out for c in ("build", "serve", "models", "keys", "bench")) and "exit codes" in out
+
+
+def test_serve_has_a_flag_per_setting(capsys):
+    from bentoformers.settings import Settings
+
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in out
+
+
+def test_serve_refuses_a_bad_setting_naming_the_flag(capsys, tmp_path):
+    code, _, err = run(capsys, "serve", "--working-dir", str(tmp_path), "--max-items-per-request", "0")
+    assert code == cli.USAGE
+    assert "--max-items-per-request" in err and "greater than or equal to 1" in err
+
+
+def test_serve_outside_the_project_says_where_to_run_it(capsys, tmp_path):
+    code, _, err = run(capsys, "serve", "--working-dir", str(tmp_path))
+    assert code == cli.USAGE and "no service.py" in err and "--working-dir" in err
+
+
+def test_serve_dry_run_of_a_bento_tag_maps_flags_to_the_environment(capsys):
+    code, out, _ = run(capsys, "serve", "bentoformers:latest", "--port", "4000", "--max-queued-items", "64",
+                       "--precision", "fp32", "--dry-run", "--", "--development")
+    assert code == cli.OK
+    assert "BENTOFORMERS_MAX_QUEUED_ITEMS=64" in out and "BENTOFORMERS_PRECISION=fp32" in out
+    assert out.rstrip().endswith("serve bentoformers:latest --host 0.0.0.0 --port 4000 --development")
+
+
+def test_serve_choices_come_from_the_settings(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve", "--precision", "fp64"])
+    assert exited.value.code == cli.USAGE and "invalid choice" in capsys.readouterr().err
+
+
+def test_build_without_a_model_list_says_how_to_fix_it(capsys, tmp_path):
+    code, _, err = run(capsys, "build", "--models", str(tmp_path / "missing.yaml"))
+    assert code == cli.USAGE and "--models" in err
+
+
+@pytest.mark.parametrize("argv", [["bench", "-c", "0"], ["bench", "-n", "x,2"]])
+def test_bench_refuses_bad_sweeps(capsys, argv):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == cli.USAGE
+
+
+def test_passthrough_only_for_serve(capsys):
+    code, _, err = run(capsys, "models", "--", "--x")
+    assert code == cli.USAGE and "bentoml serve only" in err
+
+
+def test_bench_finds_a_local_listener_and_samples_its_memory():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert bench.listening_pid(f"http://127.0.0.1:{port}") == os.getpid()
+    assert bench.listening_pid("http://example.invalid:80") is None  # not this machine: no lookup
+    sampler = bench.MemorySampler(os.getpid(), every=0.01)
+    import time
+
+    time.sleep(0.1)
+    sampler.stop()
+    assert sampler.peak_mib() > 10
+
+
+def test_percentiles_are_nearest_rank():
+    values = sorted(i / 1000 for i in range(1, 101))  # 1..100 ms
+    assert [bench._percentile(values, q) for q in (0.5, 0.95, 0.99)] == pytest.approx([50, 95, 99])
+    assert bench._percentile([], 0.5) is None
