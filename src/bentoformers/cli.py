@@ -144,14 +144,18 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     )
     for name, field in fields.items():
         flag = "--" + name.replace("_", "-")
+        default = field.get_default(call_default_factory=True)
+        shown = "unset" if default is None else json.dumps(default) if isinstance(default, (tuple, dict)) else default
         described = (field.description or "").rstrip(".")
-        help_text = f"{described} (default: {field.default})" if described else f"default: {field.default}"
+        help_text = f"{described} (default: {shown})" if described else f"default: {shown}"
         kwargs: dict[str, Any] = {"dest": f"setting_{name}", "default": None, "help": help_text}
+        types = _types(field.annotation) - {type(None)}
         if field.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(field.annotation) is typing.Literal:
+            kwargs["choices"] = typing.get_args(field.annotation)
         else:
-            choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
-            kwargs.update(metavar=name.split("_")[-1].upper() if not choices else None, choices=choices)
+            kwargs["metavar"] = "N" if types == {int} else "X" if types == {float} else "TEXT" if types == {str} else "JSON"
         group.add_argument(flag, **kwargs)
 
 

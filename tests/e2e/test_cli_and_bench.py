@@ -73,7 +73,9 @@ def test_bench_of_a_dead_server_fails_and_says_why(tmp_path):
 
 
 def test_readme_cli_examples_run(server, tmp_path):
-    text = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    text = readme[readme.index("## Command line") :]
+    text = text[: text.index("\n## ")]
     lines = [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
              for line in block.splitlines() if line.startswith("bentoformers ")]
     assert {line.split()[1] for line in lines} >= {"models", "serve", "bench"}

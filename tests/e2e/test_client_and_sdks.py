@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
+import time
 
+import httpx
 import numpy as np
 import pytest
 
@@ -68,3 +72,66 @@ def test_openai_sdk_errors_and_async_client(server):
 
     results = asyncio.run(use_async())
     assert all(len(r.data[0].embedding) == 384 for r in results)
+
+
+@pytest.fixture(scope="module")
+def guarded(minilm_path, tmp_path_factory):
+    """A real server with API keys and a rate limit, started with `bentoformers keys create` and `serve` flags."""
+    from conftest import ROOT, free_port
+
+    work = tmp_path_factory.mktemp("guarded")
+    keys_file = work / "keys.yaml"
+    cli = [sys.executable, "-m", "bentoformers.cli"]
+    keys = {}
+    for key_id, scope, tier in [("embedder", "embeddings", "three"), ("classifier", "classification", "three")]:
+        made = subprocess.run([*cli, "keys", "create", "--id", key_id, "--scopes", scope, "--tier", tier,
+                               "--file", str(keys_file)], capture_output=True, text=True, timeout=60, check=True)
+        keys[key_id] = made.stdout.strip()
+    port = free_port()
+    log = work / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*cli, "serve", "--host", "127.0.0.1", "--port", str(port), "--api-keys-file", str(keys_file),
+             "--rate-limit-tiers", '{"three": {"requests": "3/day"}}', "--no-access-log"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _ready(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"server did not become ready:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url, keys
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_client_errors_from_a_server_with_keys_and_rate_limits(guarded):
+    url, keys = guarded
+    with bentoformers.Client(url) as anonymous, pytest.raises(bentoformers.AuthenticationError) as caught:
+        anonymous.embed("x")
+    assert caught.value.status_code == 401 and caught.value.type == "authentication_error"
+    with bentoformers.Client(url, api_key=keys["embedder"] + "x") as wrong, pytest.raises(bentoformers.AuthenticationError):
+        wrong.embed("x")
+    with bentoformers.Client(url, api_key=keys["classifier"]) as other, pytest.raises(bentoformers.PermissionDeniedError):
+        other.embed("x")
+    with bentoformers.Client(url, api_key=keys["embedder"], retry_timeout=10) as client:
+        for _ in range(3):
+            assert len(client.embed("within the budget").embeddings[0]) == 384
+        with pytest.raises(bentoformers.RateLimitError) as caught:
+            client.embed("over the budget")
+    # The server says when to come back (the day window): beyond the retry budget, so raised at once.
+    assert caught.value.status_code == 429 and caught.value.retry_after > 60
+    assert caught.value.type == "rate_limit_error" and caught.value.request_id
