@@ -8,6 +8,8 @@ import json
 import os
 import shlex
 import sys
+import threading
+import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -60,7 +62,7 @@ def _build(args: argparse.Namespace) -> int:
     failed = []
     for spec in specs:
         try:
-            results = build_model(spec, force=args.force)
+            results = build_model(spec, force=args.force, report=StepTicker(sys.stdout))
         except RuntimeError as exc:
             print(f"error: {spec.name}: {exc}", file=sys.stderr)
             return FAILED
@@ -71,6 +73,40 @@ def _build(args: argparse.Namespace) -> int:
             print(f"  {r.tag}: {r.reason}", file=sys.stderr)
         return FAILED
     return OK
+
+
+class StepTicker:
+    """The build's report callback: on a terminal, a step that is under way shows its running time."""
+
+    def __init__(self, stream: Any = None, every: float = 0.5) -> None:
+        self.stream = stream or sys.stderr
+        self.every = every
+        self.live = self.stream.isatty()
+        self._line, self._started = "", 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, message: str) -> None:
+        self._finish()
+        if self.live and message.endswith(" ..."):
+            self._line, self._started = message, time.monotonic()
+            print(message, end="", file=self.stream, flush=True)
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._tick, daemon=True)
+            self._thread.start()
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            print(f"\r{self._line} {time.monotonic() - self._started:.0f}s", end="", file=self.stream, flush=True)
+
+    def _finish(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            print("\r\033[K", end="", file=self.stream)  # the "done in" line replaces the running one
 
 
 # ---- keys (issue 3): the key itself is printed once and never stored ------------------------------------

@@ -29,7 +29,7 @@ def test_models_lists_the_built_variants_with_fidelity(minilm_path):
         (row,) = [line for line in lines if line.startswith(f"minilm-{precision}:")]
         assert re.search(rf" embeddings +{precision} +min_cosine [01]\.\d{{5}} .* [\d.]+ MiB ", row), row
     rows = json.loads(bentoformers("models", "--json").stdout)
-    int8 = next(r for r in rows if r["precision"] == "int8")
+    int8 = next(r for r in rows if r["name"] == "minilm-int8")
     assert int8["task"] == "embeddings" and int8["size_bytes"] > 1e6
     assert set(int8["validation"]) == {"min_cosine", "mean_cosine", "neighbour_overlap"}
 
@@ -62,6 +62,17 @@ def test_bench_end_to_end_writes_json_and_a_plot(server, tmp_path):
 
     image = matplotlib.image.imread(tmp_path / "b.png")
     assert image.shape[0] > 300 and image.shape[1] > 600
+
+
+def test_bench_drives_the_openai_route_as_it_would_a_peer(server, tmp_path):
+    out = bentoformers("bench", server, "--api", "openai", "--model", "minilm", "-c", "2", "-n", "3",
+                       "--duration", "0.3", "--warmup", "0", "--json", str(tmp_path / "b.json"),
+                       "--plot", str(tmp_path / "b.png"))
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["target"]["route"] == "/v1/embeddings"
+    (point,) = report["points"]
+    assert point["ok"] > 0 and point["errors"] == {}
 
 
 def test_bench_of_a_dead_server_fails_and_says_why(tmp_path):

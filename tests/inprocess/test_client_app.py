@@ -49,7 +49,7 @@ def test_a_list_longer_than_the_server_takes_is_split_and_joined(client, sentenc
 
 
 def test_models(client):
-    (model,) = client.models()
+    (model,) = [m for m in client.models() if m.id == "minilm"]
     assert (model.id, model.task, model.precision, model.device) == ("minilm", "embeddings", "int8", "cpu")
     assert model.model_extra["dimensions"] == 384
 
@@ -85,5 +85,5 @@ def test_async_client_over_asgi_transport(app, sentences):
                 return models, result
 
     models, result = asyncio.run(main())
-    assert models[0].id == "minilm"
+    assert "minilm" in [m.id for m in models]
     assert len(result.embeddings) == 260 and len(result.embeddings[259]) == 384

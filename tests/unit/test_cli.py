@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
+import time
 
 import pytest
 
@@ -93,8 +95,6 @@ def test_bench_finds_a_local_listener_and_samples_its_memory():
         assert bench.listening_pid(f"http://127.0.0.1:{port}") == os.getpid()
     assert bench.listening_pid("http://example.invalid:80") is None  # not this machine: no lookup
     sampler = bench.MemorySampler(os.getpid(), every=0.01)
-    import time
-
     time.sleep(0.1)
     sampler.stop()
     assert sampler.peak_mib() > 10
@@ -104,3 +104,29 @@ def test_percentiles_are_nearest_rank():
     values = sorted(i / 1000 for i in range(1, 101))  # 1..100 ms
     assert [bench._percentile(values, q) for q in (0.5, 0.95, 0.99)] == pytest.approx([50, 95, 99])
     assert bench._percentile([], 0.5) is None
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_build_steps_show_their_running_time_on_a_terminal():
+    out = _Terminal()
+    report = cli.StepTicker(out, every=0.01)
+    report("  export to ONNX (optimum) ...")
+    deadline = time.monotonic() + 10
+    while "... 0s" not in out.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    report("  export to ONNX (optimum): done in 0.1s")
+    text = out.getvalue()
+    assert "\r  export to ONNX (optimum) ... 0s" in text
+    assert text.endswith("\r\x1b[K  export to ONNX (optimum): done in 0.1s\n")
+
+
+def test_build_steps_are_plain_lines_in_a_log():
+    out = io.StringIO()
+    report = cli.StepTicker(out)
+    report("  step ...")
+    report("  step: done in 1.0s")
+    assert out.getvalue() == "  step ...\n  step: done in 1.0s\n"
