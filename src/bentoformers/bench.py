@@ -44,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
     route = args.path or ("/embed" if args.api == "native" else "/v1/embeddings")
     pid = args.server_pid or (server.pid if server else listening_pid(base))
     memory = MemorySampler(pid)
+    served = served_models(base, args.api_key)
     try:
-        points = asyncio.run(_sweep(args, base + route, texts, memory))
+        points = _event_loop_runner()(_sweep(args, base + route, texts, memory))
     except OSError as exc:
         raise CliError(f"could not reach {base}: {exc}") from None
     finally:
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         if server:
             server.stop()
     report = {
-        "target": {"url": base, "route": route, "api": args.api, "model": args.model, "local": server is not None},
+        "target": {"url": base, "route": route, "api": args.api, "model": args.model, "local": server is not None,
+                   "served_models": served},
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "timeout_s": args.timeout,
                      "texts": str(args.texts) if args.texts else "shipped sentences", "distinct_texts": len(texts)},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -76,6 +78,28 @@ def run(args: argparse.Namespace) -> int:
                   f"texts/request: {_errors(p['errors'])}", file=sys.stderr)
         return FAILED
     return OK
+
+
+def served_models(base: str, api_key: str | None) -> list[dict[str, Any]]:
+    """What GET /v1/models says is served (model, precision, device), for the record; [] if it does not say."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(base + "/v1/models", headers=headers, timeout=10)
+        return list(response.json()["data"]) if response.status_code == 200 else []
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _event_loop_runner() -> Any:
+    # uvloop, where installed, keeps the load generator's own overhead down (it shares the machine).
+    try:
+        import uvloop
+
+        return uvloop.run
+    except ImportError:
+        return asyncio.run
 
 
 def load_texts(path: Path | None) -> list[str]:
@@ -419,6 +443,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     right.legend(loc="upper left", fontsize=9)
     target, settings = report["target"], report["settings"]
     model = f" · model {target['model']}" if target.get("model") else ""
+    served = {m.get("id"): m for m in target.get("served_models", [])}
+    embedders = [m for m in served.values() if m.get("task", "embeddings") == "embeddings"]
+    shown = served.get(target.get("model")) or (embedders[0] if embedders else None)
+    if shown:
+        details = ", ".join(str(shown[k]) for k in ("precision", "device") if shown.get(k))
+        model = f" · {shown.get('id')}" + (f" ({details})" if details else "")
     where = "a local bentoml serve" if target.get("local") else target["url"]
     fig.suptitle(f"bentoformers bench: POST {target['route']} on {where}{model}", fontsize=13)
     rss = [p["server_rss_mib"] for p in points if p["server_rss_mib"]]

@@ -227,8 +227,11 @@ def _retry_after(value: str | None) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value.strip() else None
-        return None if parsed is None else max(0.0, parsed.timestamp() - time.time())
+        pass
+    try:  # the HTTP-date form
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 def _error_fields(body: Any) -> tuple[str | None, str | None, str | None]:
@@ -262,11 +265,19 @@ def error_from_response(response: httpx.Response) -> APIStatusError:
     )
 
 
-def _stream_error(error: Any) -> APIStatusError:
+def _stream_error(error: Any, response: httpx.Response) -> APIStatusError:
+    """An error event after the stream started: the status (200) was already sent, so the type decides."""
     error = error if isinstance(error, dict) else {"message": str(error)}
     kind = error.get("type")
     cls = _BY_TYPE.get(kind or "", ServerError)
-    return cls(0, error.get("message") or "error in stream", type=kind, param=error.get("param"), body=error)
+    return cls(
+        response.status_code,
+        error.get("message") or "error in stream",
+        type=kind,
+        param=error.get("param"),
+        request_id=response.headers.get("x-request-id"),
+        body=error,
+    )
 
 
 def _transport_error(exc: httpx.TransportError) -> APIConnectionError:
@@ -461,7 +472,7 @@ class Client(_Base):
                     return
                 event = json.loads(data)
                 if "error" in event:
-                    raise _stream_error(event["error"])
+                    raise _stream_error(event["error"], response)
                 yield GenerationChunk.model_validate(event)
         finally:
             response.close()
@@ -593,7 +604,7 @@ class AsyncClient(_Base):
                     return
                 event = json.loads(data)
                 if "error" in event:
-                    raise _stream_error(event["error"])
+                    raise _stream_error(event["error"], response)
                 yield GenerationChunk.model_validate(event)
         finally:
             await response.aclose()

@@ -52,6 +52,7 @@ def test_bench_end_to_end_writes_json_and_a_plot(server, tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "b.json").read_text())
     points = report["points"]
+    assert "minilm" in [m["id"] for m in report["target"]["served_models"]]  # from GET /v1/models
     assert [(p["texts_per_request"], p["concurrency"]) for p in points] == [(1, 1), (1, 2), (4, 1), (4, 2)]
     for p in points:
         assert p["ok"] > 0 and p["errors"] == {} and p["items_per_s"] > 0

@@ -172,8 +172,9 @@ def test_stream_yields_chunks_then_stops_at_done():
 def test_an_error_inside_the_stream_is_raised_by_type():
     body = 'data: {"text": "a"}\n\ndata: {"error": {"type": "overloaded_error", "message": "busy", "param": null}}\n\n'
     transport, _ = scripted(httpx.Response(200, text=body, headers={"content-type": "text/event-stream"}))
-    with bf.Client("http://s", transport=transport) as c, pytest.raises(bf.OverloadedError, match="busy"):
+    with bf.Client("http://s", transport=transport) as c, pytest.raises(bf.OverloadedError, match="busy") as caught:
         list(c.generate_stream("hi"))
+    assert caught.value.type == "overloaded_error" and caught.value.status_code == 200
 
 
 def test_async_client_retries_and_streams():
@@ -188,6 +189,12 @@ def test_async_client_retries_and_streams():
 
     chunks, seen = asyncio.run(main())
     assert "".join(ch.text for ch in chunks) == "Hello" and len(seen) == 2
+
+
+@pytest.mark.parametrize("value,expected", [("3", 3.0), ("0.5", 0.5), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+                                            ("soon", None), ("", None)])
+def test_retry_after_in_seconds_or_as_a_date(value, expected):
+    assert bf._retry_after(value) == expected
 
 
 def test_api_key_and_url_from_the_environment(monkeypatch):
