@@ -178,6 +178,8 @@ def test_burst_at_four_times_capacity_ends_in_200_or_a_fast_503(secured, sentenc
             assert r.json()["error"]["type"] == "overloaded_error" and r.headers["retry-after"]
     # A rejection does not wait for capacity: it is answered faster than the typical admitted request.
     assert statistics.median(rejected) < statistics.median(admitted)
+    time.sleep(1)
+    assert "Traceback" not in secured["log"].read_text(errors="replace"), "overload is answered quietly"
 
 
 def test_credentials_never_reach_the_logs(secured):
