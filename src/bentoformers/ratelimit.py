@@ -83,8 +83,14 @@ class RateLimiter:
         self.tiers = tiers
         self.shared = not storage_uri.startswith("memory://")
         self.on_store_error, self.retry_after = on_store_error, retry_after
-        timeouts = {} if not self.shared else {"connect_timeout": 0.5, "stream_timeout": 0.5}
-        storage = storage_from_string(f"async+{storage_uri}", wrap_exceptions=True, **timeouts)
+        options = {}
+        if self.shared:
+            from coredis.retry import NoRetryPolicy
+
+            # No client-side retries: a hit is not idempotent, and a retried one after a slow reply would
+            # count twice. A failure is handled here instead (on_store_error, then a second's rest).
+            options = {"connect_timeout": 1.0, "stream_timeout": 2.0, "retry_policy": NoRetryPolicy()}
+        storage = storage_from_string(f"async+{storage_uri}", wrap_exceptions=True, **options)
         self.strategy = SlidingWindowCounterRateLimiter(storage)
         self._skip_store_until = 0.0
         self.storage_label = storage_uri.split("@")[-1]  # never log a password in the URL
