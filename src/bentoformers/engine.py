@@ -110,6 +110,8 @@ class OnnxEncoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1 if device == "cpu" else 0
         options.inter_op_num_threads = 1
+        if device == "cuda" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (the GPU image has no system CUDA)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(self.folder / ONNX_FILE), options, providers=providers)
         self._input_names = {i.name for i in self.session.get_inputs()}

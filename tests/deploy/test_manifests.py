@@ -83,8 +83,8 @@ def test_gpu_split_keeps_the_model_service_private(tmp_path):
     assert model["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "--depends=embedder=http://bentoformers-model:3000" in gateway["args"]
     assert "--service-name=embedder" in model["args"]
+    assert model["image"] == "localhost/bentoformers-gpu:latest" and gateway["image"] == "localhost/bentoformers:latest"
     (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
-    model_labels = docs_labels = pods["bentoformers-model"]
     selected = policy["spec"]["podSelector"]["matchLabels"]
     template = next(d for d in docs if d["metadata"]["name"] == "bentoformers-model" and d["kind"] == "Deployment")
     assert selected.items() <= template["spec"]["template"]["metadata"]["labels"].items()
@@ -95,7 +95,18 @@ def test_gpu_split_keeps_the_model_service_private(tmp_path):
     same_namespace = [p for p in sources if "namespaceSelector" not in p]
     assert len(same_namespace) == 1 and same_namespace[0]["podSelector"]["matchLabels"].items() <= gateway_labels.items()
     assert all(p["podSelector"]["matchLabels"].get("app.kubernetes.io/component") != "model" for p in sources)
-    del model_labels, docs_labels
+
+
+def test_the_podman_overlay_validates_and_leaves_out_only_the_secret():
+    import kubernetes_validate
+
+    kubectl = require_tool("kubectl")
+    out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / "podman")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Deployment", "Service"]
 
 
 def test_prometheus_rule_resource_matches_the_rules_file():

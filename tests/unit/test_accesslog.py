@@ -101,3 +101,16 @@ def test_rejection_reasons_are_bounded():
     assert REGISTRY.get_sample_value("bentoformers_rejections_total", {"reason": "rate_limit_tokens"}) >= 1
     assert REGISTRY.get_sample_value("bentoformers_rejections_total", {"reason": "other"}) >= 1
     assert REGISTRY.get_sample_value("bentoformers_rejections_total", {"reason": "user supplied <script>"}) is None
+
+
+def test_probes_are_counted_but_not_logged_when_healthy(lines):
+    async def ready(request):
+        return JSONResponse({}, status_code=200 if request.query_params.get("ok") else 503)
+
+    app = Starlette(routes=[Route("/readyz", ready)])
+    client = TestClient(AccessLogMiddleware(RequestIdMiddleware(app)))
+    before = count("/readyz", "200")
+    client.get("/readyz?ok=1")
+    client.get("/readyz")
+    assert count("/readyz", "200") == before + 1
+    assert [json.loads(line)["status"] for line in lines] == [503]

@@ -1,0 +1,159 @@
+"""The container path, for real: build the image offline with deploy/build-image.sh from the models
+this run built, run it with podman and embed, then run the Kustomize base with `podman kube play`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT
+from deploytools import require_tool
+
+pytestmark = pytest.mark.slow
+TAG = "localhost/bentoformers:pytest"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _podman(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CONTAINERS_CONF": str(ROOT / "deploy" / "image" / "containers.conf")}
+    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _wait_ready(url: str, seconds: float, alive=lambda: True) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        if not alive():
+            break
+        time.sleep(0.5)
+    return -1.0
+
+
+@pytest.fixture(scope="module")
+def image(minilm_build):
+    for tool in ("podman", "runc", "debootstrap", "kubectl"):
+        require_tool(tool)
+    started = time.monotonic()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "build-image.sh"), "--tag", TAG],
+        capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    size = int(_podman("image", "inspect", TAG, "--format", "{{.Size}}").stdout)
+    print(f"\nimage {TAG}: built in {time.monotonic() - started:.0f} s, {size / 1e6:.0f} MB\n{out.stdout}")
+    yield TAG
+    _podman("rmi", "-f", TAG)
+
+
+def test_the_image_serves_real_embeddings(image, minilm_path):
+    port = _free_port()
+    name = f"bentoformers-pytest-{port}"
+    started = time.monotonic()
+    run = _podman("run", "-d", "--rm", "--name", name, "--network", "host", "-e", f"BENTOML_PORT={port}", image)
+    assert run.returncode == 0, run.stderr
+    try:
+        url = f"http://127.0.0.1:{port}"
+        ready = _wait_ready(url, 180)
+        assert ready >= 0, _podman("logs", name).stdout[-3000:]
+        print(f"\ncontainer ready {time.monotonic() - started:.1f} s after podman run")
+        r = httpx.post(f"{url}/v1/embeddings", json={"input": ["The cat sat on the mat."]}, timeout=30)
+        assert r.status_code == 200, r.text
+        served = np.array(r.json()["data"][0]["embedding"], dtype=np.float32)
+        assert served.shape == (384,)
+
+        from bentoformers.engine import OnnxEncoder, TextTokenizer, l2_normalize
+
+        tokenizer = TextTokenizer(minilm_path["int8"], 256)
+        local = l2_normalize(OnnxEncoder(minilm_path["int8"]).embed(tokenizer.encode(["The cat sat on the mat."], False)))
+        np.testing.assert_allclose(served, local[0], atol=1e-5)  # the very model this run built, in the image
+        assert "bentoformers_inference_seconds_count" in httpx.get(f"{url}/metrics").text
+    finally:
+        _podman("stop", "-t", "10", name)
+
+
+def test_kube_play_runs_the_base_until_ready(image, tmp_path):
+    port = _free_port()
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    name, tag = image.split(":")
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(ROOT / "deploy" / "k8s" / "overlays" / "podman", overlay)],
+        "images": [{"name": "localhost/bentoformers", "newName": name, "newTag": tag}],
+        # kube play publishes container ports on the host: pick a free one.
+        "patches": [{"target": {"kind": "Deployment", "name": "bentoformers"}, "patch": yaml.safe_dump([
+            {"op": "add", "path": "/spec/template/spec/containers/0/ports/0/hostPort", "value": port},
+        ])}],
+    }))
+    rendered = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert rendered.returncode == 0, rendered.stderr
+    manifest = tmp_path / "bentoformers.yaml"
+    manifest.write_text(rendered.stdout)
+    started = time.monotonic()
+    try:
+        play = _podman("kube", "play", "--network", "slirp4netns", str(manifest), timeout=180)
+        assert play.returncode == 0, play.stdout + play.stderr
+        ready = _wait_ready(f"http://127.0.0.1:{port}", 180)
+        logs = _podman("pod", "logs", "bentoformers-pod").stdout
+        assert ready >= 0, logs[-3000:]
+        print(f"\nkube play: ready {time.monotonic() - started:.1f} s after play")
+        r = httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": "hello"}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["embeddings"][0]) == 384
+    finally:
+        _podman("kube", "play", "--down", str(manifest), timeout=120)
+
+
+def test_gpu_split_runs_with_the_manifests_args_on_cpu(image, tmp_path):
+    """The gpu component's two Deployments, run as two containers with their rendered args (CPU here)."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(ROOT / "deploy" / "k8s" / "base", overlay)],
+        "components": [os.path.relpath(ROOT / "deploy" / "k8s" / "components" / "gpu", overlay)],
+    }))
+    rendered = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert rendered.returncode == 0, rendered.stderr
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]
+            for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] == "Deployment"}
+    model_port, gateway_port = _free_port(), _free_port()
+    gateway_args = [a.replace("http://bentoformers-model:3000", f"http://127.0.0.1:{model_port}")
+                    for a in pods["bentoformers"]["args"]]
+    names = []
+    try:
+        for port, args in ((model_port, pods["bentoformers-model"]["args"]), (gateway_port, gateway_args)):
+            names.append(f"bentoformers-pytest-{port}")
+            run = _podman("run", "-d", "--rm", "--name", names[-1], "--network", "host",
+                          "-e", f"BENTOML_PORT={port}", image, *args)
+            assert run.returncode == 0, run.stderr
+        url = f"http://127.0.0.1:{gateway_port}"
+        assert _wait_ready(url, 180) >= 0, _podman("logs", names[-1]).stdout[-3000:]
+        r = httpx.post(f"{url}/embed", json={"inputs": ["split services"]}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["embeddings"][0]) == 384
+        # The model runs in the model container only: its /metrics has the inference time, the gateway's not.
+        assert "bentoformers_inference_seconds_count" in httpx.get(f"http://127.0.0.1:{model_port}/metrics").text
+        assert "bentoformers_inference_seconds_count" not in httpx.get(f"{url}/metrics").text
+    finally:
+        for name in names:
+            _podman("stop", "-t", "10", name)
