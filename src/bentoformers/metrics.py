@@ -72,15 +72,22 @@ for _reason in REJECTION_REASONS:  # exported at 0 from the start, so rate() and
     rejections.labels(_reason)
 
 
-def route_label(scope: dict) -> str:
-    """The template of the route that answered (Starlette records it in the scope), else "other".
+# The routes a request can be refused on before routing (by auth, rate limits, overload): they get their
+# own label even then. Routes answered by the router are labelled by the template it matched.
+PUBLIC_ROUTES = frozenset({
+    "/embed", "/v1/embeddings", "/v1/models", "/classify", "/generate", "/v1/completions",
+    "/livez", "/healthz", "/readyz", "/metrics",
+})
 
-    Unknown paths end in a catch-all route, so a scan of random URLs adds no series.
-    """
+
+def route_label(scope: dict) -> str:
+    """The route template that answered (Starlette records it in the scope), else a known public path,
+    else "other": unknown paths end in a catch-all route, so a scan of random URLs adds no series."""
     template = getattr(scope.get("route"), "path", None)
-    if not isinstance(template, str) or not template.startswith("/") or ":path}" in template:
-        return "other"
-    return template
+    if isinstance(template, str) and template.startswith("/") and ":path}" not in template:
+        return template
+    path = scope.get("path", "")
+    return path if path in PUBLIC_ROUTES else "other"
 
 
 def count_rejection(reason: str) -> None:

@@ -3,6 +3,7 @@ this run built, run it with podman and embed, then run the Kustomize base with `
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -64,18 +65,31 @@ def image(minilm_build):
     _podman("rmi", "-f", TAG)
 
 
-def test_the_image_serves_real_embeddings(image, minilm_path):
+@pytest.fixture(scope="module")
+def api_key():
+    """A real key and its record: BentoML's images refuse to start without credentials."""
+    from bentoformers.auth import create_key
+
+    key, record = create_key("deploy-test", ["*"], "default", None)
+    return key, yaml.safe_dump([record.model_dump(mode="json")], sort_keys=False)
+
+
+def test_the_image_serves_real_embeddings(image, minilm_path, api_key):
     port = _free_port()
     name = f"bentoformers-pytest-{port}"
     started = time.monotonic()
-    run = _podman("run", "-d", "--rm", "--name", name, "--network", "host", "-e", f"BENTOML_PORT={port}", image)
+    key, records = api_key
+    run = _podman("run", "-d", "--rm", "--name", name, "--network", "host", "-e", f"BENTOML_PORT={port}",
+                  "-e", f"BENTOFORMERS_API_KEYS={records}", image)
     assert run.returncode == 0, run.stderr
     try:
         url = f"http://127.0.0.1:{port}"
         ready = _wait_ready(url, 180)
         assert ready >= 0, _podman("logs", name).stdout[-3000:]
         print(f"\ncontainer ready {time.monotonic() - started:.1f} s after podman run")
-        r = httpx.post(f"{url}/v1/embeddings", json={"input": ["The cat sat on the mat."]}, timeout=30)
+        body = {"input": ["The cat sat on the mat."]}
+        assert httpx.post(f"{url}/v1/embeddings", json=body, timeout=30).status_code == 401
+        r = httpx.post(f"{url}/v1/embeddings", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert r.status_code == 200, r.text
         served = np.array(r.json()["data"][0]["embedding"], dtype=np.float32)
         assert served.shape == (384,)
@@ -86,11 +100,15 @@ def test_the_image_serves_real_embeddings(image, minilm_path):
         local = l2_normalize(OnnxEncoder(minilm_path["int8"]).embed(tokenizer.encode(["The cat sat on the mat."], False)))
         np.testing.assert_allclose(served, local[0], atol=1e-5)  # the very model this run built, in the image
         assert "bentoformers_inference_seconds_count" in httpx.get(f"{url}/metrics").text
+        logged = [json.loads(line) for line in _podman("logs", name).stdout.splitlines() if line.startswith('{"time"')]
+        assert [(e["status"], e["identity"]) for e in logged if e["route"] == "/v1/embeddings"] == [
+            (401, None), (200, "deploy-test")]
+        assert key not in _podman("logs", name).stdout + _podman("logs", name).stderr
     finally:
         _podman("stop", "-t", "10", name)
 
 
-def test_kube_play_runs_the_base_until_ready(image, tmp_path):
+def test_kube_play_runs_the_base_until_ready(image, api_key, tmp_path):
     port = _free_port()
     overlay = tmp_path / "overlay"
     overlay.mkdir()
@@ -109,21 +127,26 @@ def test_kube_play_runs_the_base_until_ready(image, tmp_path):
     assert rendered.returncode == 0, rendered.stderr
     manifest = tmp_path / "bentoformers.yaml"
     manifest.write_text(rendered.stdout)
+    key, records = api_key
+    keys = tmp_path / "keys-configmap.yaml"
+    keys.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "bentoformers-keys"},
+                                    "data": {"BENTOFORMERS_API_KEYS": records}}))
     started = time.monotonic()
     try:
-        play = _podman("kube", "play", "--network", "slirp4netns", str(manifest), timeout=180)
+        play = _podman("kube", "play", "--network", "slirp4netns", "--configmap", str(keys), str(manifest), timeout=180)
         assert play.returncode == 0, play.stdout + play.stderr
         ready = _wait_ready(f"http://127.0.0.1:{port}", 180)
         logs = _podman("pod", "logs", "bentoformers-pod").stdout
         assert ready >= 0, logs[-3000:]
         print(f"\nkube play: ready {time.monotonic() - started:.1f} s after play")
-        r = httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": "hello"}, timeout=30)
+        r = httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": "hello"},
+                       headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert r.status_code == 200 and len(r.json()["embeddings"][0]) == 384
     finally:
         _podman("kube", "play", "--down", str(manifest), timeout=120)
 
 
-def test_gpu_split_runs_with_the_manifests_args_on_cpu(image, tmp_path):
+def test_gpu_split_runs_with_the_manifests_args_on_cpu(image, api_key, tmp_path):
     """The gpu component's two Deployments, run as two containers with their rendered args (CPU here)."""
     overlay = tmp_path / "overlay"
     overlay.mkdir()
@@ -140,16 +163,22 @@ def test_gpu_split_runs_with_the_manifests_args_on_cpu(image, tmp_path):
     model_port, gateway_port = _free_port(), _free_port()
     gateway_args = [a.replace("http://bentoformers-model:3000", f"http://127.0.0.1:{model_port}")
                     for a in pods["bentoformers"]["args"]]
+    key, records = api_key
+    # The model pod's own env from the manifest, but on CPU: there is no GPU here.
+    model_env = {e["name"]: e["value"] for e in pods["bentoformers-model"]["env"]} | {"BENTOFORMERS_DEVICE": "cpu"}
+    gateway_env = {"BENTOFORMERS_API_KEYS": records}
     names = []
     try:
-        for port, args in ((model_port, pods["bentoformers-model"]["args"]), (gateway_port, gateway_args)):
+        for port, args, env in ((model_port, pods["bentoformers-model"]["args"], model_env),
+                                (gateway_port, gateway_args, gateway_env)):
             names.append(f"bentoformers-pytest-{port}")
-            run = _podman("run", "-d", "--rm", "--name", names[-1], "--network", "host",
-                          "-e", f"BENTOML_PORT={port}", image, *args)
+            flags = [f"--env={k}={v}" for k, v in {**env, "BENTOML_PORT": str(port)}.items()]
+            run = _podman("run", "-d", "--rm", "--name", names[-1], "--network", "host", *flags, image, *args)
             assert run.returncode == 0, run.stderr
         url = f"http://127.0.0.1:{gateway_port}"
-        assert _wait_ready(url, 180) >= 0, _podman("logs", names[-1]).stdout[-3000:]
-        r = httpx.post(f"{url}/embed", json={"inputs": ["split services"]}, timeout=30)
+        assert _wait_ready(url, 180) >= 0, _podman("logs", names[0]).stdout[-2000:] + _podman("logs", names[-1]).stdout[-2000:]
+        r = httpx.post(f"{url}/embed", json={"inputs": ["split services"]},
+                       headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert r.status_code == 200 and len(r.json()["embeddings"][0]) == 384
         # The model runs in the model container only: its /metrics has the inference time, the gateway's not.
         assert "bentoformers_inference_seconds_count" in httpx.get(f"http://127.0.0.1:{model_port}/metrics").text

@@ -107,6 +107,8 @@ def test_the_podman_overlay_validates_and_leaves_out_only_the_secret():
     for doc in docs:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Deployment", "Service"]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert {"configMapRef": {"name": "bentoformers-keys"}} in deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"]
 
 
 def test_prometheus_rule_resource_matches_the_rules_file():

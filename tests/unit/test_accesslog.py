@@ -114,3 +114,15 @@ def test_probes_are_counted_but_not_logged_when_healthy(lines):
     client.get("/readyz")
     assert count("/readyz", "200") == before + 1
     assert [json.loads(line)["status"] for line in lines] == [503]
+
+
+def test_a_request_refused_before_routing_keeps_its_route_label(lines):
+    async def refuse(scope, receive, send):  # like an auth middleware: answers before any routing
+        await JSONResponse({"error": {}}, status_code=401)(scope, receive, send)
+
+    client = TestClient(AccessLogMiddleware(RequestIdMiddleware(refuse)))
+    before = count("/v1/embeddings", "401")
+    client.post("/v1/embeddings", json={})
+    client.post("/not/a/route", json={})
+    assert count("/v1/embeddings", "401") == before + 1
+    assert [json.loads(line)["route"] for line in lines] == ["/v1/embeddings", "other"]
