@@ -73,12 +73,24 @@ class TextTokenizer:
 def pick_device(requested: str = "auto") -> str:
     import onnxruntime as ort
 
-    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    # onnxruntime-gpu lists the CUDA provider even where no GPU driver is (libcuda.so.1), and then runs
+    # on CPU with only a log line; "auto" therefore also asks for the driver.
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers() and _has_cuda_driver()
     if requested == "cuda" and not has_cuda:
-        raise RuntimeError("device=cuda was asked for, but onnxruntime has no CUDAExecutionProvider")
+        raise RuntimeError("device=cuda was asked for, but onnxruntime has no usable CUDAExecutionProvider")
     if requested == "auto":
         return "cuda" if has_cuda else "cpu"
     return requested
+
+
+def _has_cuda_driver() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 class OnnxEncoder:
@@ -114,6 +126,8 @@ class OnnxEncoder:
             ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (the GPU image has no system CUDA)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(self.folder / ONNX_FILE), options, providers=providers)
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise RuntimeError("ONNX Runtime could not start CUDA for this model (see its log above); not serving on CPU")
         self._input_names = {i.name for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         self._output = "last_hidden_state" if "last_hidden_state" in outputs else outputs[0]
