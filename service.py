@@ -1,14 +1,17 @@
 """The composition root that `bentoml serve` and bentofile.yaml point at.
 
-Two services: `Embedder` (the model, adaptive batching, CPU or CUDA) and `Gateway` (public routes,
-validation, tokenization, the API shapes), so model workers can scale apart from the gateway.
+One model service per served model (each with its own workers, CPU or CUDA, scaled apart) and one
+`Gateway` (public routes, model choice, validation, tokenization, the API shapes). The served models are
+the built entries of the model list (settings can narrow them); their services are made here, at import.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
+from collections.abc import AsyncGenerator
 
 import bentoml
 import numpy as np
@@ -16,82 +19,188 @@ import numpy as np
 from bentoformers import metrics
 from bentoformers.accesslog import AccessLogMiddleware
 from bentoformers.auth import AuthMiddleware, ClientAddress, startup_authenticator
-from bentoformers.engine import OnnxEncoder, pick_device
+from bentoformers.decoder import OnnxDecoder
+from bentoformers.engine import ModelCard, OnnxEncoder, pick_device
 from bentoformers.gateway import Gateway as GatewayRuntime
-from bentoformers.gateway import RequestIdMiddleware, create_app
+from bentoformers.gateway import ModelEndpoint, RequestIdMiddleware, create_app
+from bentoformers.generation import Sampling, Scheduler
 from bentoformers.overload import OverloadMiddleware, ShutdownDrain
 from bentoformers.ratelimit import RateLimiter, RateLimitMiddleware
 from bentoformers.settings import Settings
-from bentoformers.store import choose_precision, stored_variants
+from bentoformers.store import StoredModel, choose_precision, served_models
 
 logger = logging.getLogger("bentoformers")
 settings = Settings()
-variants = stored_variants(settings.model)  # {precision: tag}; raises with a hint when nothing is built
+logging.getLogger("bentoformers").setLevel(logging.INFO)  # BentoML's server logging shows only its own INFO
+served = served_models(settings)  # raises with a hint when nothing is built
 
 
-class Embedder:
-    """Runs the stored ONNX graph: fp16 on CUDA when built, else int8 on CPU (settings can force one)."""
+class _ModelService:
+    """Loads the stored variant for this machine: fp16 on CUDA when built, else int8 on CPU (settings can force one)."""
 
-    def __init__(self) -> None:
-        started = time.perf_counter()
+    stored: StoredModel
+
+    def _load(self) -> bentoml.Model:
+        self.started = time.perf_counter()
         self.device = pick_device(settings.device)
-        self.precision = choose_precision(variants, self.device, settings.precision)
+        self.precision = choose_precision(self.stored.variants, self.device, settings.precision)
         model: bentoml.Model = getattr(self, f"model_{self.precision}")
-        self.encoder = OnnxEncoder(
-            model.path, device=self.device, threads=settings.threads(), max_batch_tokens=settings.max_batch_tokens
-        )
-        labels = (settings.model, self.precision, self.device)
-        metrics.model_load_seconds.labels(*labels).set(time.perf_counter() - started)
-        self.inference_seconds = metrics.inference_seconds.labels(*labels)
+        logger.info("serving %s (%s) on %s (%s)", model.tag, self.stored.task, self.device, self.precision)
+        self.inference_seconds = metrics.inference_seconds.labels(self.stored.name, self.precision, self.device)
         self.gpu_memory = metrics.GpuMemory() if self.device == "cuda" else None
-        logger.info("serving %s on %s (%s)", model.tag, self.device, self.precision)
         # On SIGTERM, keep answering while the gateway finishes its requests in flight.
         self.drain = ShutdownDrain()
         self.drain.install()
+        return model
 
-    @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
-    def embed(self, token_ids: list[list[int]]) -> np.ndarray:
+    def _loaded(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        metrics.model_load_seconds.labels(self.stored.name, self.precision, self.device).set(elapsed)
+
+    def _run(self, fn, *args):
+        """One model call, timed and kept alive through a shutdown drain."""
         started = time.perf_counter()
         with self.drain.busy():
-            vectors = self.encoder.embed(token_ids)
+            out = fn(*args)
         self.inference_seconds.observe(time.perf_counter() - started)
         if self.gpu_memory:
             self.gpu_memory.sample()
-        return vectors
+        return out
 
     @bentoml.api
     def describe(self) -> dict[str, str]:
         return {"precision": self.precision, "device": self.device}
 
 
-# Every stored variant is declared, so the bento and its image carry all of them.
-for _precision, _tag in variants.items():
-    setattr(Embedder, f"model_{_precision}", bentoml.models.BentoModel(_tag))
-# Internal service: its per-call access log would only repeat the gateway's, at a real CPU cost.
-Embedder = bentoml.service(name="embedder", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}})(
-    Embedder
-)
+class EmbeddingModel(_ModelService):
+    def __init__(self) -> None:
+        model = self._load()
+        self.encoder = OnnxEncoder(
+            model.path, device=self.device, threads=settings.threads(), max_batch_tokens=settings.max_batch_tokens
+        )
+        self._loaded()
 
+    @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
+    def embed(self, token_ids: list[list[int]]) -> np.ndarray:
+        return self._run(self.encoder.embed, token_ids)
+
+
+class ClassificationModel(_ModelService):
+    def __init__(self) -> None:
+        model = self._load()
+        self.encoder = OnnxEncoder(
+            model.path, device=self.device, threads=settings.threads(), max_batch_tokens=settings.max_batch_tokens
+        )
+        self._loaded()
+
+    @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
+    def classify(self, token_ids: list[list[int]]) -> np.ndarray:
+        """Logits, one row per text (the gateway turns them into label scores)."""
+        return self._run(self.encoder.classify, token_ids)
+
+
+class GenerationModel(_ModelService):
+    def __init__(self) -> None:
+        model = self._load()
+        card = ModelCard.load(model.path)
+        decoder = OnnxDecoder(model.path, device=self.device, threads=settings.threads())
+        self.scheduler = Scheduler(
+            decoder, card.eos_token_ids, card.max_length, settings.max_active_sequences, self.inference_seconds
+        )
+        self._loaded()
+
+    @bentoml.api
+    async def generate(
+        self,
+        token_ids: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int | None,
+        key: str,
+    ) -> AsyncGenerator[str, None]:
+        """New token ids as text lines, then one line with the finish reason (or "error: ...").
+
+        Lines, because the stream reaches the gateway in chunks that need not match the yields.
+        """
+        sampling = Sampling(temperature, top_p, top_k, seed)
+        with self.drain.busy():
+            async for kind, value in self.scheduler.generate(token_ids, max_new_tokens, sampling, key):
+                yield f"{value}\n" if kind != "error" else f"error: {value}\n"
+
+    @bentoml.api
+    async def cancel(self, key: str) -> bool:
+        return self.scheduler.cancel(key)
+
+
+SERVICE_CLASSES = {"embeddings": EmbeddingModel, "classification": ClassificationModel, "generation": GenerationModel}
+
+
+def _model_service(stored: StoredModel) -> bentoml.Service:
+    attrs: dict[str, object] = {"stored": stored, "__module__": __name__}
+    # Every stored variant is declared, so the bento and its image carry all of them.
+    for precision, tag in stored.variants.items():
+        attrs[f"model_{precision}"] = bentoml.models.BentoModel(tag)
+    cls = type(_identifier(stored.name), (SERVICE_CLASSES[stored.task],), attrs)
+    # Internal service: its per-call access log would only repeat the gateway's, at a real CPU cost.
+    return bentoml.service(
+        name=f"model-{stored.name}", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}}
+    )(cls)
+
+
+def _identifier(name: str) -> str:
+    return "model_" + re.sub(r"\W", "_", name)
+
+
+model_services = {stored.name: _model_service(stored) for stored in served}
 app = create_app()
 
 
-# BentoML's text access log is replaced by AccessLogMiddleware's JSON lines (and their CPU cost saved).
-@bentoml.service(name="bentoformers", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}})
-@bentoml.asgi_app(app, path="/")
-class Gateway:
-    model = bentoml.depends(Embedder)
-    tokenizer = bentoml.models.BentoModel(next(iter(variants.values())))
-
+class _Gateway:
     def __init__(self) -> None:
-        app.state.gateway = GatewayRuntime(settings, self.tokenizer.path, call=self._embed, describe=self._describe)
+        endpoints = []
+        for stored in served:
+            service = getattr(self, _identifier(stored.name))
+            folder = getattr(self, f"{_identifier(stored.name)}_files").path
+            call = stream = cancel = None
+            if stored.task == "generation":
+                stream, cancel = _streamer(service), _caller(service, "cancel")
+            else:
+                call = _caller(service, "embed" if stored.task == "embeddings" else "classify")
+            endpoints.append(
+                ModelEndpoint(
+                    settings, folder, describe=_caller(service, "describe"), call=call, stream=stream, cancel=cancel
+                )
+            )
+        app.state.gateway = GatewayRuntime(settings, endpoints)
 
+
+def _caller(service: object, method: str):
     # The dependency's methods exist only once it is connected, so look them up per call.
-    async def _embed(self, token_ids: list[list[int]]) -> np.ndarray:
-        return await self.model.to_async.embed(token_ids)
+    async def call(*args):
+        return await getattr(service.to_async, method)(*args)
 
-    async def _describe(self) -> dict[str, str]:
-        return await self.model.to_async.describe()
+    return call
 
+
+def _streamer(service: object):
+    def stream(*args) -> AsyncGenerator[str, None]:
+        return service.to_async.generate(*args)
+
+    return stream
+
+
+for _stored in served:
+    setattr(_Gateway, _identifier(_stored.name), bentoml.depends(model_services[_stored.name]))
+    # The gateway reads each model's card and tokenizer from the stored files.
+    setattr(_Gateway, f"{_identifier(_stored.name)}_files", bentoml.models.BentoModel(next(iter(_stored.variants.values()))))
+_Gateway.__name__ = _Gateway.__qualname__ = "Gateway"
+
+# BentoML's text access log is replaced by AccessLogMiddleware's JSON lines (and their CPU cost saved).
+Gateway = bentoml.service(
+    name="bentoformers", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}}
+)(bentoml.asgi_app(app, path="/")(_Gateway))
 
 # The first added is the outermost: the access log sees every answer, the request id included.
 Gateway.add_asgi_middleware(AccessLogMiddleware, enabled=settings.access_log)

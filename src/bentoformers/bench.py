@@ -334,8 +334,9 @@ def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, 
     from .engine import ModelCard, OnnxEncoder, TextTokenizer
     from .settings import Settings
     from .spec import store_name
+    from .store import served_models
 
-    name = Settings().model
+    name = next(m.name for m in served_models(Settings()) if m.task == "embeddings")
     out: dict[str, float] = {}
     for precision in ("int8", "fp32"):
         try:

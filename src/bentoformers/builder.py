@@ -19,18 +19,24 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .engine import ONNX_FILE, ModelCard, OnnxEncoder, TextTokenizer, l2_normalize, pick_device
+from .decoder import OnnxDecoder
+from .engine import ONNX_FILE, ModelCard, OnnxEncoder, TextTokenizer, l2_normalize, label_scores, pick_device
 from .export import (
     copy_tokenizer,
     export_onnx,
     optimize,
     quantize_int8,
+    quantize_weights_int8,
     reference_embeddings,
+    reference_greedy,
+    reference_logits,
     resolve_source,
     sentence_transformers_config,
 )
-from .fidelity import compare, shipped_sentences
-from .spec import ModelSpec, VariantSpec, store_name
+from .fidelity import compare, compare_greedy, compare_scores, generation_prompts, shipped_sentences
+from .spec import ModelSpec, VariantSpec, gate_failures, store_name
+
+GREEDY_TOKENS = 16  # new tokens per validation prompt
 
 Report = Callable[[str], None]
 
@@ -59,7 +65,8 @@ def step(report: Report, what: str) -> Iterator[None]:
 def build_model(spec: ModelSpec, *, force: bool = False, report: Report = print) -> list[VariantResult]:
     folder, revision = resolve_source(spec.source, spec.revision)
     card = _card(spec, folder)
-    report(f"{spec.name}: {spec.source} (revision {revision}), {card.pooling} pooling, max {card.max_length} tokens")
+    detail = f"{card.pooling} pooling" if card.task == "embeddings" else card.task
+    report(f"{spec.name}: {spec.source} (revision {revision}), {detail}, max {card.max_length} tokens")
     todo: list[tuple[VariantSpec, str]] = []
     results: list[VariantResult] = []
     for variant in spec.variants:
@@ -76,9 +83,18 @@ def build_model(spec: ModelSpec, *, force: bool = False, report: Report = print)
     with tempfile.TemporaryDirectory(prefix="bentoformers-build-") as tmp:
         work = Path(tmp)
         with step(report, "export to ONNX (optimum)"):
-            exported = export_onnx(folder, work / "export")
-        with step(report, f"fp32 PyTorch reference on {len(sentences)} sentences"):
-            reference = reference_embeddings(folder, sentences, card)
+            exported = export_onnx(folder, work / "export", spec.task)
+        if spec.task == "generation":
+            sentences = generation_prompts()
+            prompts = TextTokenizer(exported.parent, card.max_length).encode(sentences, truncate=True)
+            with step(report, f"fp32 PyTorch greedy reference on {len(prompts)} prompts"):
+                reference: object = (prompts, reference_greedy(folder, prompts, GREEDY_TOKENS))
+        elif spec.task == "classification":
+            with step(report, f"fp32 PyTorch reference on {len(sentences)} sentences"):
+                reference = label_scores(reference_logits(folder, sentences, card.max_length), card.multi_label)
+        else:
+            with step(report, f"fp32 PyTorch reference on {len(sentences)} sentences"):
+                reference = reference_embeddings(folder, sentences, card)
         for variant, tag in todo:
             result = _build_variant(spec, variant, tag, card, exported, reference, sentences, work, revision, report)
             results.append(result)
@@ -91,7 +107,7 @@ def _build_variant(
     tag: str,
     card: ModelCard,
     exported: Path,
-    reference: np.ndarray,
+    reference: object,
     sentences: list[str],
     work: Path,
     revision: str,
@@ -109,27 +125,24 @@ def _build_variant(
     out = work / precision
     out.mkdir()
     with step(report, f"{precision}: build graph"):
-        if precision == "int8":
+        if precision == "int8" and spec.task == "generation":
+            graph = quantize_weights_int8(exported, work / "int8-weights.onnx")
+        elif precision == "int8":
             graph = quantize_int8(exported, work / "int8-tmp")
         else:
-            graph = optimize(exported, work / f"{precision}-opt.onnx", for_gpu=device == "cuda", fp16=precision == "fp16")
+            graph = optimize(
+                exported, work / f"{precision}-opt.onnx", for_gpu=device == "cuda", fp16=precision == "fp16",
+                fuse=spec.task != "generation",
+            )
         shutil.copy2(graph, out / ONNX_FILE)
     copy_tokenizer(exported.parent, out)
     variant_card = ModelCard(**{**card.__dict__, "precision": precision})
     variant_card.save(out)
 
     with step(report, f"{precision}: validate against fp32 PyTorch"):
-        encoder = OnnxEncoder(out, device=device)
-        try:
-            ids = TextTokenizer(out, card.max_length).encode(sentences, truncate=True)
-            candidate = encoder.embed(ids)
-        finally:
-            encoder.close()
-        if card.normalize:
-            candidate = l2_normalize(candidate)
-        figures = compare(candidate, reference)
-    gates = variant.effective_gates()
-    failed = [f"{k} {figures[k]:.5f} < {v}" for k, v in gates.model_dump().items() if figures[k] < v]
+        figures = _validate(variant_card, out, device, reference, sentences)
+    gates = spec.gates(variant)
+    failed = gate_failures(figures, gates)
     shown = ", ".join(f"{k} {v:.5f}" for k, v in figures.items())
     if failed:
         reason = "below its gate: " + "; ".join(failed)
@@ -137,7 +150,7 @@ def _build_variant(
         return VariantResult(tag, precision, "failed gate", figures, reason)
 
     size = (out / ONNX_FILE).stat().st_size
-    (out / "README.md").write_text(_model_card_text(spec, variant_card, revision, figures, gates.model_dump(), size, len(sentences)))
+    (out / "README.md").write_text(_model_card_text(spec, variant_card, revision, figures, gates, size, len(sentences)))
     with bentoml.models.create(
         tag,
         labels={
@@ -149,14 +162,11 @@ def _build_variant(
         },
         metadata={
             "validation": figures,
-            "gates": gates.model_dump(),
+            "gates": gates,
             "validation_texts": len(sentences),
             "opset": _opset(out / ONNX_FILE),
             "onnx_bytes": size,
-            "pooling": card.pooling,
-            "normalize": card.normalize,
-            "max_length": card.max_length,
-            "dimensions": card.dimensions,
+            **{k: v for k, v in variant_card.__dict__.items() if k not in ("name", "precision")},
             "bentoformers": __version__,
         },
     ) as stored:
@@ -165,8 +175,45 @@ def _build_variant(
     return VariantResult(tag, precision, "saved", figures)
 
 
+def _validate(card: ModelCard, folder: Path, device: str, reference: object, sentences: list[str]) -> dict[str, float]:
+    """The built graph, run by the serving code, against the fp32 PyTorch reference."""
+    if card.task == "generation":
+        prompts, expected = reference  # type: ignore[misc]
+        decoder = OnnxDecoder(folder, device=device)
+        return compare_greedy([decoder.greedy(p, GREEDY_TOKENS, card.eos_token_ids) for p in prompts], expected)
+    encoder = OnnxEncoder(folder, device=device)
+    try:
+        candidate = encoder.embed(TextTokenizer(folder, card.max_length).encode(sentences, truncate=True))
+    finally:
+        encoder.close()
+    if card.task == "classification":
+        return compare_scores(label_scores(candidate, card.multi_label), reference)  # type: ignore[arg-type]
+    if card.normalize:
+        candidate = l2_normalize(candidate)
+    return compare(candidate, reference)  # type: ignore[arg-type]
+
+
 def _card(spec: ModelSpec, folder: Path) -> ModelCard:
     config = json.loads((folder / "config.json").read_text())
+    context = config.get("max_position_embeddings") or config.get("n_positions") or 1 << 30
+    if spec.task == "classification":
+        id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
+        labels = tuple(str(id2label[str(i)]) for i in range(len(id2label)))
+        return ModelCard(
+            name=spec.name, task=spec.task, precision="fp32", max_length=int(min(spec.max_length or context, context)),
+            dimensions=len(labels), labels=labels,
+            multi_label=config.get("problem_type") == "multi_label_classification",
+        )
+    if spec.task == "generation":
+        eos = config.get("eos_token_id")
+        generation_config = folder / "generation_config.json"
+        if eos is None and generation_config.is_file():
+            eos = json.loads(generation_config.read_text()).get("eos_token_id")
+        eos_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        return ModelCard(
+            name=spec.name, task=spec.task, precision="fp32", max_length=int(min(spec.max_length or context, context)),
+            eos_token_ids=eos_ids,
+        )
     found = sentence_transformers_config(folder)
     pooling = spec.pooling if spec.pooling != "auto" else str(found.get("pooling", "mean"))
     normalize = spec.normalize if spec.normalize is not None else bool(found.get("normalize", False))
@@ -185,7 +232,7 @@ def _card(spec: ModelSpec, folder: Path) -> ModelCard:
 def _version(spec: ModelSpec, variant: VariantSpec, revision: str) -> str:
     """Everything that shapes the artefact; the same inputs give the same store version."""
     key = json.dumps(
-        [spec.model_dump(exclude={"variants"}), variant.model_dump(), variant.effective_gates().model_dump(), revision, __version__],
+        [spec.model_dump(exclude={"variants"}), variant.model_dump(), spec.gates(variant), revision, __version__],
         sort_keys=True,
     )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -217,12 +264,21 @@ def _model_card_text(
 
 Built by bentoformers {__version__} from `{spec.source}` (revision `{revision}`).
 
-- task: {card.task}; {card.pooling} pooling; normalised: {card.normalize}; {card.dimensions} dimensions
+- task: {card.task}; {_task_line(card)}
 - max input: {card.max_length} tokens; ONNX graph: {size / 2**20:.1f} MiB
 
-## Fidelity against the fp32 PyTorch reference ({n} shipped sentences)
+## Fidelity against the fp32 PyTorch reference ({n} shipped {"prompts" if card.task == "generation" else "sentences"})
 
-| figure | value | gate |
+| figure | value | gate (figures named max_* are upper bounds) |
 | --- | --- | --- |
 {rows}
 """
+
+
+def _task_line(card: ModelCard) -> str:
+    if card.task == "classification":
+        kind = "multi-label (sigmoid)" if card.multi_label else "single-label (softmax)"
+        return f"{kind}; labels: {', '.join(card.labels)}"
+    if card.task == "generation":
+        return f"causal LM with KV cache; greedy-validated on {GREEDY_TOKENS} new tokens per prompt"
+    return f"{card.pooling} pooling; normalised: {card.normalize}; {card.dimensions} dimensions"

@@ -219,14 +219,14 @@ def _serve(args: argparse.Namespace) -> int:
                 f"no service.py in {args.working_dir.resolve()}: run from the project folder, pass --working-dir, "
                 "or serve a built bento by tag (bentoformers serve bentoformers:latest)"
             )
-        from .store import stored_variants
+        from .store import served_models
 
         try:
-            built = stored_variants(settings.model)
-        except RuntimeError as exc:
+            served = served_models(settings, base=args.working_dir)
+        except (RuntimeError, OSError) as exc:
             raise CliError(str(exc)) from None
-        print(f"serving {settings.model} ({', '.join(sorted(built))} built) on http://{args.host}:{args.port}",
-              file=sys.stderr)
+        names = ", ".join(f"{m.name} ({m.task}; {', '.join(sorted(m.variants))} built)" for m in served)
+        print(f"serving {names} on http://{args.host}:{args.port}", file=sys.stderr)
     if args.dry_run:
         changed = {k: v for k, v in env.items() if k.startswith("BENTOFORMERS_") and os.environ.get(k) != v}
         print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in sorted(changed.items())), *map(shlex.quote, cmd)]))

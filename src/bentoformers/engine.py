@@ -25,15 +25,22 @@ class ModelCard:
     name: str
     task: str
     precision: str
-    pooling: Literal["mean", "cls"]
-    normalize: bool
-    max_length: int
-    dimensions: int
+    max_length: int  # token limit; for generation the context (prompt plus new tokens)
+    # embeddings
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = False
+    dimensions: int = 0  # embeddings: vector size; classification: number of labels
+    # classification: labels in logit order (the checkpoint's id2label); sigmoid per label when multi-label
+    labels: tuple[str, ...] = ()
+    multi_label: bool = False
+    # generation: the tokens that end a sequence
+    eos_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def load(cls, folder: str | Path) -> ModelCard:
         data = json.loads((Path(folder) / CARD_FILE).read_text())
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
     def save(self, folder: str | Path) -> None:
         (Path(folder) / CARD_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -70,6 +77,27 @@ class TextTokenizer:
         return ids
 
 
+    def ids(self, text: str) -> list[int]:
+        """One text, whole (a prompt: the caller checks it against the context)."""
+        return self._whole.encode(text).ids
+
+    def decode_stream(self) -> TextStream:
+        return TextStream(self._whole)
+
+
+class TextStream:
+    """Token ids in, text out as soon as it is whole (a byte-level token can end inside a character)."""
+
+    def __init__(self, tokenizer) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def step(self, token: int) -> str:
+        return self._stream.step(self._tokenizer, token) or ""
+
+
 def pick_device(requested: str = "auto") -> str:
     import onnxruntime as ort
 
@@ -94,7 +122,7 @@ def _has_cuda_driver() -> bool:
 
 
 class OnnxEncoder:
-    """Runs a built embedding graph and pools its output.
+    """Runs a built encoder graph: pooled embeddings, or a classifier's logits.
 
     A text's embedding never depends on what else is in the batch:
     - int8 graphs quantize activations with one scale per tensor, so a neighbour in the batch would
@@ -130,7 +158,9 @@ class OnnxEncoder:
             raise RuntimeError("ONNX Runtime could not start CUDA for this model (see its log above); not serving on CPU")
         self._input_names = {i.name for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
-        self._output = "last_hidden_state" if "last_hidden_state" in outputs else outputs[0]
+        self._pooled = self.card.task == "embeddings"
+        wanted = "last_hidden_state" if self._pooled else "logits"
+        self._output = wanted if wanted in outputs else outputs[0]
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="onnx")
         self.per_item = self.card.precision == "int8"
 
@@ -138,7 +168,7 @@ class OnnxEncoder:
         self._pool.shutdown(wait=True)
 
     def embed(self, batch: list[list[int]]) -> np.ndarray:
-        """Token ids in, pooled float32 embeddings out (one row per input, same order)."""
+        """Token ids in, float32 rows out (one per input, same order): pooled embeddings or logits."""
         out = np.empty((len(batch), self.card.dimensions), dtype=np.float32)
         if not batch:
             return out
@@ -175,8 +205,10 @@ class OnnxEncoder:
         feed = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self._input_names:
             feed["token_type_ids"] = np.zeros_like(ids)
-        hidden = self.session.run([self._output], feed)[0].astype(np.float32, copy=False)
-        return pool(hidden, mask, self.card.pooling)
+        out = self.session.run([self._output], feed)[0].astype(np.float32, copy=False)
+        return pool(out, mask, self.card.pooling) if self._pooled else out
+
+    classify = embed
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
@@ -189,3 +221,12 @@ def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.maximum(norms, 1e-12)
+
+
+def label_scores(logits: np.ndarray, multi_label: bool) -> np.ndarray:
+    """A classifier's logits as scores: a sigmoid per label for multi-label models, else a softmax."""
+    logits = logits.astype(np.float64)
+    if multi_label:
+        return 1.0 / (1.0 + np.exp(-logits))
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)

@@ -13,7 +13,9 @@ import numpy as np
 
 from .engine import ONNX_FILE, ModelCard, l2_normalize, pool
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json", "generation_config.json"
+)
 
 
 def resolve_source(source: str, revision: str | None = None) -> tuple[Path, str]:
@@ -73,25 +75,46 @@ def sentence_transformers_config(folder: Path) -> dict[str, object]:
     return found
 
 
-def export_onnx(folder: Path, out: Path) -> Path:
-    """optimum's exporter: the encoder's last_hidden_state, dynamic batch and sequence axes."""
+# Our task -> optimum's export task. Generation is the decoder with its KV cache (one merged graph that
+# takes an empty cache for the prompt and the growing cache for each new token).
+EXPORT_TASKS = {
+    "embeddings": "feature-extraction",
+    "classification": "text-classification",
+    "generation": "text-generation-with-past",
+}
+
+
+def export_onnx(folder: Path, out: Path, task: str = "embeddings") -> Path:
+    """optimum's exporter, with dynamic batch and sequence axes."""
     from optimum.exporters.onnx import main_export
 
     main_export(
-        str(folder), output=str(out), task="feature-extraction", library_name="transformers", do_validation=False
+        str(folder), output=str(out), task=EXPORT_TASKS[task], library_name="transformers", do_validation=False
     )
     return out / ONNX_FILE
 
 
-def optimize(onnx_path: Path, out_path: Path, for_gpu: bool, fp16: bool = False) -> Path:
-    """ONNX Runtime's transformer fusions (attention, layer norm, GELU); fp16 keeps fp32 inputs/outputs."""
+def optimize(onnx_path: Path, out_path: Path, for_gpu: bool, fp16: bool = False, fuse: bool = True) -> Path:
+    """ONNX Runtime's transformer fusions (attention, layer norm, GELU); fp16 keeps fp32 inputs/outputs.
+
+    Architectures the fusion passes do not know are converted (fp16) or copied as exported.
+    """
     import onnx
-    from onnxruntime.transformers.optimizer import optimize_model
+    from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
 
     config = json.loads((onnx_path.parent / "config.json").read_text())
+    model_type = config.get("model_type", "bert")
+    if not fuse or model_type not in MODEL_TYPES:
+        model = onnx.load(str(onnx_path))
+        if fp16:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            model = convert_float_to_float16(model, keep_io_types=True)
+        onnx.save_model(model, str(out_path))
+        return out_path
     optimized = optimize_model(
         str(onnx_path),
-        model_type="bert",
+        model_type=model_type,
         num_heads=config.get("num_attention_heads", 0),
         hidden_size=config.get("hidden_size", 0),
         opt_level=1,
@@ -112,6 +135,47 @@ def quantize_int8(onnx_path: Path, out_dir: Path) -> Path:
     quantizer = ORTQuantizer.from_pretrained(onnx_path.parent, file_name=onnx_path.name)
     quantizer.quantize(config, save_dir=out_dir, file_suffix="int8")
     return out_dir / f"{onnx_path.stem}_int8.onnx"
+
+
+def quantize_weights_int8(onnx_path: Path, out_path: Path, block_size: int = 32) -> Path:
+    """int8 weights, fp32 activations (ONNX Runtime's MatMulNBits), for decoders.
+
+    Dynamic int8 quantizes activations with one scale per tensor, so in a batch of decoding sequences
+    each row's rounding would depend on its neighbours and greedy tokens would change with the batch.
+    Weight-only int8 keeps rows independent; decoding one token per sequence is bound by reading the
+    weights, which this shrinks four-fold. Gemm nodes (how GPT-2's Conv1D layers export) become
+    MatMul + Add first, since the quantizer rewrites MatMul.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    weights = {w.name: w for w in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+        if node.op_type != "Gemm" or node.input[1] not in weights or not plain:
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            transposed = numpy_helper.from_array(numpy_helper.to_array(weights[weight]).T.copy(), f"{weight}_t")
+            graph.initializer.append(transposed)
+            weight = transposed.name
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}_matmul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True, op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
+    return out_path
 
 
 def reference_embeddings(folder: Path, texts: list[str], card: ModelCard, batch_size: int = 32) -> np.ndarray:
@@ -135,6 +199,41 @@ def reference_embeddings(folder: Path, texts: list[str], card: ModelCard, batch_
             rows.append(pool(hidden, enc["attention_mask"].numpy(), card.pooling))
     vectors = np.concatenate(rows)
     return l2_normalize(vectors) if card.normalize else vectors
+
+
+def reference_logits(folder: Path, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
+    """The fp32 PyTorch classifier's logits on the texts."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    rows = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(
+                texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+            rows.append(model(**enc).logits.numpy())
+    return np.concatenate(rows)
+
+
+def reference_greedy(folder: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """The fp32 PyTorch causal LM's greedy continuation of each prompt (token ids), one prompt at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    out = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            generated = model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                pad_token_id=model.config.eos_token_id or 0,
+            )
+            out.append(generated[0, len(prompt) :].tolist())
+    return out
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

@@ -29,3 +29,27 @@ def _neighbours(vectors: np.ndarray, k: int) -> np.ndarray:
     sims = vectors @ vectors.T
     np.fill_diagonal(sims, -np.inf)
     return np.argsort(-sims, axis=1)[:, :k]
+
+
+def generation_prompts(count: int = 8, words: int = 6) -> list[str]:
+    """Fixed prompts for the greedy check: the opening words of the first shipped sentences."""
+    return [" ".join(s.split()[:words]) for s in shipped_sentences()[:count]]
+
+
+def compare_scores(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Top-label agreement and the largest difference of any label's probability."""
+    agreement = float(np.mean(candidate.argmax(axis=1) == reference.argmax(axis=1)))
+    return {"label_agreement": agreement, "max_prob_diff": float(np.abs(candidate - reference).max())}
+
+
+def compare_greedy(candidate: list[list[int]], reference: list[list[int]]) -> dict[str, float]:
+    """Share of the reference's greedy tokens reproduced, each prompt counted up to its first divergence
+    (after it the two continue from different text, so later tokens say nothing)."""
+    agreed = total = 0
+    for ours, theirs in zip(candidate, reference):
+        total += len(theirs)
+        for a, b in zip(ours, theirs):
+            if a != b:
+                break
+            agreed += 1
+    return {"token_agreement": agreed / max(total, 1)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 
 class EmbedRequest(BaseModel):
@@ -26,3 +26,52 @@ class OpenAIEmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     truncate: StrictBool = False
+
+
+class ClassifyRequest(BaseModel):
+    """POST /classify (native)."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: StrictStr | list[StrictStr]
+    top_k: StrictInt | None = Field(None, ge=1, description="Labels per text, best first; null or absent: all labels.")
+    truncate: StrictBool = Field(False, description="Cut texts over the model's token limit instead of refusing them.")
+    model: StrictStr | None = None
+
+
+Stop = StrictStr | list[StrictStr] | None
+
+
+class _Sampling(BaseModel):
+    temperature: float | None = Field(None, ge=0, le=2, description="0: greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: StrictInt = Field(0, ge=0, description="0: no limit.")
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    model: StrictStr | None = None
+
+
+class GenerateRequest(_Sampling):
+    """POST /generate (native). Greedy unless a temperature is given."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: StrictStr
+    max_new_tokens: StrictInt | None = Field(None, ge=1)
+    stop: Stop = Field(None, description="Text that ends the generation (not included); up to 4.")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions, as the OpenAI API defines it (one prompt, one choice; `user` etc. ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    prompt: StrictStr | list[StrictStr]
+    max_tokens: StrictInt | None = Field(16, ge=1)
+    stop: Stop = None
+    n: StrictInt = Field(1, ge=1, le=1)
+    echo: Literal[False] = False
+    logprobs: None = None
+    stream_options: StreamOptions | None = None

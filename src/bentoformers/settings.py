@@ -14,7 +14,10 @@ Precision = Literal["fp32", "int8", "fp16"]
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BENTOFORMERS_", env_ignore_empty=True, frozen=True)
 
-    model: str = Field("minilm", description="Served model name (the `name` of a build/models.yaml entry).")
+    # Which models to serve: every entry of the model list that has a built variant, or the names given.
+    model_list: str = Field("build/models.yaml", description="The model list whose built entries are served.")
+    models: str = Field("", description="Comma-separated names to serve instead of every built entry.")
+    default_model: str = Field("", description="For requests without `model`; default: the first served model of the route's task.")
     precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
         "auto", description="auto: fp16 on CUDA when built, else int8, else fp32."
     )
@@ -65,6 +68,15 @@ class Settings(BaseSettings):
     request_timeout_seconds: float = Field(
         50, gt=0, description="Until the response starts; below BentoML's traffic timeout so ours answers."
     )
+
+    # generation
+    max_new_tokens: int = Field(512, ge=1, description="The most new tokens a generation request may ask for.")
+    default_max_new_tokens: int = Field(64, ge=1)
+    max_active_sequences: int = Field(32, ge=1, description="Sequences decoding together in one model service.")
+    max_waiting_sequences: int = Field(256, ge=0, description="Beyond this, generation requests get 503.")
+
+    def served_names(self) -> list[str]:
+        return [n.strip() for n in self.models.split(",") if n.strip()]
 
     def threads(self) -> int:
         return self.intra_op_threads or (os.cpu_count() or 1)

@@ -6,32 +6,50 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .settings import Precision
 
-# Fidelity gates against the fp32 PyTorch reference on the shipped sentences; a variant below them is not saved.
-DEFAULT_GATES: dict[str, dict[str, float]] = {
-    "fp32": {"min_cosine": 0.9999, "mean_cosine": 0.99999, "neighbour_overlap": 0.99},
-    "fp16": {"min_cosine": 0.999, "mean_cosine": 0.9999, "neighbour_overlap": 0.95},
-    "int8": {"min_cosine": 0.97, "mean_cosine": 0.99, "neighbour_overlap": 0.85},
+Task = Literal["embeddings", "classification", "generation"]
+
+# Fidelity gates against the fp32 PyTorch reference; a variant below them is not saved.
+# embeddings: cosine and nearest-neighbour overlap on the shipped sentences;
+# classification: top-label agreement and the largest probability difference on the shipped sentences;
+# generation: greedy tokens that agree (up to each prompt's first divergence) on fixed prompts.
+DEFAULT_GATES: dict[str, dict[str, dict[str, float]]] = {
+    "embeddings": {
+        "fp32": {"min_cosine": 0.9999, "mean_cosine": 0.99999, "neighbour_overlap": 0.99},
+        "fp16": {"min_cosine": 0.999, "mean_cosine": 0.9999, "neighbour_overlap": 0.95},
+        "int8": {"min_cosine": 0.97, "mean_cosine": 0.99, "neighbour_overlap": 0.85},
+    },
+    "classification": {
+        "fp32": {"label_agreement": 1.0, "max_prob_diff": 1e-4},
+        "fp16": {"label_agreement": 0.99, "max_prob_diff": 0.01},
+        "int8": {"label_agreement": 0.95, "max_prob_diff": 0.1},
+    },
+    "generation": {
+        "fp32": {"token_agreement": 1.0},
+        "fp16": {"token_agreement": 0.9},
+        "int8": {"token_agreement": 0.8},
+    },
 }
+# Figures that must stay at or below their gate; every other figure must reach it.
+UPPER_BOUNDS = frozenset({"max_prob_diff"})
 
 
-class Gates(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    min_cosine: float = Field(ge=0, le=1)
-    mean_cosine: float = Field(ge=0, le=1)
-    neighbour_overlap: float = Field(ge=0, le=1)
+def gate_failures(figures: dict[str, float], gates: dict[str, float]) -> list[str]:
+    failed = []
+    for name, bound in gates.items():
+        value = figures[name]
+        if (value > bound) if name in UPPER_BOUNDS else (value < bound):
+            failed.append(f"{name} {value:.5f} {'>' if name in UPPER_BOUNDS else '<'} {bound}")
+    return failed
 
 
 class VariantSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     precision: Precision
-    gates: Gates | None = None
-
-    def effective_gates(self) -> Gates:
-        return self.gates or Gates(**DEFAULT_GATES[self.precision])
+    gates: dict[str, float] | None = Field(None, description="Overrides the task's default gates (spec.DEFAULT_GATES).")
 
 
 class ModelSpec(BaseModel):
@@ -39,10 +57,10 @@ class ModelSpec(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=40)
     source: str = Field(description="Hub id, local folder, or package:<module> for a package that ships a model.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    task: Literal["embeddings"] = "embeddings"
-    pooling: Literal["auto", "mean", "cls"] = "auto"
-    normalize: bool | None = Field(None, description="None: as the checkpoint's sentence-transformers config says.")
-    max_length: int | None = Field(None, ge=8)
+    task: Task = "embeddings"
+    pooling: Literal["auto", "mean", "cls"] = Field("auto", description="embeddings only")
+    normalize: bool | None = Field(None, description="embeddings only; None: as the checkpoint's sentence-transformers config says.")
+    max_length: int | None = Field(None, ge=8, description="Token limit (generation: the context, prompt plus new tokens).")
     variants: list[VariantSpec] = Field(min_length=1)
 
     @field_validator("variants")
@@ -53,10 +71,30 @@ class ModelSpec(BaseModel):
             raise ValueError("each precision may appear once")
         return variants
 
+    @model_validator(mode="after")
+    def _gates_fit_the_task(self) -> ModelSpec:
+        known = set(DEFAULT_GATES[self.task]["fp32"])
+        for variant in self.variants:
+            unknown = set(variant.gates or {}) - known
+            if unknown:
+                raise ValueError(f"{self.task} gates are {sorted(known)}; unknown: {sorted(unknown)}")
+        return self
+
+    def gates(self, variant: VariantSpec) -> dict[str, float]:
+        return {**DEFAULT_GATES[self.task][variant.precision], **(variant.gates or {})}
+
 
 class ModelList(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: list[ModelSpec] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        names = [m.name for m in models]
+        if len(names) != len(set(names)):
+            raise ValueError("each model name may appear once")
+        return models
 
 
 def load_model_list(path: str | Path) -> list[ModelSpec]:

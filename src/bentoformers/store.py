@@ -2,9 +2,50 @@
 
 from __future__ import annotations
 
-from .spec import store_name
+from dataclasses import dataclass
+from pathlib import Path
+
+from .settings import Settings
+from .spec import load_model_list, store_name
 
 PRECISIONS = ("fp16", "int8", "fp32")
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    name: str
+    task: str
+    variants: dict[str, str]  # {precision: tag}
+
+
+def served_models(settings: Settings, base: Path | None = None) -> list[StoredModel]:
+    """The models to serve, in model-list order: the names the settings give, else every built entry.
+
+    A relative model list is found under `base` (default: the working directory).
+    """
+    wanted = settings.served_names()
+    if wanted:
+        return [_stored(name) for name in wanted]
+    names = [spec.name for spec in load_model_list((base or Path()) / settings.model_list)]
+    found = []
+    for name in names:
+        try:
+            found.append(_stored(name))
+        except RuntimeError:
+            continue
+    if not found:
+        raise RuntimeError(
+            f"no entry of {settings.model_list} is built in the BentoML model store; run `bentoformers build` first"
+        )
+    return found
+
+
+def _stored(name: str) -> StoredModel:
+    import bentoml
+
+    variants = stored_variants(name)
+    task = bentoml.models.get(next(iter(variants.values()))).info.labels.get("task", "embeddings")
+    return StoredModel(name, task, variants)
 
 
 def stored_variants(model: str) -> dict[str, str]:

@@ -35,7 +35,7 @@ def _free_port() -> int:
 def served(minilm_path, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("observability") / "serve.log"
-    env = {**os.environ, "BENTOML_CONFIG_OPTIONS": "services.bentoformers.workers=2"}
+    env = {**os.environ, "BENTOML_CONFIG_OPTIONS": "services.bentoformers.workers=2", "BENTOFORMERS_MODELS": "minilm"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve makes its own, as in production
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -60,6 +60,7 @@ def secured(minilm_path, tmp_path_factory):
         "BENTOFORMERS_REDIS_URL": redis.url,
         "BENTOFORMERS_RATE_LIMIT_TIERS": f'{{"ten": {{"requests": "{LIMIT}/day"}}, "bulk": {{}}}}',
         "BENTOFORMERS_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
+        "BENTOFORMERS_MODELS": "minilm",
     }
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -1,4 +1,5 @@
-"""A real `bentoml serve` of the built default model, called as users do: curl, OpenAI SDK, BentoML's client."""
+"""A real `bentoml serve` of MiniLM, a tiny classifier and a tiny GPT-2 (separate model services behind one
+gateway), called as users do: curl, the OpenAI SDK, BentoML's client."""
 
 from __future__ import annotations
 
@@ -24,7 +25,60 @@ def test_openai_sdk_works_unchanged(server):
     a, b = (np.array(d.embedding) for d in result.data)
     assert a.shape == (384,) and result.usage.prompt_tokens > 10
     assert 0.4 < float(a @ b) < 0.99
-    assert [m.id for m in client.models.list().data] == ["minilm"]
+    assert [m.id for m in client.models.list().data] == ["minilm", "sentiment", "gpt2"]
+
+
+def test_openai_sdk_completions_plain_and_streaming(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    whole = client.completions.create(model="gpt2", prompt="The cat sat on", max_tokens=12, temperature=0)
+    assert whole.object == "text_completion" and whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens <= 12
+    chunks = list(client.completions.create(
+        model="gpt2", prompt="The cat sat on", max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert len([c for c in chunks if c.choices]) > 1
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="minilm", prompt="hi")
+    assert info.value.status_code == 400 and "embeddings model" in info.value.message
+
+
+def test_curl_streams_server_sent_events_token_by_token(server):
+    out = subprocess.run(
+        ["curl", "-sN", f"{server}/generate", "-H", "Content-Type: application/json",
+         "-d", '{"model": "gpt2", "prompt": "Rain fell over the", "max_new_tokens": 16, "stream": true}'],
+        capture_output=True, text=True, timeout=60,
+    )
+    events = [e.removeprefix("data: ") for e in out.stdout.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    import json
+
+    data = [json.loads(e) for e in events[:-1]]
+    assert len(data) > 2 and data[-1]["finish_reason"] in ("stop", "length")
+    whole = httpx.post(f"{server}/generate", json={"model": "gpt2", "prompt": "Rain fell over the", "max_new_tokens": 16})
+    assert "".join(d["text"] for d in data) == whole.json()["text"]
+
+
+def test_concurrent_requests_of_each_task_get_the_answers_they_get_alone(server, sentences):
+    prompts = [" ".join(s.split()[:5]) for s in sentences[:8]]
+
+    def generate(p):
+        return httpx.post(f"{server}/generate", json={"prompt": p, "max_new_tokens": 24}, timeout=60).json()["text"]
+
+    def classify(t):
+        return httpx.post(f"{server}/classify", json={"inputs": t}, timeout=60).json()["results"][0]
+
+    texts = sentences[:16]
+    alone = [generate(p) for p in prompts], [classify(t) for t in texts]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(generate, prompts)), list(pool.map(classify, texts))
+    assert together == alone
 
 
 def test_bentoml_client_works(server):
@@ -51,15 +105,20 @@ def _readme_blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
 
 
+# What each README curl example must answer, by route.
+README_ANSWERS = {"/v1/embeddings": '"embedding', "/classify": '"results"', "/generate": '"text"', "/v1/models": '"task"'}
+
+
 def test_readme_curl_examples_run(server):
     blocks = [b for b in _readme_blocks("bash") if b.lstrip().startswith("curl")]
-    assert blocks, "the README shows a curl example"
+    assert {route for b in blocks for route in README_ANSWERS if f"3000{route} " in b} == set(README_ANSWERS)
     for block in blocks:
         out = subprocess.run(
             ["bash", "-ec", block.replace("http://localhost:3000", server)], capture_output=True, text=True, timeout=60
         )
         assert out.returncode == 0, out.stderr
-        assert '"embedding' in out.stdout, out.stdout[:500]
+        (route,) = [r for r in README_ANSWERS if f"3000{r} " in block]
+        assert README_ANSWERS[route] in out.stdout and '"error"' not in out.stdout, out.stdout[:500]
 
 
 def test_readme_python_examples_run(server):

@@ -22,7 +22,7 @@ def test_sigterm_finishes_the_requests_in_flight(minilm_path, sentences, tmp_pat
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "service:Gateway", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(),
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "BENTOFORMERS_MODELS": "minilm"},
         )
     url = f"http://127.0.0.1:{port}"
     try:

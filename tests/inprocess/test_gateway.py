@@ -7,7 +7,6 @@ import base64
 import numpy as np
 import orjson
 import pytest
-from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +51,16 @@ def test_native_embed_normalize_and_truncate(client):
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 256
 
 
-def test_models_lists_the_served_model_with_task_and_precision(client):
-    (entry,) = client.get("/v1/models").json()["data"]
-    assert entry["id"] == "minilm" and entry["task"] == "embeddings"
-    assert entry["precision"] == "int8" and entry["device"] == "cpu" and entry["dimensions"] == 384
+def test_models_lists_every_served_model_with_task_precision_and_device(client):
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    entries = {e["id"]: e for e in body["data"]}
+    assert list(entries) == ["minilm", "sentiment", "gpt2"]
+    assert {e["task"] for e in entries.values()} == {"embeddings", "classification", "generation"}
+    assert all(e["precision"] == "int8" and e["device"] == "cpu" and e["object"] == "model" for e in entries.values())
+    assert entries["minilm"]["dimensions"] == 384
+    assert entries["sentiment"]["labels"] == ["negative", "positive"] and entries["sentiment"]["multi_label"] is False
+    assert entries["gpt2"]["context_length"] == 128
 
 
 def test_probes_answer(client):
@@ -76,6 +81,14 @@ BAD_REQUESTS = [
     ("/v1/embeddings", {"input": "ok", "encoding_format": "int4"}, 422, "validation_error", "encoding_format"),
     ("/v1/embeddings", {"input": "ok", "dimensions": 128}, 422, "validation_error", "dimensions"),
     ("/v1/embeddings", {"input": "ok", "model": "gpt-9"}, 404, "not_found_error", "model"),
+    ("/v1/embeddings", {"input": "ok", "model": "sentiment"}, 400, "invalid_request_error", "model"),
+    ("/classify", {"inputs": "ok", "model": "minilm"}, 400, "invalid_request_error", "model"),
+    ("/classify", {"inputs": "ok", "model": "nope"}, 404, "not_found_error", "model"),
+    ("/classify", {"inputs": []}, 422, "validation_error", "inputs"),
+    ("/classify", {"inputs": ["ok", " "]}, 422, "validation_error", "inputs.1"),
+    ("/classify", {"inputs": "ok", "top_k": 0}, 422, "validation_error", "top_k"),
+    ("/classify", {"inputs": "ok", "top_k": "2"}, 422, "validation_error", "top_k"),
+    ("/classify", {"inputs": "word " * 200}, 413, "request_too_large", "inputs.0"),
     ("/v1/embeddings", b"{not json", 400, "invalid_request_error", None),
     ("/v1/embeddings", b'{"input": "\xff\xfe"}', 400, "invalid_request_error", None),
     ("/v1/embeddings", b"[1, 2]", 422, "validation_error", None),

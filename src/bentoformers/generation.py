@@ -1,0 +1,172 @@
+"""Continuous batching for a causal LM (model-service side): concurrent sequences decode together.
+
+Each request's prompt is prefilled alone, then the sequence joins the running batch between two decoding
+steps; every step produces one token for every active sequence. A sequence leaves the batch when it
+ends (end-of-sequence token, its token budget, the context) or when its consumer goes away, so a client
+that disconnects stops its generation at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .decoder import DecodeBatch, OnnxDecoder
+
+logger = logging.getLogger("bentoformers.generation")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    seed: int | None = None
+
+
+def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    if sampling.temperature <= 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / sampling.temperature
+    if 0 < sampling.top_k < len(scaled):
+        cutoff = np.partition(scaled, -sampling.top_k)[-sampling.top_k]
+        scaled = np.where(scaled >= cutoff, scaled, -np.inf)
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if sampling.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, sampling.top_p)) + 1]  # the smallest set reaching top_p
+        kept = np.zeros_like(probs)
+        kept[keep] = probs[keep]
+        probs = kept / kept.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+@dataclass(eq=False)
+class _Sequence:
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: Sampling
+    rng: np.random.Generator
+    events: asyncio.Queue[tuple[str, int | str]] = field(default_factory=asyncio.Queue)
+    generated: int = 0
+    last: int = -1
+    finish: str | None = None
+    gone: bool = False  # the consumer went away
+
+
+class Scheduler:
+    def __init__(
+        self, decoder: OnnxDecoder, eos_token_ids: tuple[int, ...], context: int, max_active: int, step_seconds=None
+    ) -> None:
+        self.decoder = decoder
+        self.eos = set(eos_token_ids)
+        self.context = context
+        self.max_active = max_active
+        self.step_seconds = step_seconds  # a histogram (metrics.inference_seconds) of each step's time
+        self._waiting: deque[_Sequence] = deque()
+        self._active: list[_Sequence] = []
+        self._batch: DecodeBatch | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._by_key: dict[str, _Sequence] = {}
+        self.steps = 0  # decoding steps run, and the rows they held: a batching figure for tests and metrics
+        self.rows_stepped = 0
+
+    async def generate(
+        self, prompt: list[int], max_new_tokens: int, sampling: Sampling, key: str = ""
+    ) -> AsyncIterator[tuple[str, int | str]]:
+        """("token", id) events, then one ("finish", "stop" | "length") or ("error", message).
+
+        `key` names the sequence for cancel(): a consumer in another process cannot rely on its
+        disconnect reaching this generator.
+        """
+        seq = _Sequence(prompt, max_new_tokens, sampling, np.random.default_rng(sampling.seed))
+        if key:
+            self._by_key[key] = seq
+        self._waiting.append(seq)
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._loop())
+        try:
+            while True:
+                kind, value = await seq.events.get()
+                yield kind, value
+                if kind != "token":
+                    return
+        finally:
+            seq.gone = True
+            self._by_key.pop(key, None)
+
+    def cancel(self, key: str) -> bool:
+        """Stops a sequence at the next step; False if it is unknown (never started, or already over)."""
+        seq = self._by_key.pop(key, None)
+        if seq is None:
+            return False
+        seq.gone = True
+        seq.events.put_nowait(("finish", "cancelled"))  # ends the stream now, if anyone still reads it
+        return True
+
+    async def _loop(self) -> None:
+        while self._waiting or self._active:
+            admitted = []
+            while self._waiting and len(self._active) + len(admitted) < self.max_active:
+                seq = self._waiting.popleft()
+                if not seq.gone:
+                    admitted.append(seq)
+            started = time.perf_counter()
+            try:
+                events = await asyncio.to_thread(self._tick, admitted)
+            except Exception as exc:  # every sequence in flight learns of it; the loop goes on for new ones
+                logger.exception("decoding step failed")
+                for seq in [*self._active, *admitted]:
+                    seq.events.put_nowait(("error", f"decoding failed: {exc.__class__.__name__}"))
+                self._active, self._batch = [], None
+                continue
+            if self.step_seconds is not None:
+                self.step_seconds.observe(time.perf_counter() - started)
+            for seq, kind, value in events:
+                seq.events.put_nowait((kind, value))
+
+    def _tick(self, admitted: list[_Sequence]) -> list[tuple[_Sequence, str, int | str]]:
+        """One decoding step for the running batch, then the new prompts' prefills (in a worker thread)."""
+        events: list[tuple[_Sequence, str, int | str]] = []
+        keep = [i for i, seq in enumerate(self._active) if seq.finish is None and not seq.gone]
+        left = [seq for seq in self._active if seq.gone and seq.finish is None]
+        if left:
+            logger.info("stopped %d sequence(s) whose client went away, after %s new tokens", len(left),
+                        ", ".join(str(seq.generated) for seq in left))
+        if len(keep) < len(self._active):
+            self._active = [self._active[i] for i in keep]
+            self._batch = self._batch.keep(keep) if keep and self._batch is not None else None
+        if self._active and self._batch is not None:
+            logits, self._batch = self.decoder.step(self._batch, np.array([seq.last for seq in self._active]))
+            self.steps += 1
+            self.rows_stepped += len(self._active)
+            for row, seq in enumerate(self._active):
+                self._emit(seq, sample(logits[row], seq.sampling, seq.rng), int(self._batch.positions[row]), events)
+        for seq in admitted:
+            logits, one = self.decoder.prefill(seq.prompt)
+            self._emit(seq, sample(logits, seq.sampling, seq.rng), len(seq.prompt), events)
+            if seq.finish is None:
+                self._batch = DecodeBatch.join(self._batch, one)
+                self._active.append(seq)
+        return events
+
+    def _emit(self, seq: _Sequence, token: int, position: int, events: list) -> None:
+        """`position` is where `token` sits in the sequence; the context ends at self.context."""
+        seq.generated += 1
+        seq.last = token
+        if token in self.eos:
+            seq.finish = "stop"
+        else:
+            events.append((seq, "token", token))
+            if seq.generated >= seq.max_new_tokens or position + 1 >= self.context:
+                seq.finish = "length"
+        if seq.finish is not None:
+            events.append((seq, "finish", seq.finish))

