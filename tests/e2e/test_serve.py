@@ -130,3 +130,17 @@ def test_readme_python_examples_run(server):
             capture_output=True, text=True, timeout=120, cwd=ROOT,
         )
         assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_python_client_classifies_and_streams(server):
+    from bentoformers import Client
+
+    with Client(server) as client:
+        result = client.classify(["I loved this film.", "Dreadful."], model="sentiment", top_k=1)
+        assert result.model == "sentiment" and [len(r) for r in result.results] == [1, 1]
+        whole = client.generate("The cat sat on", model="gpt2", max_new_tokens=10)
+        chunks = list(client.generate_stream("The cat sat on", model="gpt2", max_new_tokens=10))
+        assert "".join(c.text for c in chunks) == whole.text
+        assert chunks[-1].finish_reason == whole.finish_reason and chunks[-1].usage == whole.usage
+        assert {m.id: m.task for m in client.models()} == {"minilm": "embeddings", "sentiment": "classification",
+                                                           "gpt2": "generation"}

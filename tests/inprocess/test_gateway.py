@@ -7,6 +7,7 @@ import base64
 import numpy as np
 import orjson
 import pytest
+from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.slow
 
