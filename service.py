@@ -31,7 +31,6 @@ from bentoformers.store import StoredModel, choose_precision, served_models
 
 logger = logging.getLogger("bentoformers")
 settings = Settings()
-logging.getLogger("bentoformers").setLevel(logging.INFO)  # BentoML's server logging shows only its own INFO
 served = served_models(settings)  # raises with a hint when nothing is built
 
 
@@ -41,6 +40,9 @@ class _ModelService:
     stored: StoredModel
 
     def _load(self) -> bentoml.Model:
+        # BentoML's server logging shows only its own INFO lines. Not at import: BentoML names a worker's
+        # log lines after the first one it formats, and at import the worker has no name yet.
+        logger.setLevel(logging.INFO)
         self.started = time.perf_counter()
         self.device = pick_device(settings.device)
         self.precision = choose_precision(self.stored.variants, self.device, settings.precision)
