@@ -20,9 +20,6 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_RUN_DIR / "prometheus"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["BENTOML_DO_NOT_TRACK"] = "True"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-# The served model list: MiniLM plus a tiny classifier and a tiny GPT-2 built by the `served_build` fixture,
-# named as the README's examples name them.
-os.environ["BENTOFORMERS_MODEL_LIST"] = str(_RUN_DIR / "models.yaml")
 Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 
 import httpx  # noqa: E402
@@ -43,7 +40,8 @@ def minilm_build():
 
 @pytest.fixture(scope="session")
 def served_build(minilm_build):
-    """The model list the services serve: MiniLM, `sentiment` (tiny classifier), `gpt2` (tiny GPT-2), all built."""
+    """The model list the services serve: MiniLM, `sentiment` (tiny classifier), `gpt2` (tiny GPT-2), all built,
+    named as the README's examples name them."""
     import yaml
 
     from bentoformers.builder import build_model
@@ -59,8 +57,10 @@ def served_build(minilm_build):
         {"name": "gpt2", "source": str(make_tiny_gpt2(folders / "gpt2")), "task": "generation",
          "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
     ]
-    path = Path(os.environ["BENTOFORMERS_MODEL_LIST"])
+    path = _RUN_DIR / "models.yaml"
     path.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))
+    # From here on, the app and every server a test starts serve this list (before: build/models.yaml).
+    os.environ["BENTOFORMERS_MODEL_LIST"] = str(path)
     results = {}
     for spec in load_model_list(path):
         results[spec.name] = {r.precision: r for r in build_model(spec)}

@@ -42,7 +42,7 @@ def test_serve_dry_run_checks_the_store_and_shows_the_command(minilm_path):
 
 
 def test_serve_names_the_fix_when_the_model_is_not_built(minilm_path):
-    out = bentoformers("serve", "--model", "not-built", "--dry-run")
+    out = bentoformers("serve", "--models", "not-built", "--dry-run")
     assert out.returncode == 2 and "bentoformers build" in out.stderr
 
 
