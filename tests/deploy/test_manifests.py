@@ -81,8 +81,8 @@ def test_gpu_split_keeps_the_model_service_private(tmp_path):
     gateway, model = pods["bentoformers"]["containers"][0], pods["bentoformers-model"]["containers"][0]
     assert "nvidia.com/gpu" not in gateway["resources"].get("limits", {})
     assert model["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert "--depends=embedder=http://bentoformers-model:3000" in gateway["args"]
-    assert "--service-name=embedder" in model["args"]
+    assert "--depends=model-minilm=http://bentoformers-model:3000" in gateway["args"]
+    assert "--service-name=model-minilm" in model["args"]
     assert model["image"] == "localhost/bentoformers-gpu:latest" and gateway["image"] == "localhost/bentoformers:latest"
     (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
     selected = policy["spec"]["podSelector"]["matchLabels"]
