@@ -85,11 +85,14 @@ class RateLimiter:
         self.on_store_error, self.retry_after = on_store_error, retry_after
         options = {}
         if self.shared:
-            from coredis.retry import NoRetryPolicy
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
 
+            # redis-py (coredis, limits' default, lost its first connection in one worker in three runs).
             # No client-side retries: a hit is not idempotent, and a retried one after a slow reply would
             # count twice. A failure is handled here instead (on_store_error, then a second's rest).
-            options = {"connect_timeout": 1.0, "stream_timeout": 2.0, "retry_policy": NoRetryPolicy()}
+            options = {"implementation": "redispy", "socket_connect_timeout": 1.0, "socket_timeout": 2.0,
+                       "retry": Retry(NoBackoff(), 0)}
         storage = storage_from_string(f"async+{storage_uri}", wrap_exceptions=True, **options)
         self.strategy = SlidingWindowCounterRateLimiter(storage)
         self._skip_store_until = 0.0
@@ -124,8 +127,9 @@ class RateLimiter:
             stats = await self.strategy.get_window_stats(item, key)
         except Exception as exc:
             if self._skip_store_until == 0.0:
-                logger.error("rate limit store %s unreachable (%s); failing %s until it is back",
-                             self.storage_label, type(exc).__name__, self.on_store_error)
+                cause = exc.__cause__ or exc
+                logger.error("rate limit store %s unreachable (%s: %s); failing %s until it is back",
+                             self.storage_label, type(cause).__name__, cause, self.on_store_error)
             self._skip_store_until = time.monotonic() + STORE_BACKOFF_SECONDS
             raise StoreUnavailable from None
         if self._skip_store_until:
