@@ -151,6 +151,8 @@ def _build_variant(
 
     size = (out / ONNX_FILE).stat().st_size
     (out / "README.md").write_text(_model_card_text(spec, variant_card, revision, figures, gates, size, len(sentences)))
+    if _exists(tag):  # --force: the rebuilt variant replaces the stored one
+        bentoml.models.delete(tag)
     with bentoml.models.create(
         tag,
         labels={

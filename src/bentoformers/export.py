@@ -172,7 +172,11 @@ def quantize_weights_int8(onnx_path: Path, out_path: Path, block_size: int = 32)
             nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
     del graph.node[:]
     graph.node.extend(nodes)
-    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True, op_types_to_quantize=("MatMul",))
+    # accuracy_level 4: int8 compute with activations quantized per block of each row (still row-independent);
+    # the default (fp32 compute, weights dequantized per call) measured 7x slower here.
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4, op_types_to_quantize=("MatMul",)
+    )
     quantizer.process()
     quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
     return out_path
