@@ -422,8 +422,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     if ceilings:
         best = max(ceilings, key=ceilings.get)
         left.axhline(ceilings[best], color="gray", ls=":", lw=1.5)
-        left.annotate(f"model alone, in process ({best}): {ceilings[best]:.0f}/s", (levels[-1], ceilings[best]),
-                      color="dimgray", textcoords="offset points", xytext=(0, 4), ha="right", fontsize=8,
+        left.annotate(f"model alone, in process ({best}): {ceilings[best]:.0f}/s", (levels[0], ceilings[best]),
+                      color="dimgray", textcoords="offset points", xytext=(0, -14), ha="left", fontsize=8,
                       bbox=LABEL_BOX)
     for ax in (left, right):
         ax.set_xscale("log", base=2)
