@@ -74,7 +74,7 @@ class _ModelService:
         return {"precision": self.precision, "device": self.device}
 
 
-class EmbeddingModel(_ModelService):
+class _EncoderService(_ModelService):
     def __init__(self) -> None:
         model = self._load()
         self.encoder = OnnxEncoder(
@@ -82,19 +82,14 @@ class EmbeddingModel(_ModelService):
         )
         self._loaded()
 
+
+class EmbeddingModel(_EncoderService):
     @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
     def embed(self, token_ids: list[list[int]]) -> np.ndarray:
         return self._run(self.encoder.embed, token_ids)
 
 
-class ClassificationModel(_ModelService):
-    def __init__(self) -> None:
-        model = self._load()
-        self.encoder = OnnxEncoder(
-            model.path, device=self.device, threads=settings.threads(), max_batch_tokens=settings.max_batch_tokens
-        )
-        self._loaded()
-
+class ClassificationModel(_EncoderService):
     @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
     def classify(self, token_ids: list[list[int]]) -> np.ndarray:
         """Logits, one row per text (the gateway turns them into label scores)."""
