@@ -45,7 +45,9 @@ class _ModelService:
         logger.setLevel(logging.INFO)
         self.started = time.perf_counter()
         self.device = pick_device(settings.device)
-        self.precision = choose_precision(self.stored.variants, self.device, settings.precision)
+        self.precision = choose_precision(
+            self.stored.variants, self.device, settings.model_precisions.get(self.stored.name, settings.precision)
+        )
         model: bentoml.Model = getattr(self, f"model_{self.precision}")
         logger.info("serving %s (%s) on %s (%s)", model.tag, self.stored.task, self.device, self.precision)
         self.inference_seconds = metrics.inference_seconds.labels(self.stored.name, self.precision, self.device)

@@ -3,8 +3,9 @@
 The graph takes `input_ids`, `attention_mask`, `position_ids` and `past_key_values.<layer>.key|value`
 (batch, heads, past length, head size) and returns `logits` and `present.*` (the cache one token longer).
 A prompt is prefilled alone; decoding steps then run for many sequences together: their caches are
-left-padded to one length and the padding is masked, so a sequence's tokens do not depend on its
-neighbours.
+left-padded to one length and the padding is masked. Padding moves the attention sums by a rounding
+error only: fp32 greedy tokens do not depend on the neighbours; int8 can turn that error into a
+quantization step and flip a greedy near-tie (README, "Generation and batching").
 """
 
 from __future__ import annotations

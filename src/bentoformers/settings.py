@@ -21,6 +21,11 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
         "auto", description="auto: fp16 on CUDA when built, else int8, else fp32."
     )
+    model_precisions: dict[str, Literal["auto", "fp32", "int8", "fp16"]] = Field(
+        default_factory=dict,
+        description='Per-model `precision`, e.g. {"gpt2": "fp32"}: int8 generation can change a greedy '
+        "near-tie with its batch neighbours; fp32 does not.",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = one per CPU core.")
     max_items_per_request: int = Field(256, ge=1)

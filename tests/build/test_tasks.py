@@ -81,9 +81,10 @@ def test_generation_variants_are_validated_by_greedy_token_agreement(served_buil
     assert model.info.metadata["onnx_bytes"] < stored(results["fp32"]).info.metadata["onnx_bytes"] * 0.7
 
 
-@pytest.mark.parametrize("precision", ["int8", "fp32"])
-def test_decoding_sequences_together_gives_each_the_tokens_it_gets_alone(served_build, precision):
-    folder = stored(served_build["gpt2"][precision]).path
+def test_decoding_sequences_together_gives_each_the_tokens_it_gets_alone(served_build):
+    # fp32 only: int8 can flip a greedy near-tie when padding moves a rounding error across a
+    # quantization step (README, "Generation and batching"), so its tokens are not guaranteed.
+    folder = stored(served_build["gpt2"]["fp32"]).path
     decoder = OnnxDecoder(folder)
     tokenizer = TextTokenizer(folder, 128)
     prompts = [tokenizer.ids(p) for p in ["The cat sat on", "A", "Numbers like 42 and 7 are", "She said"]]
