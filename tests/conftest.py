@@ -5,12 +5,15 @@ Every run gets its own BentoML home, so the store starts empty and the real buil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 # Before anything imports bentoml, which reads these at import.
@@ -97,37 +100,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(served_build, tmp_path_factory):
-    """One real `bentoformers serve` (`bentoml serve`) of the served model list (MiniLM, `sentiment`, `gpt2`),
-    shared by the e2e tests."""
+@dataclass
+class RunningServer:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+
+@contextlib.contextmanager
+def running_server(
+    args: list[str], log: Path, env: dict[str, str] | None = None, ready_timeout: float = 180
+) -> Iterator[RunningServer]:
+    """A real server: `args` (a serve command line) with `--host 127.0.0.1 --port N` on a free port, run from ROOT
+    with stdout and stderr in `log`, yielded once GET /readyz answers 200; terminated (killed after 30 s) on exit."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            # Through our command line, so the e2e tests prove `bentoformers serve` too.
-            [sys.executable, "-m", "bentoformers.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(),
+            [*args, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
         )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    server = RunningServer(f"http://127.0.0.1:{port}", proc, log)
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        deadline = time.monotonic() + ready_timeout
+        while not _ready(server.url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"server did not become ready:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield url
+        yield server
     finally:
         proc.terminate()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def server(served_build, tmp_path_factory):
+    """One real `bentoformers serve` (`bentoml serve`) of the served model list (MiniLM, `sentiment`, `gpt2`),
+    shared by the e2e tests."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    # Through our command line, so the e2e tests prove `bentoformers serve` too.
+    with running_server([sys.executable, "-m", "bentoformers.cli", "serve"], log, ready_timeout=120) as running:
+        yield running.url
 
 
 class RedisServer:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,11 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 from deploytools import require_tool
 
 pytestmark = pytest.mark.slow
 TAG = "localhost/bentoformers:pytest"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _podman(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -75,7 +68,7 @@ def api_key():
 
 
 def test_the_image_serves_real_embeddings(image, minilm_path, api_key):
-    port = _free_port()
+    port = free_port()
     name = f"bentoformers-pytest-{port}"
     started = time.monotonic()
     key, records = api_key
@@ -109,7 +102,7 @@ def test_the_image_serves_real_embeddings(image, minilm_path, api_key):
 
 
 def test_kube_play_runs_the_base_until_ready(image, api_key, tmp_path):
-    port = _free_port()
+    port = free_port()
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     name, tag = image.split(":")
@@ -160,7 +153,7 @@ def test_gpu_split_runs_with_the_manifests_args_on_cpu(image, api_key, tmp_path)
     assert rendered.returncode == 0, rendered.stderr
     pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]
             for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] == "Deployment"}
-    model_port, gateway_port = _free_port(), _free_port()
+    model_port, gateway_port = free_port(), free_port()
     gateway_args = [a.replace("http://bentoformers-model:3000", f"http://127.0.0.1:{model_port}")
                     for a in pods["bentoformers"]["args"]]
     key, records = api_key

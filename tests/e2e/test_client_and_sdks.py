@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import numpy as np
 import pytest
+from conftest import free_port, running_server
 
 import bentoformers
 
@@ -41,9 +39,7 @@ def test_async_client_sends_concurrently(server, sentences):
 
 
 def test_unreachable_server_raises_a_connection_error_after_bounded_retries():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     with bentoformers.Client(f"http://127.0.0.1:{port}", max_retries=2) as client:
         with pytest.raises(bentoformers.APIConnectionError):
             client.embed("x")
@@ -77,8 +73,6 @@ def test_openai_sdk_errors_and_async_client(server):
 @pytest.fixture(scope="module")
 def guarded(minilm_path, tmp_path_factory):
     """A real server with API keys and a rate limit, started with `bentoformers keys create` and `serve` flags."""
-    from conftest import ROOT, free_port
-
     work = tmp_path_factory.mktemp("guarded")
     keys_file = work / "keys.yaml"
     cli = [sys.executable, "-m", "bentoformers.cli"]
@@ -87,35 +81,10 @@ def guarded(minilm_path, tmp_path_factory):
         made = subprocess.run([*cli, "keys", "create", "--id", key_id, "--scopes", scope, "--tier", tier,
                                "--file", str(keys_file)], capture_output=True, text=True, timeout=60, check=True)
         keys[key_id] = made.stdout.strip()
-    port = free_port()
-    log = work / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*cli, "serve", "--host", "127.0.0.1", "--port", str(port), "--api-keys-file", str(keys_file),
-             "--rate-limit-tiers", '{"three": {"requests": "3/day"}}', "--no-access-log"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while not _ready(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"server did not become ready:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url, keys
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    serve = [*cli, "serve", "--api-keys-file", str(keys_file), "--rate-limit-tiers", '{"three": {"requests": "3/day"}}',
+             "--no-access-log"]
+    with running_server(serve, work / "serve.log", ready_timeout=120) as running:
+        yield running.url, keys
 
 
 def test_client_errors_from_a_server_with_keys_and_rate_limits(guarded):

@@ -10,57 +10,26 @@ import concurrent.futures
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, running_server
 
 pytestmark = pytest.mark.slow
 DEPLOY = ROOT / "deploy"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(minilm_path, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("observability") / "serve.log"
     env = {**os.environ, "BENTOML_CONFIG_OPTIONS": "services.bentoformers.workers=2", "BENTOFORMERS_MODELS": "minilm"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve makes its own, as in production
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:Gateway", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"server did not become ready:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    serve = [sys.executable, "-m", "bentoml", "serve", "service:Gateway"]
+    with running_server(serve, log, env, ready_timeout=120) as running:
+        yield running.url, log
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import time
 import httpx
 import jwt
 import pytest
-from conftest import ROOT, RedisServer, free_port
+from conftest import ROOT, RedisServer, free_port, running_server
 
 from bentoformers.auth import create_key
 
@@ -21,19 +21,6 @@ JWT_SECRET = "e2e-secret-" + "x" * 32
 LIMIT = 10  # requests per day for the "ten" tier (a day window: no window edge during the test)
 MAX_IN_FLIGHT = 4  # per gateway worker
 WORKERS = 2
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, log) -> None:
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"server did not become ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +34,6 @@ def secured(minilm_path, tmp_path_factory):
         ("bulk", ["*"], "bulk"),
         ("classifier", ["classification"], "bulk"),
     ]}
-    port = free_port()
-    log = work / "serve.log"
     env = {
         **os.environ,
         # BentoML's text access log names the worker that answered (the cross-worker test reads it).
@@ -61,21 +46,11 @@ def secured(minilm_path, tmp_path_factory):
         "BENTOFORMERS_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
         "BENTOFORMERS_MODELS": "minilm",
     }
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:Gateway", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
+    serve = [sys.executable, "-m", "bentoml", "serve", "service:Gateway"]
     try:
-        _wait_ready(url, proc, log)
-        yield {"url": url, "keys": keys, "log": log, "redis": redis}
+        with running_server(serve, work / "serve.log", env) as running:
+            yield {"url": running.url, "keys": keys, "log": running.log, "redis": redis}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         redis.stop()
 
 
