@@ -64,6 +64,9 @@ def served_build(minilm_build):
     path.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))
     # From here on, the app and every server a test starts serve this list (before: build/models.yaml).
     os.environ["BENTOFORMERS_MODEL_LIST"] = str(path)
+    # gpt2 in fp32: the precision whose greedy tokens do not depend on batch neighbours (README,
+    # "Generation and batching"), so the tests can check that concurrent requests get what they get alone.
+    os.environ["BENTOFORMERS_MODEL_PRECISIONS"] = '{"gpt2": "fp32"}'
     results = {}
     for spec in load_model_list(path):
         results[spec.name] = {r.precision: r for r in build_model(spec)}
