@@ -185,40 +185,39 @@ def quantize_weights_int8(onnx_path: Path, out_path: Path, block_size: int = 32)
 def reference_embeddings(folder: Path, texts: list[str], card: ModelCard, batch_size: int = 32) -> np.ndarray:
     """The fp32 PyTorch reference, pooled and normalised exactly as the served model is."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
-    rows = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[start : start + batch_size],
-                padding=True,
-                truncation=True,
-                max_length=card.max_length,
-                return_tensors="pt",
-            )
-            hidden = model(**enc).last_hidden_state.numpy()
-            rows.append(pool(hidden, enc["attention_mask"].numpy(), card.pooling))
-    vectors = np.concatenate(rows)
+
+    def pooled(out, enc) -> np.ndarray:
+        return pool(out.last_hidden_state.numpy(), enc["attention_mask"].numpy(), card.pooling)
+
+    vectors = _run_reference(folder, model, texts, card.max_length, batch_size, pooled)
     return l2_normalize(vectors) if card.normalize else vectors
 
 
 def reference_logits(folder: Path, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
     """The fp32 PyTorch classifier's logits on the texts."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    return _run_reference(folder, model, texts, max_length, batch_size, lambda out, enc: out.logits.numpy())
+
+
+def _run_reference(folder: Path, model, texts: list[str], max_length: int, batch_size: int, take) -> np.ndarray:
+    """Runs the PyTorch model over the texts in padded batches; `take(output, encoding)` gives each batch's rows."""
+    import torch
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, torch_dtype=torch.float32).eval()
     rows = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             enc = tokenizer(
                 texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
             )
-            rows.append(model(**enc).logits.numpy())
+            rows.append(take(model(**enc), enc))
     return np.concatenate(rows)
 
 
