@@ -53,6 +53,7 @@ ROUTE_TASKS = {
     "/v1/completions": "generation",
 }
 DEFAULT_TIER = "default"
+KEY_FILE_RELOAD_SECONDS = 5.0  # how soon a change to the key file takes effect
 ANONYMOUS_TIER = "anonymous"
 
 
@@ -270,10 +271,12 @@ class Authenticator:
 
     @property
     def configured(self) -> bool:
-        return bool(self.keys) or self.jwt is not None
+        # A key store counts as configured even while it holds no key: an empty key file must not turn
+        # authentication off, and keys added to it later are loaded by its reload.
+        return self.keys is not None or self.jwt is not None
 
     def identify(self, token: str) -> Identity | None:
-        if self.keys and token.startswith(f"{KEY_PREFIX}_"):
+        if self.keys is not None and token.startswith(f"{KEY_PREFIX}_"):
             return self.keys.verify(token)
         if self.jwt is not None and token.count(".") == 2:
             return self.jwt.verify(token)
@@ -283,7 +286,7 @@ class Authenticator:
     def from_settings(cls, settings: Settings) -> Authenticator:
         keys: KeyStore | ReloadingKeyStore | None = None
         if settings.api_keys_file:
-            keys = ReloadingKeyStore(settings.api_keys_file, settings.api_keys)
+            keys = ReloadingKeyStore(settings.api_keys_file, settings.api_keys, every=KEY_FILE_RELOAD_SECONDS)
         elif settings.api_keys:
             keys = KeyStore.parse(settings.api_keys)
         verifier = None
@@ -299,7 +302,7 @@ class Authenticator:
                 tier_claim=settings.jwt_tier_claim,
                 leeway=settings.jwt_leeway_seconds,
             )
-        return cls(keys if keys else None, verifier)
+        return cls(keys, verifier)
 
 
 def startup_authenticator(settings: Settings, containerized: bool) -> Authenticator | None:
@@ -311,9 +314,11 @@ def startup_authenticator(settings: Settings, containerized: bool) -> Authentica
         return None
     auth = Authenticator.from_settings(settings)
     if auth.configured:
-        logger.info(
-            "authentication on: %d API key(s)%s", len(auth.keys or ()), ", JWT" if auth.jwt is not None else ""
-        )
+        n_keys = len(auth.keys) if auth.keys is not None else 0
+        logger.info("authentication on: %d API key(s)%s", n_keys, ", JWT" if auth.jwt is not None else "")
+        if auth.keys is not None and n_keys == 0:
+            logger.warning("no API key configured yet (an empty key file or list): every API key is refused "
+                           "until one is added")
         return auth
     if containerized or settings.auth == "required":
         raise RuntimeError(

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from bentoformers import auth as auth_module
 from bentoformers.auth import (
     Authenticator,
     AuthMiddleware,
@@ -243,3 +244,27 @@ def test_a_key_removed_from_the_file_stops_working_without_a_restart(tmp_path):
     path.write_text("{not: [valid")
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
     assert store.verify(keep).id == "keep"  # a broken file keeps the keys loaded before
+
+
+@pytest.mark.parametrize("with_jwt", [False, True], ids=["keys only", "keys and JWT"])
+def test_an_empty_key_file_keeps_authentication_on_and_a_key_added_later_works(
+    monkeypatch, caplog, tmp_path, with_jwt
+):
+    monkeypatch.setattr(auth_module, "KEY_FILE_RELOAD_SECONDS", 0)  # re-read the file on every check
+    path = tmp_path / "keys.yaml"
+    path.write_text("")
+    settings = Settings(api_keys_file=str(path), jwt_secret=SECRET if with_jwt else None)
+    with caplog.at_level(logging.WARNING, logger="bentoformers.auth"):
+        auth = startup_authenticator(settings, containerized=False)
+    assert auth is not None, "an empty key file turned authentication off"
+    client = _app(auth)
+    _, _, secret = create_key("probe", ["*"], "default", None)[0][3:].partition("_")
+    assert client.post("/embed").status_code == 401
+    assert client.post("/embed", headers={"Authorization": f"Bearer bf_mallory_{secret}"}).status_code == 401
+
+    late, _ = create_key("late", ["embeddings"], "default", path)  # appended while the server runs
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # a changed mtime, even on a coarse clock
+    r = client.post("/embed", headers={"Authorization": f"Bearer {late}"})
+    assert r.status_code == 200 and r.json()["id"] == "late"
+    assert client.post("/embed", headers={"Authorization": f"Bearer bf_mallory_{secret}"}).status_code == 401
+    assert "WITHOUT AUTHENTICATION" not in caplog.text and "no API key configured yet" in caplog.text
