@@ -98,6 +98,22 @@ def test_input_tokens_per_window(keys):
     assert last.status_code == 200  # a refused charge takes nothing
 
 
+def test_a_token_budget_429_carries_one_set_of_ratelimit_headers_the_token_limits(keys):
+    store, made = keys
+
+    async def run():
+        async with _stack(RateLimiter(TIERS), store) as client:  # default: 3 requests and 100 tokens per hour
+            h = _bearer(made["b"])
+            return [await client.post(f"/embed?tokens={n}", headers=h) for n in (60, 50)]
+
+    ok, over_budget = asyncio.run(run())
+    assert ok.headers.get_list("ratelimit-limit") == ["3"]  # an admitted request: the request limit's headers
+    assert over_budget.status_code == 429 and "input token budget" in over_budget.json()["error"]["message"]
+    for name in ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "retry-after"):
+        assert len(over_budget.headers.get_list(name)) == 1, (name, over_budget.headers.get_list(name))
+    assert over_budget.headers["ratelimit-limit"] == "100" and over_budget.headers["ratelimit-remaining"] == "40"
+
+
 def test_anonymous_callers_are_counted_by_address_through_trusted_proxies():
     async def run():
         async with _stack(RateLimiter(TIERS), trusted=("10.0.0.0/8",)) as client:
