@@ -474,6 +474,8 @@ class Client(_Base):
                 if "error" in event:
                     raise _stream_error(event["error"], response)
                 yield GenerationChunk.model_validate(event)
+        except httpx.TransportError as exc:  # the connection broke mid-stream
+            raise _transport_error(exc) from exc
         finally:
             response.close()
 
@@ -606,6 +608,8 @@ class AsyncClient(_Base):
                 if "error" in event:
                     raise _stream_error(event["error"], response)
                 yield GenerationChunk.model_validate(event)
+        except httpx.TransportError as exc:  # the connection broke mid-stream
+            raise _transport_error(exc) from exc
         finally:
             await response.aclose()
 

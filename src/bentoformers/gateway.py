@@ -96,7 +96,7 @@ class ModelEndpoint:
             logger.warning("model service call failed (%s): %s: %s", self.name, type(exc).__name__, exc)
             raise self.unavailable() from None
 
-    def prompt_ids(self, prompt: str, param: str) -> list[int]:
+    async def prompt_ids(self, prompt: str, param: str) -> list[int]:
         if not prompt.strip():
             raise ApiError(ErrorType.VALIDATION, f"{param} is empty", param=param)
         if len(prompt) > self.settings.max_chars_per_item:
@@ -104,7 +104,10 @@ class ModelEndpoint:
                 ErrorType.TOO_LARGE, f"{param} has {len(prompt)} characters; at most {self.settings.max_chars_per_item}",
                 param=param,
             )
-        ids = self.tokenizer.ids(prompt)
+        if len(prompt) > INLINE_TOKENIZE_CHARS:
+            ids = await asyncio.to_thread(self.tokenizer.ids, prompt)
+        else:
+            ids = self.tokenizer.ids(prompt)
         if len(ids) >= self.card.max_length:
             raise ApiError(
                 ErrorType.TOO_LARGE,
@@ -114,9 +117,7 @@ class ModelEndpoint:
             )
         return ids
 
-    async def generate(self, prompt: list[int], max_new_tokens: int, sampling: dict[str, Any]) -> AsyncIterator[int | str]:
-        """New token ids from the model service, then the finish reason ("stop" or "length")."""
-        assert self._stream is not None
+    def check_generation_capacity(self) -> None:
         limit = self.settings.max_active_sequences + self.settings.max_waiting_sequences
         if self.generating >= limit:
             raise ApiError(
@@ -125,6 +126,11 @@ class ModelEndpoint:
                 f"retry after {self.settings.retry_after_seconds}s",
                 headers={"Retry-After": str(self.settings.retry_after_seconds)},
             )
+
+    async def generate(self, prompt: list[int], max_new_tokens: int, sampling: dict[str, Any]) -> AsyncIterator[int | str]:
+        """New token ids from the model service, then the finish reason ("stop" or "length")."""
+        assert self._stream is not None
+        self.check_generation_capacity()
         self.generating += 1
         key = uuid.uuid4().hex
         lines = self._stream(
@@ -366,7 +372,7 @@ class _Plan:
     stops: list[str]
 
 
-def _plan(
+async def _plan(
     endpoint: ModelEndpoint, prompt: str, max_new_tokens: int | None, max_param: str, sampling: dict[str, Any],
     stop: str | list[str] | None,
 ) -> _Plan:
@@ -378,8 +384,8 @@ def _plan(
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOPS or any(not s for s in stops):
         raise ApiError(ErrorType.VALIDATION, f"stop takes up to {MAX_STOPS} non-empty strings", param="stop")
-    ids = endpoint.prompt_ids(prompt, "prompt")
-    wanted = max_new_tokens or endpoint.settings.default_max_new_tokens
+    ids = await endpoint.prompt_ids(prompt, "prompt")
+    wanted = min(max_new_tokens or endpoint.settings.default_max_new_tokens, limit)
     # The context holds prompt and new tokens; past it the generation ends with finish_reason "length".
     return _Plan(ids, min(wanted, endpoint.card.max_length - len(ids)), sampling, stops)
 
@@ -414,6 +420,7 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 async def _start(request: Request, endpoint: ModelEndpoint, plan: _Plan) -> tuple[AsyncIterator[tuple[str, str | None, int]], tuple[str, str | None, int]]:
     """Starts the generation and waits for its first text, so a failure to start is still a plain HTTP error."""
+    endpoint.check_generation_capacity()  # before the tokens are charged: a refused request costs nothing
     await _account(request, endpoint, len(plan.ids))
     events = _text_events(endpoint, plan)
     try:
@@ -439,6 +446,10 @@ async def _collect(
     except Exception:
         logger.exception("generation failed")
         raise ApiError(ErrorType.SERVER, "the generation failed; see the server log") from None
+    finally:
+        # A stop string ends the events early: close them now, which frees the slot and cancels the rest.
+        with anyio.CancelScope(shield=True):
+            await events.aclose()
     request.state.tokens = request.state.tokens + tokens
     return "".join(parts), finish, tokens
 
@@ -486,7 +497,7 @@ async def generate(request: Request) -> Response:
     body = _parse(GenerateRequest, await request.body())
     endpoint = _gateway(request).pick(body.model, "generation")
     sampling = {"temperature": body.temperature or 0.0, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed}
-    plan = _plan(endpoint, body.prompt, body.max_new_tokens, "max_new_tokens", sampling, body.stop)
+    plan = await _plan(endpoint, body.prompt, body.max_new_tokens, "max_new_tokens", sampling, body.stop)
     events, first = await _start(request, endpoint, plan)
     prompt_tokens = len(plan.ids)
     if body.stream:
@@ -512,7 +523,7 @@ async def openai_completions(request: Request) -> Response:
         prompt = prompt[0]
     temperature = 1.0 if body.temperature is None else body.temperature  # the OpenAI default
     sampling = {"temperature": temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed}
-    plan = _plan(endpoint, prompt, body.max_tokens, "max_tokens", sampling, body.stop)
+    plan = await _plan(endpoint, prompt, body.max_tokens, "max_tokens", sampling, body.stop)
     events, first = await _start(request, endpoint, plan)
     prompt_tokens = len(plan.ids)
     head = {

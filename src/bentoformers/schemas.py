@@ -45,7 +45,7 @@ class _Sampling(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, description="0: greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: StrictInt = Field(0, ge=0, description="0: no limit.")
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=0)
     stream: StrictBool = False
     model: StrictStr | None = None
 

@@ -123,3 +123,16 @@ def test_alert_rules_check_and_unit_tests_pass():
     for args in (["check", "rules", "alerts.yaml"], ["test", "rules", "alerts.test.yaml"]):
         out = subprocess.run([promtool, *args], cwd=folder, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_setting_the_manifests_name_is_one_the_service_reads(tmp_path):
+    """pydantic-settings ignores unknown BENTOFORMERS_* variables, so a renamed setting would go unnoticed."""
+    import re
+
+    from bentoformers.settings import Settings
+
+    docs = render(tuple(COMPONENTS), tmp_path)
+    named = set(re.findall(r"\bBENTOFORMERS_([A-Z0-9_]+)", yaml.safe_dump_all(docs)))
+    assert named, "the manifests set no BENTOFORMERS_* variable"
+    unknown = sorted(n for n in named if n.lower() not in Settings.model_fields)
+    assert not unknown, unknown

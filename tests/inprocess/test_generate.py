@@ -197,6 +197,7 @@ BAD = [
     ("/generate", {"prompt": "hi", "max_new_tokens": 0}, 422, "validation_error", "max_new_tokens"),
     ("/generate", {"prompt": "hi", "temperature": -1}, 422, "validation_error", "temperature"),
     ("/generate", {"prompt": "hi", "top_p": 0}, 422, "validation_error", "top_p"),
+    ("/generate", {"prompt": "hi", "temperature": 1, "seed": -1}, 422, "validation_error", "seed"),
     ("/generate", {"prompt": "hi", "stop": [""]}, 422, "validation_error", "stop"),
     ("/generate", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 422, "validation_error", "stop"),
     ("/generate", {"prompt": ["hi"]}, 422, "validation_error", "prompt"),
@@ -217,3 +218,15 @@ def test_bad_generation_requests_get_the_one_error_body(client, route, body, sta
         assert r.status_code == status, r.text
         error = r.json()["error"]
         assert error["type"] == kind and error["param"] == param and error["message"]
+
+
+def test_the_default_new_tokens_never_pass_the_servers_limit(served_build):
+    import bentoml
+
+    from bentoformers.gateway import ModelEndpoint, _plan
+    from bentoformers.settings import Settings
+
+    folder = bentoml.models.get(served_build["gpt2"]["fp32"].tag).path
+    endpoint = ModelEndpoint(Settings(max_new_tokens=8, default_max_new_tokens=64), folder, describe=None)
+    plan = asyncio.run(_plan(endpoint, "The cat sat on", None, "max_new_tokens", {}, None))
+    assert plan.max_new_tokens == 8
