@@ -104,8 +104,9 @@ class RateLimiter:
             logger.info("rate limits off (no BENTOFORMERS_RATE_LIMIT_TIERS)")
             return None
         tiers = {name: Tier.parse(name, spec) for name, spec in settings.rate_limit_tiers.items()}
+        redis_url = settings.redis_url.get_secret_value() if settings.redis_url is not None else ""
         limiter = cls(
-            tiers, settings.redis_url or "memory://", settings.rate_limit_on_store_error, settings.retry_after_seconds
+            tiers, redis_url or "memory://", settings.rate_limit_on_store_error, settings.retry_after_seconds
         )
         if limiter.shared:
             logger.info("rate limits shared across workers and replicas in %s (on store error: %s)",

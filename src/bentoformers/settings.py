@@ -56,9 +56,9 @@ class Settings(BaseSettings):
     jwt_scope_claim: str = Field("scope", description="Space-separated string or list of task names.")
     jwt_tier_claim: str = "tier"
     jwt_leeway_seconds: int = Field(30, ge=0)
-    redis_url: str | None = Field(
-        None, description="redis://host:port/db: rate-limit counts shared by all workers and replicas; "
-        "without it they are per worker process."
+    redis_url: SecretStr | None = Field(
+        None, description="redis://[:password@]host:port/db: rate-limit counts shared by all workers and replicas; "
+        "without it they are per worker process. A secret (it can hold a password): environment only, no flag."
     )
     rate_limit_tiers: dict[str, dict[str, str]] = Field(
         default_factory=dict,

@@ -140,6 +140,38 @@ def test_redis_counts_are_shared_between_limiters(redis_server, keys):
     assert codes.count(200) == 3 and codes.count(429) == 5
 
 
+def test_the_redis_url_is_a_secret_kept_off_the_command_line_and_still_reaches_redis(
+    redis_server, keys, monkeypatch, capsys
+):
+    from bentoformers import cli
+    from bentoformers.settings import Settings
+
+    # It can hold a password: no --redis-url flag (ps shows a command line to every user of the machine) ...
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    assert "--redis-url" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["serve", "bentoformers:latest", "--redis-url", "redis://:hunter2@127.0.0.1:1", "--dry-run"])
+    assert refused.value.code == cli.USAGE
+    capsys.readouterr()
+    # ... the environment sets it, and a dry run does not print it.
+    monkeypatch.setenv("BENTOFORMERS_REDIS_URL", redis_server.url)
+    assert cli.main(["serve", "bentoformers:latest", "--dry-run"]) == cli.OK
+    assert redis_server.url not in capsys.readouterr().out
+    settings = Settings(rate_limit_tiers={"default": {"requests": "3/hour"}})
+    assert redis_server.url not in repr(settings) and str(redis_server.port) not in str(settings)
+    store, made = keys
+
+    async def run():
+        # Two limiters from the settings, as two workers would build them: one count, in the real Redis.
+        one, two = RateLimiter.from_settings(settings), RateLimiter.from_settings(settings)
+        assert one.shared and one.storage_label == redis_server.url
+        async with _stack(one, store) as a, _stack(two, store) as b:
+            return [(await c.post("/embed", headers=_bearer(made["a"]))).status_code for c in [a, b, a, b]]
+
+    assert asyncio.run(run()) == [200, 200, 200, 429]
+
+
 @pytest.mark.parametrize("policy,status", [("open", 200), ("closed", 503)])
 def test_when_redis_stops_the_configured_policy_applies_and_counting_resumes(redis_server, keys, policy, status):
     store, made = keys
