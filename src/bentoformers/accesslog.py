@@ -20,8 +20,6 @@ from . import metrics
 
 logger = logging.getLogger("bentoformers.access")
 MAX_PATH_CHARS = 256
-# Probes and scrapes arrive every few seconds; they are counted in the metrics but logged only on failure.
-QUIET_ROUTES = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
 
 
 def _log_json_lines_to_stdout() -> None:
@@ -68,7 +66,7 @@ class AccessLogMiddleware:
         route = metrics.route_label(scope)
         metrics.requests.labels(route, str(status)).inc()
         metrics.request_seconds.labels(route).observe(seconds)
-        if not self.enabled or (route in QUIET_ROUTES and status < 400):
+        if not self.enabled or (route in metrics.PROBE_PATHS and status < 400):
             return
         state: dict[str, Any] = scope.get("state") or {}
         identity = state.get("identity")

@@ -42,8 +42,6 @@ ALL = "*"
 KEY_PREFIX = "bf"
 KEY_ID = r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}"
 _KEY_RE = re.compile(rf"{KEY_PREFIX}_({KEY_ID})_([A-Za-z0-9_-]{{20,}})")
-# Never behind auth: probes, metrics (scraped without credentials) and CORS preflight.
-PUBLIC_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
 # Route -> task (the scope it needs). Any other path needs a valid identity and no particular scope.
 ROUTE_TASKS = {
     "/embed": "embeddings",
@@ -344,7 +342,8 @@ class AuthMiddleware:
         self.client_address = client_address or ClientAddress()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or _is_preflight(scope):
+        # Probes, the metrics scrape and CORS preflight need no credentials.
+        if scope["type"] != "http" or scope["path"] in metrics.PROBE_PATHS or _is_preflight(scope):
             await self.app(scope, receive, send)
             return
         try:

@@ -72,12 +72,13 @@ for _reason in REJECTION_REASONS:  # exported at 0 from the start, so rate() and
     rejections.labels(_reason)
 
 
+# BentoML's probes and the scrape: never behind auth or the in-flight bound, logged only when they fail.
+PROBE_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
 # The routes a request can be refused on before routing (by auth, rate limits, overload): they get their
 # own label even then. Routes answered by the router are labelled by the template it matched.
 PUBLIC_ROUTES = frozenset({
     "/embed", "/v1/embeddings", "/v1/models", "/classify", "/generate", "/v1/completions",
-    "/livez", "/healthz", "/readyz", "/metrics",
-})
+}) | PROBE_PATHS
 
 
 def route_label(scope: dict) -> str:

@@ -26,8 +26,6 @@ from . import metrics
 from .errors import ApiError, ErrorType, error_response
 
 logger = logging.getLogger("bentoformers.overload")
-# Probes and metrics must answer even when the gateway is saturated.
-EXEMPT_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
 
 
 class OverloadMiddleware:
@@ -40,7 +38,7 @@ class OverloadMiddleware:
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
+        if scope["type"] != "http" or scope["path"] in metrics.PROBE_PATHS:  # they answer even when saturated
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_in_flight:
