@@ -348,13 +348,8 @@ class AuthMiddleware:
             return
         try:
             identity = self._identify(scope)
-        except Refused as refused:
-            metrics.count_rejection(refused.reason)
-            await error_response(refused.error)(scope, receive, send)
-            return
-        except Exception:  # never let an exception reach BentoML (it would hang the request)
-            logger.exception("authentication failed unexpectedly")
-            await error_response(ApiError(ErrorType.SERVER, "internal error; see the server log"))(scope, receive, send)
+        except Exception as exc:
+            await answer_failed_check(exc, "authentication", scope, receive, send)
             return
         scope.setdefault("state", {})["identity"] = identity
         await self.app(scope, receive, send)
@@ -415,6 +410,18 @@ class Refused(Exception):
     def __init__(self, reason: str, error: ApiError) -> None:
         super().__init__(reason)
         self.reason, self.error = reason, error
+
+
+async def answer_failed_check(exc: Exception, check: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """The answer when a middleware's check raised: a Refused gets its own error (counted by reason), anything
+    else is logged and answered 500. Never an exception into BentoML: it would hang the request."""
+    if isinstance(exc, Refused):
+        metrics.count_rejection(exc.reason)
+        error = exc.error
+    else:
+        logger.error("%s failed unexpectedly", check, exc_info=exc)
+        error = ApiError(ErrorType.SERVER, "internal error; see the server log")
+    await error_response(error)(scope, receive, send)
 
 
 def _unauthorized(message: str, error: str | None = None, reason: str = "invalid_credentials") -> Refused:

@@ -26,8 +26,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
-from .auth import DEFAULT_TIER, Identity, Refused
-from .errors import ApiError, ErrorType, error_response
+from .auth import DEFAULT_TIER, Identity, Refused, answer_failed_check
+from .errors import ApiError, ErrorType
 from .settings import Settings
 
 logger = logging.getLogger("bentoformers.ratelimit")
@@ -205,13 +205,8 @@ class RateLimitMiddleware:
             return
         try:
             verdict = await self._check(scope, identity)
-        except Refused as refused:
-            metrics.count_rejection(refused.reason)
-            await error_response(refused.error)(scope, receive, send)
-            return
-        except Exception:  # never let an exception reach BentoML (it would hang the request)
-            logger.exception("rate limit check failed unexpectedly")
-            await error_response(ApiError(ErrorType.SERVER, "internal error; see the server log"))(scope, receive, send)
+        except Exception as exc:
+            await answer_failed_check(exc, "rate limit check", scope, receive, send)
             return
         if verdict is None:
             await self.app(scope, receive, send)
