@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator
 import bentoml
 import numpy as np
 
-from bentoformers import metrics
+from bentoformers import cpu, metrics, selfcheck
 from bentoformers.accesslog import AccessLogMiddleware
 from bentoformers.auth import AuthMiddleware, ClientAddress, startup_authenticator
 from bentoformers.decoder import OnnxDecoder
@@ -27,7 +27,7 @@ from bentoformers.generation import Sampling, Scheduler
 from bentoformers.overload import OverloadMiddleware, ShutdownDrain
 from bentoformers.ratelimit import RateLimiter, RateLimitMiddleware
 from bentoformers.settings import Settings
-from bentoformers.store import StoredModel, choose_precision, served_models
+from bentoformers.store import StoredModel, candidate_precisions, served_models
 
 logger = logging.getLogger("bentoformers")
 settings = Settings()
@@ -39,23 +39,37 @@ class _ModelService:
 
     stored: StoredModel
 
-    def _load(self) -> bentoml.Model:
+    def _load(self):
+        """The engine of the best variant that passes its start-up check on this CPU: fp16 on CUDA when built,
+        else int8, else fp32 (settings can force one: then a failed check refuses to start)."""
         # BentoML's server logging shows only its own INFO lines. Not at import: BentoML names a worker's
         # log lines after the first one it formats, and at import the worker has no name yet.
         logger.setLevel(logging.INFO)
         self.started = time.perf_counter()
         self.device = pick_device(settings.device)
-        self.precision = choose_precision(
-            self.stored.variants, self.device, settings.model_precisions.get(self.stored.name, settings.precision)
+        requested = settings.model_precisions.get(self.stored.name, settings.precision)
+        candidates = [
+            (p, getattr(self, f"model_{p}").path) for p in candidate_precisions(self.stored.variants, self.device, requested)
+        ]
+        self.proof = selfcheck.first_that_holds(
+            candidates, forced=requested != "auto", open_=self._open,
+            on_refusal=lambda precision, reason: metrics.selfcheck_refusals.labels(self.stored.name, precision).inc(),
         )
+        self.precision = self.proof.precision
         model: bentoml.Model = getattr(self, f"model_{self.precision}")
-        logger.info("serving %s (%s) on %s (%s)", model.tag, self.stored.task, self.device, self.precision)
+        checked = "not re-proven: no check set" if self.proof.figures is None else "check set " + ", ".join(
+            f"{k} {v:.5f}" for k, v in self.proof.figures.items()
+        )
+        logger.info(
+            "serving %s (%s) on %s (%s, %s; %s)",
+            model.tag, self.stored.task, self.device, self.precision, cpu.isa_class(), checked,
+        )
         self.inference_seconds = metrics.inference_seconds.labels(self.stored.name, self.precision, self.device)
         self.gpu_memory = metrics.GpuMemory() if self.device == "cuda" else None
         # On SIGTERM, keep answering while the gateway finishes its requests in flight.
         self.drain = ShutdownDrain()
         self.drain.install()
-        return model
+        return self.proof.engine
 
     def _loaded(self) -> None:
         elapsed = time.perf_counter() - self.started
@@ -72,17 +86,23 @@ class _ModelService:
         return out
 
     @bentoml.api
-    def describe(self) -> dict[str, str]:
-        return {"precision": self.precision, "device": self.device}
+    def describe(self) -> dict[str, object]:
+        return {
+            "precision": self.precision,
+            "device": self.device,
+            "cpu": cpu.isa_class(),
+            "selfcheck": self.proof.figures,
+            "refused": [{"precision": r["precision"], "reason": r["reason"]} for r in self.proof.refused],
+        }
 
 
 class _EncoderService(_ModelService):
     def __init__(self) -> None:
-        model = self._load()
-        self.encoder = OnnxEncoder(
-            model.path, device=self.device, threads=settings.threads(), max_batch_tokens=settings.max_batch_tokens
-        )
+        self.encoder = self._load()
         self._loaded()
+
+    def _open(self, folder) -> OnnxEncoder:
+        return OnnxEncoder(folder, device=self.device, threads=settings.threads(), max_batch_tokens=settings.max_batch_tokens)
 
 
 class EmbeddingModel(_EncoderService):
@@ -100,13 +120,15 @@ class ClassificationModel(_EncoderService):
 
 class GenerationModel(_ModelService):
     def __init__(self) -> None:
-        model = self._load()
-        card = ModelCard.load(model.path)
-        decoder = OnnxDecoder(model.path, device=self.device, threads=settings.threads())
+        decoder = self._load()
+        card = ModelCard.load(getattr(self, f"model_{self.precision}").path)
         self.scheduler = Scheduler(
             decoder, card.eos_token_ids, card.max_length, settings.max_active_sequences, self.inference_seconds
         )
         self._loaded()
+
+    def _open(self, folder) -> OnnxDecoder:
+        return OnnxDecoder(folder, device=self.device, threads=settings.threads())
 
     @bentoml.api
     async def generate(

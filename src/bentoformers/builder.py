@@ -17,15 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from . import __version__
+from . import __version__, cpu, selfcheck
 from .decoder import OnnxDecoder
 from .engine import ONNX_FILE, ModelCard, OnnxEncoder, TextTokenizer, l2_normalize, label_scores, pick_device
 from .export import (
     copy_tokenizer,
     export_onnx,
     optimize,
-    quantize_int8,
-    quantize_weights_int8,
     reference_embeddings,
     reference_greedy,
     reference_logits,
@@ -33,9 +31,11 @@ from .export import (
     sentence_transformers_config,
 )
 from .fidelity import compare, compare_greedy, compare_scores, generation_prompts, shipped_sentences
+from .quantize import SCHEMES, quantize_decoder_int8, quantize_encoder_int8
 from .spec import ModelSpec, VariantSpec, gate_failures, store_name
 
 GREEDY_TOKENS = 16  # new tokens per validation prompt
+EMULATION_TIMEOUT = 1800  # seconds for one variant's check set under qemu (~50x slower than native)
 
 Report = Callable[[str], None]
 
@@ -125,9 +125,10 @@ def _build_variant(
     out.mkdir()
     with step(report, f"{precision}: build graph"):
         if precision == "int8" and spec.task == "generation":
-            graph = quantize_weights_int8(exported, work / "int8-weights.onnx")
+            graph = quantize_decoder_int8(exported, work / "int8.onnx")
         elif precision == "int8":
-            graph = quantize_int8(exported, work / "int8-tmp")
+            calibration = TextTokenizer(exported.parent, card.max_length).encode(sentences, truncate=True)
+            graph = quantize_encoder_int8(exported, work / "int8.onnx", calibration)
         else:
             graph = optimize(
                 exported, work / f"{precision}-opt.onnx", for_gpu=device == "cuda", fp16=precision == "fp16",
@@ -138,18 +139,25 @@ def _build_variant(
     variant_card = ModelCard(**{**card.__dict__, "precision": precision})
     variant_card.save(out)
 
-    with step(report, f"{precision}: validate against fp32 PyTorch"):
+    with step(report, f"{precision}: validate against fp32 PyTorch ({cpu.isa_class()}, native)"):
         figures = _validate(variant_card, out, device, reference, sentences)
     gates = spec.gates(variant)
     failed = gate_failures(figures, gates)
     shown = ", ".join(f"{k} {v:.5f}" for k, v in figures.items())
     if failed:
-        reason = "below its gate: " + "; ".join(failed)
+        reason = f"below its gate on {cpu.isa_class()}: " + "; ".join(failed)
+        report(f"  {tag}: NOT saved, {reason}")
+        return VariantResult(tag, precision, "failed gate", figures, reason)
+    _write_check_set(out, variant_card, reference, sentences, gates)
+    isa = _prove_per_isa(out, tag, precision, figures, len(sentences), report)
+    failed = [f"{name}: {'; '.join(p['failures'])}" for name, p in isa["proofs"].items() if p.get("failures")]
+    if failed:
+        reason = "below its gate on " + ", ".join(failed)
         report(f"  {tag}: NOT saved, {reason}")
         return VariantResult(tag, precision, "failed gate", figures, reason)
 
     size = (out / ONNX_FILE).stat().st_size
-    (out / "README.md").write_text(_model_card_text(spec, variant_card, revision, figures, gates, size, len(sentences)))
+    (out / "README.md").write_text(_model_card_text(spec, variant_card, revision, gates, size, isa))
     if _exists(tag):  # --force: the rebuilt variant replaces the stored one
         bentoml.models.delete(tag)
     with bentoml.models.create(
@@ -165,6 +173,8 @@ def _build_variant(
             "validation": figures,
             "gates": gates,
             "validation_texts": len(sentences),
+            "isa": isa,
+            **({"quantization": SCHEMES[spec.task]} if precision == "int8" else {}),
             "opset": _opset(out / ONNX_FILE),
             "onnx_bytes": size,
             **{k: v for k, v in variant_card.__dict__.items() if k not in ("name", "precision")},
@@ -192,6 +202,50 @@ def _validate(card: ModelCard, folder: Path, device: str, reference: object, sen
     if card.normalize:
         candidate = l2_normalize(candidate)
     return compare(candidate, reference)  # type: ignore[arg-type]
+
+
+def _write_check_set(folder: Path, card: ModelCard, reference: object, sentences: list[str], gates: dict) -> None:
+    """A few of the validation inputs with their fp32 PyTorch reference: what a serving CPU re-proves."""
+    if card.task == "generation":
+        prompts, expected = reference  # type: ignore[misc]
+        picked = selfcheck.sample(len(prompts))
+        selfcheck.write(
+            folder, card.task, [prompts[i] for i in picked], [expected[i] for i in picked], gates,
+            new_tokens=GREEDY_TOKENS, eos_token_ids=list(card.eos_token_ids),
+        )
+        return
+    picked = selfcheck.sample(len(sentences))
+    inputs = TextTokenizer(folder, card.max_length).encode([sentences[i] for i in picked], truncate=True)
+    rows = reference[picked]  # type: ignore[index]
+    selfcheck.write(folder, card.task, inputs, rows, gates, normalize=card.normalize, multi_label=card.multi_label)
+
+
+def _prove_per_isa(folder: Path, tag: str, precision: str, native: dict, inputs: int, report: Report) -> dict:
+    """The native figures, and the check set under emulation of each older instruction-set class (int8 only:
+    fp32 and fp16 kernels differ between classes by float rounding alone)."""
+    proofs = {cpu.isa_class(): {"how": "native", "inputs": inputs, "figures": native}}
+    isa: dict = {"built_on": cpu.describe(), "proofs": proofs, "not_proven": {}}
+    newer = [c for c in cpu.ORDER if cpu.ORDER.index(c) > cpu.ORDER.index(cpu.isa_class())]
+    for name in newer:
+        isa["not_proven"][name] = "no emulator for a newer class than this CPU's; re-proven where it serves"
+    if precision != "int8":
+        return isa
+    for name in cpu.emulated_classes():
+        model = cpu.EMULATED[name]
+        if cpu.emulator() is None:
+            isa["not_proven"][name] = "qemu-x86_64 is not installed (Debian: apt-get install qemu-user)"
+            report(f"  {tag}: not proven on {name}: qemu-x86_64 is not installed; the service re-proves it where it serves")
+            continue
+        with step(report, f"{precision}: check set under qemu-x86_64 -cpu {model} ({name})"):
+            done = cpu.run_emulated(name, ["-m", "bentoformers.selfcheck", str(folder)], EMULATION_TIMEOUT)
+        if done.returncode != 0:
+            raise RuntimeError(f"the check under qemu -cpu {model} failed:\n{done.stderr[-2000:]}")
+        found = json.loads(done.stdout.strip().splitlines()[-1])
+        check = selfcheck.load(folder)
+        isa["proofs"][name] = {
+            "how": f"qemu-x86_64 -cpu {model}", "inputs": len(check["inputs"]), **found,  # type: ignore[index]
+        }
+    return isa
 
 
 def _card(spec: ModelSpec, folder: Path) -> ModelCard:
@@ -233,7 +287,10 @@ def _card(spec: ModelSpec, folder: Path) -> ModelCard:
 def _version(spec: ModelSpec, variant: VariantSpec, revision: str) -> str:
     """Everything that shapes the artefact; the same inputs give the same store version."""
     key = json.dumps(
-        [spec.model_dump(exclude={"variants"}), variant.model_dump(), spec.gates(variant), revision, __version__],
+        [
+            spec.model_dump(exclude={"variants"}), variant.model_dump(), spec.gates(variant), revision, __version__,
+            SCHEMES[spec.task] if variant.precision == "int8" else None,
+        ],
         sort_keys=True,
     )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -258,21 +315,34 @@ def _opset(path: Path) -> int:
 
 
 def _model_card_text(
-    spec: ModelSpec, card: ModelCard, revision: str, figures: dict[str, float], gates: dict[str, float], size: int, n: int
+    spec: ModelSpec, card: ModelCard, revision: str, gates: dict[str, float], size: int, isa: dict
 ) -> str:
-    rows = "\n".join(f"| {k} | {figures[k]:.5f} | {gates[k]} |" for k in figures)
+    names = list(gates)
+    rows = []
+    for name, proof in isa["proofs"].items():
+        values = " | ".join(f"{proof['figures'][k]:.5f}" if k in proof["figures"] else "—" for k in names)
+        rows.append(f"| {name} | {proof['how']} | {proof['inputs']} | {values} |")
+    rows += [f"| {name} | not proven: {why} | | {' | '.join('' for _ in names)} |" for name, why in isa["not_proven"].items()]
+    built_on = isa["built_on"]
     return f"""# {spec.name} ({card.precision})
 
 Built by bentoformers {__version__} from `{spec.source}` (revision `{revision}`).
 
 - task: {card.task}; {_task_line(card)}
 - max input: {card.max_length} tokens; ONNX graph: {size / 2**20:.1f} MiB
+{f"- int8 scheme: {SCHEMES[card.task]}" if card.precision == "int8" else ""}
 
-## Fidelity against the fp32 PyTorch reference ({n} shipped {"prompts" if card.task == "generation" else "sentences"})
+## Fidelity against the fp32 PyTorch reference, per CPU instruction-set class
 
-| figure | value | gate (figures named max_* are upper bounds) |
-| --- | --- | --- |
-{rows}
+Built on {built_on["model"]} ({built_on["class"]}; flags {", ".join(built_on["flags"])}). Every model service
+re-runs the stored check set ({selfcheck.CHECK_FILE}) on its own CPU before it serves this variant.
+
+| class | how | inputs | {" | ".join(names)} |
+| --- | --- | --- | {" | ".join("---" for _ in names)} |
+| gate | | | {" | ".join(str(gates[k]) for k in names)} |
+{chr(10).join(rows)}
+
+Figures named max_* are upper bounds; the rest are lower bounds.
 """
 
 

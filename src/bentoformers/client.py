@@ -123,6 +123,8 @@ class ModelInfo(_Result):
     task: str | None = None
     precision: str | None = None
     device: str | None = None
+    cpu: str | None = None  # the serving CPU's instruction-set class
+    refused_variants: list[dict[str, str]] = []  # variants whose start-up check failed on that CPU
 
 
 # ---- errors ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Build-side steps: resolve a checkpoint, export it to ONNX, optimise, quantize, compute the fp32 reference."""
+"""Build-side steps: resolve a checkpoint, export it to ONNX, optimise, compute the fp32 reference (quantize.py quantizes)."""
 
 from __future__ import annotations
 
@@ -123,62 +123,6 @@ def optimize(onnx_path: Path, out_path: Path, for_gpu: bool, fp16: bool = False,
     if fp16:
         optimized.convert_float_to_float16(keep_io_types=True)
     onnx.save_model(optimized.model, str(out_path))
-    return out_path
-
-
-def quantize_int8(onnx_path: Path, out_dir: Path) -> Path:
-    """Dynamic int8 with per-channel weights (per-tensor loses far more fidelity at the same speed)."""
-    from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
-
-    config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
-    quantizer = ORTQuantizer.from_pretrained(onnx_path.parent, file_name=onnx_path.name)
-    quantizer.quantize(config, save_dir=out_dir, file_suffix="int8")
-    return out_dir / f"{onnx_path.stem}_int8.onnx"
-
-
-def quantize_weights_int8(onnx_path: Path, out_path: Path, block_size: int = 32) -> Path:
-    """int8 weights, fp32 activations (ONNX Runtime's MatMulNBits), for decoders.
-
-    Dynamic int8 quantizes activations with one scale per tensor, so in a batch of decoding sequences
-    each row's rounding would depend on its neighbours and greedy tokens would change with the batch.
-    Weight-only int8 keeps rows independent; decoding one token per sequence is bound by reading the
-    weights, which this shrinks four-fold. Gemm nodes (how GPT-2's Conv1D layers export) become
-    MatMul + Add first, since the quantizer rewrites MatMul.
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    model = onnx.load(str(onnx_path))
-    graph = model.graph
-    weights = {w.name: w for w in graph.initializer}
-    nodes = []
-    for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        plain = attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
-        if node.op_type != "Gemm" or node.input[1] not in weights or not plain:
-            nodes.append(node)
-            continue
-        weight = node.input[1]
-        if attrs.get("transB", 0):
-            transposed = numpy_helper.from_array(numpy_helper.to_array(weights[weight]).T.copy(), f"{weight}_t")
-            graph.initializer.append(transposed)
-            weight = transposed.name
-        has_bias = len(node.input) > 2 and node.input[2]
-        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}_matmul"))
-        if has_bias:
-            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    # accuracy_level 4: int8 compute with activations quantized per block of each row (still row-independent);
-    # the default (fp32 compute, weights dequantized per call) measured 7x slower here.
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4, op_types_to_quantize=("MatMul",)
-    )
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
     return out_path
 
 

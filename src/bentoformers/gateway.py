@@ -213,6 +213,10 @@ class ModelEndpoint:
             "task": card.task,
             "precision": served.get("precision"),
             "device": served.get("device"),
+            # The start-up check on the serving CPU, and any variant it refused (then a fallback serves).
+            "cpu": served.get("cpu"),
+            "selfcheck": served.get("selfcheck"),
+            "refused_variants": served.get("refused", []),
         }
         if card.task == "embeddings":
             entry |= {"dimensions": card.dimensions, "max_input_tokens": card.max_length}

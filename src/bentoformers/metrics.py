@@ -55,6 +55,10 @@ inference_seconds = Histogram(
     "inference_seconds", "Model service time per batch, by model, precision and device.",
     ["model", "precision", "device"], namespace=NAMESPACE, buckets=LATENCY_BUCKETS,
 )
+selfcheck_refusals = Counter(
+    "selfcheck_refusals", "Variants passed over at start-up: their stored check set missed its gate on this CPU.",
+    ["model", "precision"], namespace=NAMESPACE,
+)
 model_load_seconds = Gauge(
     "model_load_seconds", "Seconds the model service took to load a model variant.",
     ["model", "precision", "device"], namespace=NAMESPACE, multiprocess_mode="max",

@@ -20,7 +20,7 @@ DEFAULT_GATES: dict[str, dict[str, dict[str, float]]] = {
     "embeddings": {
         "fp32": {"min_cosine": 0.9999, "mean_cosine": 0.99999, "neighbour_overlap": 0.99},
         "fp16": {"min_cosine": 0.999, "mean_cosine": 0.9999, "neighbour_overlap": 0.95},
-        "int8": {"min_cosine": 0.97, "mean_cosine": 0.99, "neighbour_overlap": 0.85},
+        "int8": {"min_cosine": 0.99, "mean_cosine": 0.998, "neighbour_overlap": 0.95},
     },
     "classification": {
         "fp32": {"label_agreement": 1.0, "max_prob_diff": 1e-4},

@@ -66,13 +66,22 @@ def stored_variants(model: str) -> dict[str, str]:
     return found
 
 
-def choose_precision(available: dict[str, str] | list[str], device: str, requested: str = "auto") -> str:
+def candidate_precisions(available: dict[str, str] | list[str], device: str, requested: str = "auto") -> list[str]:
+    """The variants to try, best first: each must pass its start-up check on this machine, else the next is tried.
+
+    A forced precision is the only candidate (it serves or the service refuses to start).
+    """
     if requested != "auto":
         if requested not in available:
             raise RuntimeError(f"precision {requested!r} was asked for but only {sorted(available)} are built")
-        return requested
+        return [requested]
     preference = ("fp16", "fp32", "int8") if device == "cuda" else ("int8", "fp32")
-    for precision in preference:
-        if precision in available:
-            return precision
-    raise RuntimeError(f"no variant runs on {device}: built {sorted(available)}")
+    found = [p for p in preference if p in available]
+    if not found:
+        raise RuntimeError(f"no variant runs on {device}: built {sorted(available)}")
+    return found
+
+
+def choose_precision(available: dict[str, str] | list[str], device: str, requested: str = "auto") -> str:
+    """The variant a machine of this device serves when every candidate holds."""
+    return candidate_precisions(available, device, requested)[0]

@@ -1,0 +1,82 @@
+"""The CPU's instruction-set class, which decides how ONNX Runtime's int8 kernels compute, and its emulation.
+
+Classes, newest first: `avx512-vnni` (AVX-512 with VNNI; AMX CPUs too), `avx-vnni`, `avx512`, `avx2`,
+and `sse` for anything older. A class older than the native one is reproduced with Debian's qemu-user
+(`qemu-x86_64 -cpu Haswell` gives AVX2's int8 results exactly, about 50x slower); newer ones cannot be.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+from functools import cache
+
+# The flags that select ONNX Runtime's int8 and fp32 kernels, as /proc/cpuinfo names them.
+KERNEL_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx_vnni", "amx_int8", "avx512_bf16")
+# Older classes that qemu can present, with the CPU model that presents each.
+EMULATED = {"avx2": "Haswell"}
+ORDER = ("sse", "avx2", "avx512", "avx-vnni", "avx512-vnni")
+
+
+@cache
+def flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def isa_class(cpu_flags: frozenset[str] | None = None) -> str:
+    have = flags() if cpu_flags is None else cpu_flags
+    if {"avx512f", "avx512_vnni"} <= have:
+        return "avx512-vnni"
+    if "avx_vnni" in have:
+        return "avx-vnni"
+    if {"avx512f", "avx512bw"} <= have:
+        return "avx512"
+    if "avx2" in have:
+        return "avx2"
+    return "sse"
+
+
+def describe() -> dict[str, object]:
+    """This CPU as a model's metadata records it: class, model name, the kernel-relevant flags."""
+    return {"class": isa_class(), "model": _model_name(), "flags": sorted(flags() & set(KERNEL_FLAGS))}
+
+
+def _model_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def emulated_classes() -> list[str]:
+    """The classes older than this CPU's that an emulator can reproduce here."""
+    native = ORDER.index(isa_class())
+    return [c for c in EMULATED if ORDER.index(c) < native]
+
+
+def emulator() -> str | None:
+    return shutil.which("qemu-x86_64") if platform.machine() == "x86_64" else None
+
+
+def run_emulated(isa: str, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """This Python, under qemu with the CPU model of class `isa`, running `args` (e.g. ["-m", "module", ...])."""
+    exe = emulator()
+    if exe is None:
+        raise RuntimeError("qemu-x86_64 is not installed (Debian: apt-get install qemu-user)")
+    return subprocess.run(
+        [exe, "-cpu", EMULATED[isa], sys.executable, *args], capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,148 @@
+"""The stored check set of a built variant, and the proof that it still holds on the CPU that runs it.
+
+The build writes a few of the shipped inputs (token ids) with their fp32 PyTorch reference and the
+variant's gates beside the graph. The build runs it under emulation for older instruction sets, and
+every model service runs it on its own CPU before it serves: int8 kernels compute differently per
+instruction set, so a gate passed on the build machine says nothing about the serving one.
+
+    python -m bentoformers.selfcheck FOLDER   # prints {"figures": ..., "failures": [...]} as JSON
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .fidelity import compare, compare_greedy, compare_scores
+from .spec import gate_failures
+
+CHECK_FILE = "selfcheck.json"
+CHECK_INPUTS = 24  # evenly spaced over the shipped inputs: an unbiased sample, ~0.1 s for int8 MiniLM
+# Figures a small sample cannot estimate (neighbour overlap needs the whole set); the build gates them.
+NOT_CHECKED = frozenset({"neighbour_overlap"})
+
+logger = logging.getLogger("bentoformers")
+
+
+def sample(count: int, size: int = CHECK_INPUTS) -> list[int]:
+    """Evenly spaced indices of `size` of `count` inputs."""
+    return sorted({round(i * (count - 1) / max(size - 1, 1)) for i in range(min(size, count))})
+
+
+def write(folder: Path, task: str, inputs: list[list[int]], reference: Any, gates: dict[str, float], **extra: Any) -> None:
+    """The check set: token ids, the fp32 PyTorch reference for them, the gates it must meet."""
+    data = {
+        "task": task,
+        "inputs": inputs,
+        "reference": np.asarray(reference).tolist() if task != "generation" else reference,
+        "gates": {k: v for k, v in gates.items() if k not in NOT_CHECKED},
+        **extra,
+    }
+    (folder / CHECK_FILE).write_text(json.dumps(data))
+
+
+def load(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / CHECK_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def measure(check: dict[str, Any], engine: Any) -> dict[str, float]:
+    """The check set through a loaded engine (an OnnxEncoder or OnnxDecoder), against its reference."""
+    from .engine import l2_normalize, label_scores
+
+    task, inputs = check["task"], check["inputs"]
+    if task == "generation":
+        tokens = [engine.greedy(p, check["new_tokens"], tuple(check.get("eos_token_ids", ()))) for p in inputs]
+        return compare_greedy(tokens, check["reference"])
+    reference = np.asarray(check["reference"])
+    rows = engine.embed(inputs)
+    if task == "classification":
+        return compare_scores(label_scores(rows, check.get("multi_label", False)), reference)
+    if check.get("normalize"):
+        rows = l2_normalize(rows)
+    figures = compare(rows, reference, k=0)
+    return {k: v for k, v in figures.items() if k not in NOT_CHECKED}
+
+
+def open_engine(folder: str | Path, device: str = "cpu", threads: int | None = None) -> Any:
+    from .decoder import OnnxDecoder
+    from .engine import ModelCard, OnnxEncoder
+
+    card = ModelCard.load(folder)
+    if card.task == "generation":
+        return OnnxDecoder(folder, device=device, threads=threads)
+    return OnnxEncoder(folder, device=device, threads=threads)
+
+
+def close(engine: Any) -> None:
+    if hasattr(engine, "close"):
+        engine.close()
+
+
+@dataclass
+class Proof:
+    """What the start-up check found for the variant that serves, and for any that was passed over."""
+
+    precision: str
+    engine: Any
+    figures: dict[str, float] | None  # None: the variant has no stored check set (built before there was one)
+    refused: list[dict[str, Any]] = field(default_factory=list)  # [{"precision", "reason", "figures"}]
+
+
+def first_that_holds(
+    candidates: list[tuple[str, str | Path]],
+    forced: bool,
+    open_: Callable[[str | Path], Any] = open_engine,
+    on_refusal: Callable[[str, str], None] = lambda precision, reason: None,
+) -> Proof:
+    """Loads the candidates in order (precision, folder) and serves the first whose check set meets its gates here.
+
+    With a forced precision (one candidate) a failed check refuses to start.
+    """
+    from . import cpu
+
+    refused: list[dict[str, Any]] = []
+    for precision, folder in candidates:
+        engine = open_(folder)
+        check = load(folder)
+        if check is None:
+            logger.warning("%s has no stored check set (built by an older bentoformers); not re-proven here", folder)
+            return Proof(precision, engine, None, refused)
+        figures = measure(check, engine)
+        failed = gate_failures(figures, check["gates"])
+        if not failed:
+            return Proof(precision, engine, figures, refused)
+        close(engine)
+        reason = f"below its gate on this CPU ({cpu.isa_class()}): " + "; ".join(failed)
+        on_refusal(precision, reason)
+        refused.append({"precision": precision, "reason": reason, "figures": figures})
+        if forced:
+            raise RuntimeError(f"precision {precision} was asked for, but it is {reason}; refusing to start")
+        logger.warning("not serving %s: %s", precision, reason)
+    raise RuntimeError("no built variant holds on this CPU: " + "; ".join(f"{r['precision']} {r['reason']}" for r in refused))
+
+
+def main(argv: list[str]) -> int:
+    folder = Path(argv[0])
+    check = load(folder)
+    if check is None:
+        print(json.dumps({"error": f"no {CHECK_FILE} in {folder}"}))
+        return 2
+    engine = open_engine(folder, threads=1)
+    try:
+        figures = measure(check, engine)
+    finally:
+        close(engine)
+    print(json.dumps({"figures": figures, "failures": gate_failures(figures, check["gates"])}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
