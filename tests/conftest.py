@@ -76,8 +76,12 @@ def served_build(minilm_build):
 
 @pytest.fixture(scope="session")
 def minilm_path(minilm_build):
+    """The folders of the built CPU variants; a variant refused on this CPU fails here with its reason (it names
+    the CPU's instruction-set class), not as a KeyError further on."""
     import bentoml
 
+    for precision in ("fp32", "int8"):
+        assert minilm_build[precision].ok, f"minilm {precision}: {minilm_build[precision].reason}"
     return {p: Path(bentoml.models.get(r.tag).path) for p, r in minilm_build.items() if r.ok}
 
 

@@ -22,8 +22,9 @@ EXTRAS = {"serve": "bentoml", "build": "torch", "bench": "matplotlib"}
 OK, FAILED, USAGE = 0, 1, 2
 
 EPILOG = """\
-exit codes: 0 done; 1 the work failed (a variant below its fidelity gate, a benchmark point with no
-successful answer); 2 a usage or setup problem (bad flag, missing extra, nothing built), with a hint.
+exit codes: 0 done; 1 the work failed (a model with no variant that passes its fidelity gates, or with
+`build --strict` any variant below them; a benchmark point with no successful answer); 2 a usage or
+setup problem (bad flag, missing extra, nothing built), with a hint.
 
 examples:
   bentoformers build                      export, quantize, validate and store build/models.yaml
@@ -59,20 +60,38 @@ def _build(args: argparse.Namespace) -> int:
         missing = set(args.only) - {s.name for s in specs}
         if missing:
             raise CliError(f"not in {args.models}: {', '.join(sorted(missing))}")
-    failed = []
+    refused, unservable = [], []
     for spec in specs:
         try:
             results = build_model(spec, force=args.force, report=StepTicker(sys.stdout))
         except RuntimeError as exc:
             print(f"error: {spec.name}: {exc}", file=sys.stderr)
             return FAILED
-        failed += [r for r in results if r.status == "failed gate"]
-    if failed:
+        refused += [r for r in results if r.status == "failed gate"]
+        if not any(r.ok for r in results):
+            unservable.append(spec.name)
+        elif any(r.status == "failed gate" for r in results):
+            print(f"{spec.name}: {_serves_instead(results)}")
+    if refused:
         print("\nNot saved (below their fidelity gates):", file=sys.stderr)
-        for r in failed:
+        for r in refused:
             print(f"  {r.tag}: {r.reason}", file=sys.stderr)
+    if unservable:
+        print(f"\nNo servable variant: {', '.join(unservable)}", file=sys.stderr)
         return FAILED
-    return OK
+    return FAILED if refused and args.strict else OK
+
+
+def _serves_instead(results) -> str:
+    from .engine import pick_device
+    from .store import choose_precision
+
+    refused = ", ".join(r.precision for r in results if r.status == "failed gate")
+    device = pick_device()
+    try:
+        return f"{refused} refused; the service will serve {choose_precision([r.precision for r in results if r.ok], device)} on {device}"
+    except RuntimeError as exc:
+        return f"{refused} refused; {exc}"
 
 
 class StepTicker:
@@ -342,12 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
         "build",
         help="export, quantize, validate and store the models of a model list",
         description="For each model and variant: export to ONNX, optimise or quantize, validate against the "
-        "fp32 PyTorch reference, and save into the BentoML model store. Up-to-date variants are skipped; "
-        "a variant below its fidelity gate is not saved and the command exits with 1.",
+        "fp32 PyTorch reference (natively, and int8 also under qemu for older CPU classes), and save into the "
+        "BentoML model store. Up-to-date variants are skipped; a variant below its fidelity gate is not saved "
+        "and the build says why; it exits with 1 only when a model is left with no saved variant (--strict: "
+        "when any variant is refused).",
     )
     build.add_argument("--models", type=Path, default=DEFAULT_MODEL_LIST, help="model list (default: %(default)s)")
     build.add_argument("--only", nargs="+", metavar="NAME", help="build only these entries")
     build.add_argument("--force", action="store_true", help="rebuild even if an identical variant is stored")
+    build.add_argument("--strict", action="store_true", help="exit 1 when any variant is refused (for pipelines)")
     build.set_defaults(func=_build)
 
     serve = sub.add_parser(

@@ -1,0 +1,75 @@
+"""The start-up proof: a model service serves the best variant whose stored check set holds on its CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from bentoformers import cpu, selfcheck
+from bentoformers.engine import OnnxEncoder, TextTokenizer, l2_normalize
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_stored_check_set_is_a_sample_of_the_validation_texts_with_their_reference(minilm_path, sentences):
+    check = selfcheck.load(minilm_path["int8"])
+    picked = selfcheck.sample(len(sentences))
+    assert len(check["inputs"]) == len(picked) == selfcheck.CHECK_INPUTS
+    assert check["inputs"] == TextTokenizer(minilm_path["int8"], 256).encode([sentences[i] for i in picked], True)
+    # the reference is the fp32 one: the fp32 graph reproduces it
+    fp32 = OnnxEncoder(minilm_path["fp32"], threads=1)
+    ours = l2_normalize(fp32.embed(check["inputs"]))
+    assert float((ours * np.asarray(check["reference"])).sum(axis=1).min()) >= 0.9999
+    assert check["gates"] == {"min_cosine": 0.99, "mean_cosine": 0.998}
+
+
+def test_a_variant_that_holds_here_is_served_and_its_figures_reported(minilm_path):
+    proof = selfcheck.first_that_holds([("int8", minilm_path["int8"]), ("fp32", minilm_path["fp32"])], forced=False)
+    assert proof.precision == "int8" and proof.refused == []
+    assert proof.figures["min_cosine"] >= 0.99 and proof.figures["mean_cosine"] >= 0.998
+    assert proof.engine.embed(json.loads((minilm_path["int8"] / selfcheck.CHECK_FILE).read_text())["inputs"][:1]).shape == (1, 384)
+
+
+@pytest.fixture
+def unmeetable_int8(minilm_path, tmp_path):
+    """The real int8 variant with gates it cannot meet: what a CPU that computes it differently would see."""
+    folder = tmp_path / "int8"
+    shutil.copytree(minilm_path["int8"], folder)
+    check = selfcheck.load(folder)
+    check["gates"] = {"min_cosine": 1.0, "mean_cosine": 1.0}
+    (folder / selfcheck.CHECK_FILE).write_text(json.dumps(check))
+    return folder
+
+
+def test_a_variant_below_its_gate_on_this_cpu_falls_back_to_the_next(unmeetable_int8, minilm_path):
+    refusals = []
+    proof = selfcheck.first_that_holds(
+        [("int8", unmeetable_int8), ("fp32", minilm_path["fp32"])], forced=False,
+        on_refusal=lambda precision, reason: refusals.append((precision, reason)),
+    )
+    assert proof.precision == "fp32" and proof.figures["min_cosine"] >= 0.9999
+    (refused,) = proof.refused
+    assert refused["precision"] == "int8" and refusals == [("int8", refused["reason"])]
+    assert f"on this CPU ({cpu.isa_class()})" in refused["reason"] and "min_cosine" in refused["reason"]
+
+
+def test_a_forced_precision_below_its_gate_refuses_to_start(unmeetable_int8):
+    with pytest.raises(RuntimeError, match="precision int8 was asked for, but it is below its gate on this CPU"):
+        selfcheck.first_that_holds([("int8", unmeetable_int8)], forced=True)
+
+
+def test_the_check_runs_as_a_command_and_says_what_failed(unmeetable_int8, minilm_path):
+    import subprocess
+    import sys
+
+    def run(folder):
+        done = subprocess.run([sys.executable, "-m", "bentoformers.selfcheck", str(folder)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    assert run(minilm_path["int8"])["failures"] == []
+    failures = run(unmeetable_int8)["failures"]
+    assert len(failures) == 2 and failures[0].startswith("min_cosine 0.99")
