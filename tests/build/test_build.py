@@ -136,3 +136,30 @@ def test_a_local_checkpoint_builds_and_a_variant_below_its_gate_is_not_saved(tin
 def test_a_hub_id_goes_to_the_hub_and_fails_clearly_offline():
     with pytest.raises(RuntimeError, match="cannot fetch 'sentence-transformers/nope-not-a-model' from the model hub"):
         resolve_source("sentence-transformers/nope-not-a-model")
+
+
+def test_the_build_command_exits_0_while_every_model_keeps_a_servable_variant(tiny_bert, tmp_path, capsys):
+    import yaml
+
+    from bentoformers import cli
+
+    unmeetable = {"min_cosine": 1.0, "mean_cosine": 1.0, "neighbour_overlap": 1.0}
+
+    def build(entries, *flags):
+        path = tmp_path / "models.yaml"
+        path.write_text(yaml.safe_dump({"models": entries}))
+        code = cli.main(["build", "--models", str(path), *flags])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    both = {"name": "tiny-cli", "source": str(tiny_bert),
+            "variants": [{"precision": "fp32"}, {"precision": "int8", "gates": unmeetable}]}
+    code, out, err = build([both])
+    assert code == cli.OK
+    assert "tiny-cli: int8 refused; the service will serve fp32 on cpu" in out
+    assert "Not saved (below their fidelity gates)" in err and "tiny-cli-int8:" in err and "min_cosine" in err
+    code, _, err = build([both], "--strict")
+    assert code == cli.FAILED and "tiny-cli-int8:" in err
+    only = {"name": "tiny-cli-only", "source": str(tiny_bert), "variants": [{"precision": "int8", "gates": unmeetable}]}
+    code, _, err = build([both, only])
+    assert code == cli.FAILED and "No servable variant: tiny-cli-only" in err
