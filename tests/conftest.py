@@ -70,7 +70,14 @@ def served_build(minilm_build):
     results = {}
     for spec in load_model_list(path):
         results[spec.name] = {r.precision: r for r in build_model(spec)}
-        assert all(r.ok for r in results[spec.name].values()), results[spec.name]
+    # What the tests serve. gpt2's int8 (weight-only, MatMulNBits) computes differently per instruction set
+    # and the tiny model's greedy near-ties do not survive that on every CPU class (README, "int8 on every
+    # CPU"): where it is refused the build says on which class, and the tests that need it skip saying so.
+    for name, precision in [("minilm", "fp32"), ("minilm", "int8"), ("sentiment", "fp32"), ("sentiment", "int8"),
+                            ("gpt2", "fp32")]:
+        assert results[name][precision].ok, f"{name} {precision}: {results[name][precision].reason}"
+    gpt2_int8 = results["gpt2"]["int8"]
+    assert gpt2_int8.ok or " on avx2" in gpt2_int8.reason or " on sse" in gpt2_int8.reason, gpt2_int8.reason
     return results
 
 

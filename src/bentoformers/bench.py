@@ -39,6 +39,14 @@ def run(args: argparse.Namespace) -> int:
     from .cli import FAILED, OK, CliError
 
     texts = load_texts(args.texts)
+    if args.model_only:
+        from . import cpu
+
+        print(f"the built model in process on {cpu.describe()['model']} ({cpu.isa_class()}, {os.cpu_count()} CPUs), "
+              f"{args.duration:g} s per point")
+        for label, rate in in_process(texts, args.texts_per_request, args.duration).items():
+            print(f"  {label}: {rate:.1f} texts/s")
+        return OK
     server = LocalServer.start() if args.url is None else None
     base = (server.url if server else args.url).rstrip("/")
     route = args.path or ("/embed" if args.api == "native" else "/v1/embeddings")

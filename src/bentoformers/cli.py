@@ -435,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--server-pid", type=int, help="pid of the server, for memory (default: found by port)")
     bench.add_argument("--in-process", action="store_true",
                        help="also measure the built model in this process: the ceiling the server is compared with")
+    bench.add_argument("--model-only", action="store_true",
+                       help="only time the built int8 and fp32 variants in process (no server), as the service runs them")
     bench.add_argument("--json", type=Path, default=Path("bench-results/bench.json"), help="(default: %(default)s)")
     bench.add_argument("--plot", type=Path, default=Path("bench-results/bench.png"), help="(default: %(default)s)")
     bench.set_defaults(func=_bench)

@@ -25,7 +25,7 @@ DEFAULT_GATES: dict[str, dict[str, dict[str, float]]] = {
     "classification": {
         "fp32": {"label_agreement": 1.0, "max_prob_diff": 1e-4},
         "fp16": {"label_agreement": 0.99, "max_prob_diff": 0.01},
-        "int8": {"label_agreement": 0.95, "max_prob_diff": 0.1},
+        "int8": {"label_agreement": 0.99, "max_prob_diff": 0.1},
     },
     "generation": {
         "fp32": {"token_agreement": 1.0},

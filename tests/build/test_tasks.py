@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import bentoml
 import numpy as np
@@ -26,7 +27,7 @@ def stored(result) -> bentoml.Model:
 def test_classifier_variants_are_validated_by_label_agreement_and_stored_with_their_labels(served_build):
     results = served_build["sentiment"]
     assert results["fp32"].figures["label_agreement"] == 1.0 and results["fp32"].figures["max_prob_diff"] < 1e-4
-    assert results["int8"].figures["label_agreement"] >= 0.95 and results["int8"].figures["max_prob_diff"] <= 0.1
+    assert results["int8"].figures["label_agreement"] >= 0.99 and results["int8"].figures["max_prob_diff"] <= 0.1
     model = stored(results["int8"])
     assert model.info.labels["task"] == "classification"
     assert model.info.metadata["labels"] == ["negative", "positive"] and model.info.metadata["multi_label"] is False
@@ -41,7 +42,7 @@ def test_a_texts_logits_do_not_depend_on_its_batch(served_build, sentences, prec
     ids = TextTokenizer(folder, 128).encode(sentences[:64], truncate=True)
     alone = np.stack([encoder.classify([seq])[0] for seq in ids])
     together = encoder.classify(ids)
-    if precision == "int8":  # each text runs alone: dynamic int8 scales activations per tensor
+    if precision == "int8":  # each text runs alone (README, "Batching never changes answers")
         assert np.array_equal(alone, together)
     else:
         np.testing.assert_allclose(together, alone, atol=1e-5)
@@ -69,16 +70,28 @@ def test_a_multi_label_classifier_gets_a_sigmoid_per_label(tmp_path, sentences):
 
 
 def test_generation_variants_are_validated_by_greedy_token_agreement(served_build):
-    import onnx
-
     results = served_build["gpt2"]
     assert results["fp32"].figures == {"token_agreement": 1.0}
-    assert results["int8"].figures["token_agreement"] >= 0.8
-    model = stored(results["int8"])
+    model = stored(results["fp32"])
     assert model.info.labels["task"] == "generation" and model.info.metadata["eos_token_ids"] == [0]
-    ops = {n.op_type for n in onnx.load(model.path_of("model.onnx")).graph.node}
+    int8 = results["int8"]
+    if not int8.ok:
+        pytest.skip(f"gpt2 int8 was refused on this machine's CPU classes: {int8.reason}")
+    assert int8.figures["token_agreement"] >= 0.8
+    for proof in stored(int8).info.metadata["isa"]["proofs"].values():
+        assert proof["figures"]["token_agreement"] >= 0.8
+
+
+def test_decoder_int8_is_weight_only_and_shrinks_the_graph(served_build, tmp_path):
+    import onnx
+
+    from bentoformers.quantize import quantize_decoder_int8
+
+    fp32 = stored(served_build["gpt2"]["fp32"])
+    graph = quantize_decoder_int8(Path(fp32.path_of("model.onnx")), tmp_path / "int8.onnx")
+    ops = {n.op_type for n in onnx.load(str(graph)).graph.node}
     assert "MatMulNBits" in ops and "DynamicQuantizeLinear" not in ops  # weight-only int8
-    assert model.info.metadata["onnx_bytes"] < stored(results["fp32"]).info.metadata["onnx_bytes"] * 0.7
+    assert graph.stat().st_size < fp32.info.metadata["onnx_bytes"] * 0.7
 
 
 def test_decoding_sequences_together_gives_each_the_tokens_it_gets_alone(served_build):
