@@ -103,3 +103,11 @@ def test_readme_cli_examples_run(server, tmp_path):
                      "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")]
         out = bentoformers(*argv, timeout=300)
         assert out.returncode == 0, f"{line}\n{out.stderr[-2000:]}"
+
+
+def test_bench_model_only_times_the_built_variants_as_the_service_runs_them(minilm_path):
+    out = bentoformers("bench", "--model-only", "-n", "1,8", "--duration", "0.2")
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^the built model in process on .+ \((avx2|avx512|avx-vnni|avx512-vnni|sse), \d+ CPUs\)", out.stdout)
+    for label in ("int8, 1 text/call", "int8, 8 texts/call", "fp32, 1 text/call", "fp32, 8 texts/call"):
+        assert re.search(rf"^  {re.escape(label)}: \d+\.\d texts/s$", out.stdout, re.M), out.stdout
