@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncGenerator
 
@@ -163,15 +162,11 @@ def _model_service(stored: StoredModel) -> bentoml.Service:
     # Every stored variant is declared, so the bento and its image carry all of them.
     for precision, tag in stored.variants.items():
         attrs[f"model_{precision}"] = bentoml.models.BentoModel(tag)
-    cls = type(_identifier(stored.name), (SERVICE_CLASSES[stored.task],), attrs)
+    cls = type(stored.attribute, (SERVICE_CLASSES[stored.task],), attrs)
     # Internal service: its per-call access log would only repeat the gateway's, at a real CPU cost.
     return bentoml.service(
         name=f"model-{stored.name}", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}}
     )(cls)
-
-
-def _identifier(name: str) -> str:
-    return "model_" + re.sub(r"\W", "_", name)
 
 
 model_services = {stored.name: _model_service(stored) for stored in served}
@@ -182,8 +177,8 @@ class _Gateway:
     def __init__(self) -> None:
         endpoints = []
         for stored in served:
-            service = getattr(self, _identifier(stored.name))
-            folder = getattr(self, f"{_identifier(stored.name)}_files").path
+            service = getattr(self, stored.attribute)
+            folder = getattr(self, stored.files_attribute).path
             call = stream = cancel = None
             if stored.task == "generation":
                 stream, cancel = _streamer(service), _caller(service, "cancel")
@@ -213,9 +208,9 @@ def _streamer(service: object):
 
 
 for _stored in served:
-    setattr(_Gateway, _identifier(_stored.name), bentoml.depends(model_services[_stored.name]))
+    setattr(_Gateway, _stored.attribute, bentoml.depends(model_services[_stored.name]))
     # The gateway reads each model's card and tokenizer from the stored files.
-    setattr(_Gateway, f"{_identifier(_stored.name)}_files", bentoml.models.BentoModel(next(iter(_stored.variants.values()))))
+    setattr(_Gateway, _stored.files_attribute, bentoml.models.BentoModel(next(iter(_stored.variants.values()))))
 _Gateway.__name__ = _Gateway.__qualname__ = "Gateway"
 
 # BentoML's text access log is replaced by AccessLogMiddleware's JSON lines (and their CPU cost saved).

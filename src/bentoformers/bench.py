@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import __version__
+from .exits import FAILED, OK, CliError
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
 LABEL_BOX = {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75}
@@ -36,7 +37,6 @@ DISTINCT_BODIES = 64  # request bodies are encoded up front, so the load generat
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import FAILED, OK, CliError
 
     texts = load_texts(args.texts)
     if args.model_only:
@@ -232,7 +232,6 @@ class LocalServer:
     def start(cls, timeout: float = 180.0) -> LocalServer:
         import httpx
 
-        from .cli import CliError
 
         if not Path("service.py").is_file():
             raise CliError("no URL given and no service.py here: pass the server's URL, or run from the project folder")

@@ -14,12 +14,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from .exits import FAILED, OK, USAGE, CliError
+
 DEFAULT_MODEL_LIST = Path("build/models.yaml")
 DEFAULT_TARGET = "service:Gateway"
 EXTRAS = {"serve": "bentoml", "build": "torch", "bench": "matplotlib"}
-
-# Exit codes, also listed in `bentoformers --help`.
-OK, FAILED, USAGE = 0, 1, 2
 
 EPILOG = """\
 exit codes: 0 done; 1 the work failed (a model with no variant that passes its fidelity gates, or with
@@ -33,10 +32,6 @@ examples:
   bentoformers keys create --id team-a --file keys.yaml    a new API key (printed once, hash stored)
   bentoformers bench http://host:3000     throughput and latency sweep, JSON and a PNG plot
 """
-
-
-class CliError(Exception):
-    """A problem the user can fix; the message says how. Exits with code 2."""
 
 
 def _need(extra: str, command: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import ONNX_FILE
+from .engine import ONNX_FILE, open_session
 
 
 @dataclass
@@ -64,14 +64,8 @@ class DecodeBatch:
 
 class OnnxDecoder:
     def __init__(self, folder: str | Path, device: str = "cpu", threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         self.device = device
-        self.session = ort.InferenceSession(str(Path(folder) / ONNX_FILE), options, providers=providers)
+        self.session = open_session(Path(folder) / ONNX_FILE, device, intra_op_threads=threads or 0)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]

@@ -111,6 +111,26 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
+def open_session(path: str | Path, device: str = "cpu", intra_op_threads: int = 0, inter_op_threads: int = 0):
+    """The one way a graph is opened: an ONNX Runtime session on `device`, which really runs there.
+
+    ONNX Runtime falls back to CPU with only a log line when CUDA cannot start; a model service that then
+    said `cuda` in /v1/models and its metrics would be lying, so that is an error here.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads  # 0: ONNX Runtime's default (one per core)
+    options.inter_op_num_threads = inter_op_threads
+    if device == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (the GPU image has no system CUDA)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise RuntimeError(f"ONNX Runtime could not start CUDA for {path} (see its log above); not serving on CPU")
+    return session
+
+
 def _has_cuda_driver() -> bool:
     import ctypes
 
@@ -140,22 +160,15 @@ class OnnxEncoder:
         threads: int | None = None,
         max_batch_tokens: int = 8192,
     ) -> None:
-        import onnxruntime as ort
-
         self.folder = Path(folder)
         self.card = ModelCard.load(folder)
         self.device = device
         self.max_batch_tokens = max_batch_tokens
         workers = 1 if device == "cuda" else (threads or os.cpu_count() or 1)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1 if device == "cpu" else 0
-        options.inter_op_num_threads = 1
-        if device == "cuda" and hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (the GPU image has no system CUDA)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(self.folder / ONNX_FILE), options, providers=providers)
-        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise RuntimeError("ONNX Runtime could not start CUDA for this model (see its log above); not serving on CPU")
+        # On CPU, one single-threaded inference per core (see the class docstring).
+        self.session = open_session(
+            self.folder / ONNX_FILE, device, intra_op_threads=1 if device == "cpu" else 0, inter_op_threads=1
+        )
         self._input_names = {i.name for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         self._pooled = self.card.task == "embeddings"

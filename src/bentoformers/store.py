@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,26 @@ class StoredModel:
     task: str
     variants: dict[str, str]  # {precision: tag}
 
+    @property
+    def attribute(self) -> str:
+        """This model's Python identifier on the gateway class (its model service dependency).
+
+        Model names may hold `-`, `.` and `_`; each is spelled by its code point (`a-b` -> `model_a_2db`,
+        `a.b` -> `model_a_2eb`), so distinct names never meet, and no name can end in `__files`.
+        """
+        return "model_" + re.sub(r"[^a-z0-9]", lambda m: f"_{ord(m.group()):02x}", self.name)
+
+    @property
+    def files_attribute(self) -> str:
+        """The gateway's handle on this model's stored files (card and tokenizer)."""
+        return f"{self.attribute}__files"
+
+
+def check_attributes_unique(models: list[StoredModel]) -> None:
+    names = [a for m in models for a in (m.attribute, m.files_attribute)]
+    if len(names) != len(set(names)):
+        raise RuntimeError(f"served model names collide as Python identifiers: {sorted(m.name for m in models)}")
+
 
 def served_models(settings: Settings, base: Path | None = None) -> list[StoredModel]:
     """The models to serve, in model-list order: the names the settings give, else every built entry.
@@ -25,7 +46,9 @@ def served_models(settings: Settings, base: Path | None = None) -> list[StoredMo
     """
     wanted = settings.served_names()
     if wanted:
-        return [_stored(name) for name in wanted]
+        found = [_stored(name) for name in wanted]
+        check_attributes_unique(found)
+        return found
     names = [spec.name for spec in load_model_list((base or Path()) / settings.model_list)]
     found = []
     for name in names:
@@ -37,6 +60,7 @@ def served_models(settings: Settings, base: Path | None = None) -> list[StoredMo
         raise RuntimeError(
             f"no entry of {settings.model_list} is built in the BentoML model store; run `bentoformers build` first"
         )
+    check_attributes_unique(found)
     return found
 
 

@@ -138,3 +138,15 @@ def test_a_hub_id_is_resolved_through_the_hub_cache(tmp_path, monkeypatch, serve
                                      "variants": [{"precision": "fp32"}]})
     (result,) = build_model(spec)
     assert result.status == "saved" and stored(result).info.labels["revision"] == commit
+
+
+@pytest.mark.parametrize("model", ["sentiment", "gpt2"])
+def test_a_graph_that_cannot_start_cuda_is_an_error_not_a_quiet_cpu_fallback(served_build, model):
+    from bentoformers.engine import pick_device
+    from bentoformers.selfcheck import open_engine
+
+    if pick_device() == "cuda":
+        pytest.skip("CUDA starts on this machine")
+    folder = stored(served_build[model]["fp32"]).path
+    with pytest.raises(RuntimeError, match="ONNX Runtime could not start CUDA for .*model.onnx"):
+        open_engine(folder, device="cuda")

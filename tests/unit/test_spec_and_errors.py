@@ -45,3 +45,15 @@ def test_length_plan_keeps_padding_small_and_respects_the_token_budget():
     for g in groups:
         lengths = [len(batch[i]) for i in g]
         assert len(g) == 1 or (max(lengths) * len(g) <= 64 and max(lengths) <= min(lengths) * 1.25 + 4)
+
+
+def test_model_names_never_collide_as_gateway_attributes():
+    from bentoformers.store import StoredModel, check_attributes_unique
+
+    names = ["a-b", "a.b", "a_b", "ab", "x", "x_files", "x__files", "x-files"]
+    models = [StoredModel(n, "embeddings", {}) for n in names]
+    attributes = [a for m in models for a in (m.attribute, m.files_attribute)]
+    assert len(set(attributes)) == len(attributes) and all(a.isidentifier() for a in attributes)
+    check_attributes_unique(models)
+    with pytest.raises(RuntimeError, match="collide"):
+        check_attributes_unique([models[0], StoredModel("a-b", "classification", {})])
