@@ -17,6 +17,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
+from .routes import PROBE_PATHS
 
 logger = logging.getLogger("bentoformers.access")
 MAX_PATH_CHARS = 256
@@ -66,7 +67,7 @@ class AccessLogMiddleware:
         route = metrics.route_label(scope)
         metrics.requests.labels(route, str(status)).inc()
         metrics.request_seconds.labels(route).observe(seconds)
-        if not self.enabled or (route in metrics.PROBE_PATHS and status < 400):
+        if not self.enabled or (route in PROBE_PATHS and status < 400):
             return
         state: dict[str, Any] = scope.get("state") or {}
         identity = state.get("identity")

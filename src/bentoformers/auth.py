@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import metrics
 from .errors import ApiError, ErrorType, error_response
+from .routes import PROBE_PATHS, ROUTE_TASKS
 from .settings import Settings
 
 logger = logging.getLogger("bentoformers.auth")
@@ -42,14 +43,6 @@ ALL = "*"
 KEY_PREFIX = "bf"
 KEY_ID = r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}"
 _KEY_RE = re.compile(rf"{KEY_PREFIX}_({KEY_ID})_([A-Za-z0-9_-]{{20,}})")
-# Route -> task (the scope it needs). Any other path needs a valid identity and no particular scope.
-ROUTE_TASKS = {
-    "/embed": "embeddings",
-    "/v1/embeddings": "embeddings",
-    "/classify": "classification",
-    "/generate": "generation",
-    "/v1/completions": "generation",
-}
 DEFAULT_TIER = "default"
 KEY_FILE_RELOAD_SECONDS = 5.0  # how soon a change to the key file takes effect
 ANONYMOUS_TIER = "anonymous"
@@ -343,7 +336,7 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Probes, the metrics scrape and CORS preflight need no credentials.
-        if scope["type"] != "http" or scope["path"] in metrics.PROBE_PATHS or _is_preflight(scope):
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS or _is_preflight(scope):
             await self.app(scope, receive, send)
             return
         try:

@@ -28,6 +28,7 @@ from .batcher import Coalescer
 from .engine import InputTooLong, ModelCard, TextTokenizer, l2_normalize, label_scores
 from .errors import ApiError, ErrorType, error_response
 from .ratelimit import charge_tokens
+from .routes import ROUTES
 from .schemas import ClassifyRequest, CompletionRequest, EmbedRequest, GenerateRequest, OpenAIEmbeddingRequest
 from .settings import Settings
 
@@ -590,16 +591,15 @@ class _Fallback(Route):
         return super().matches(scope)
 
 
+HANDLERS = {f.__name__: f for f in (embed, openai_embeddings, classify, generate, openai_completions, list_models)}
+
+
 def create_app() -> Starlette:
-    routes = [
-        Route("/embed", _with_errors(embed), methods=["POST"]),
-        Route("/v1/embeddings", _with_errors(openai_embeddings), methods=["POST"]),
-        Route("/classify", _with_errors(classify), methods=["POST"]),
-        Route("/generate", _with_errors(generate), methods=["POST"]),
-        Route("/v1/completions", _with_errors(openai_completions), methods=["POST"]),
-        Route("/v1/models", _with_errors(list_models), methods=["GET"]),
-        _Fallback("/{path:path}", _with_errors(not_found), methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
-    ]
+    """The routes of the route table (routes.py), then one error body for every other path."""
+    routes = [Route(r.path, _with_errors(HANDLERS[r.handler]), methods=[r.method]) for r in ROUTES]
+    routes.append(
+        _Fallback("/{path:path}", _with_errors(not_found), methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    )
     return Starlette(routes=routes)
 
 

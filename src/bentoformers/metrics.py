@@ -11,6 +11,8 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from .routes import PUBLIC_PATHS
+
 NAMESPACE = "bentoformers"
 # Seconds: from a fraction of a millisecond (a lone text on CPU) to the request timeout.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -76,13 +78,6 @@ for _reason in REJECTION_REASONS:  # exported at 0 from the start, so rate() and
     rejections.labels(_reason)
 
 
-# BentoML's probes and the scrape: never behind auth or the in-flight bound, logged only when they fail.
-PROBE_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
-# The routes a request can be refused on before routing (by auth, rate limits, overload): they get their
-# own label even then. Routes answered by the router are labelled by the template it matched.
-PUBLIC_ROUTES = frozenset({
-    "/embed", "/v1/embeddings", "/v1/models", "/classify", "/generate", "/v1/completions",
-}) | PROBE_PATHS
 
 
 def route_label(scope: dict) -> str:
@@ -92,7 +87,7 @@ def route_label(scope: dict) -> str:
     if isinstance(template, str) and template.startswith("/") and ":path}" not in template:
         return template
     path = scope.get("path", "")
-    return path if path in PUBLIC_ROUTES else "other"
+    return path if path in PUBLIC_PATHS else "other"
 
 
 def count_rejection(reason: str) -> None:

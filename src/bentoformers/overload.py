@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
 from .errors import ApiError, ErrorType, error_response
+from .routes import PROBE_PATHS
 
 logger = logging.getLogger("bentoformers.overload")
 
@@ -38,7 +39,7 @@ class OverloadMiddleware:
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in metrics.PROBE_PATHS:  # they answer even when saturated
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:  # they answer even when saturated
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_in_flight:

@@ -57,3 +57,16 @@ def test_model_names_never_collide_as_gateway_attributes():
     check_attributes_unique(models)
     with pytest.raises(RuntimeError, match="collide"):
         check_attributes_unique([models[0], StoredModel("a-b", "classification", {})])
+
+
+def test_the_app_routes_exactly_the_route_table():
+    from starlette.routing import Route
+
+    from bentoformers.gateway import HANDLERS, create_app
+    from bentoformers.routes import ROUTE_TASKS, ROUTES
+
+    app = create_app()
+    served = {(r.path, m) for r in app.routes if isinstance(r, Route) and "{" not in r.path for m in r.methods - {"HEAD"}}
+    assert served == {(r.path, r.method) for r in ROUTES}
+    assert set(HANDLERS) == {r.handler for r in ROUTES}
+    assert set(ROUTE_TASKS.values()) == {"embeddings", "classification", "generation"}
