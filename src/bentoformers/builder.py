@@ -112,8 +112,6 @@ def _build_variant(
     revision: str,
     report: Report,
 ) -> VariantResult:
-    import bentoml
-
     precision = variant.precision
     device = "cuda" if precision == "fp16" else "cpu"
     if device == "cuda" and pick_device() != "cuda":
@@ -124,17 +122,7 @@ def _build_variant(
     out = work / precision
     out.mkdir()
     with step(report, f"{precision}: build graph"):
-        if precision == "int8" and spec.task == "generation":
-            graph = quantize_decoder_int8(exported, work / "int8.onnx")
-        elif precision == "int8":
-            calibration = TextTokenizer(exported.parent, card.max_length).encode(sentences, truncate=True)
-            graph = quantize_encoder_int8(exported, work / "int8.onnx", calibration)
-        else:
-            graph = optimize(
-                exported, work / f"{precision}-opt.onnx", for_gpu=device == "cuda", fp16=precision == "fp16",
-                fuse=spec.task != "generation",
-            )
-        shutil.copy2(graph, out / ONNX_FILE)
+        shutil.copy2(_graph(spec, precision, card, exported, sentences, work), out / ONNX_FILE)
     copy_tokenizer(exported.parent, out)
     variant_card = ModelCard(**{**card.__dict__, "precision": precision})
     variant_card.save(out)
@@ -158,32 +146,43 @@ def _build_variant(
 
     size = (out / ONNX_FILE).stat().st_size
     (out / "README.md").write_text(_model_card_text(spec, variant_card, revision, gates, size, isa))
-    if _exists(tag):  # --force: the rebuilt variant replaces the stored one
-        bentoml.models.delete(tag)
-    with bentoml.models.create(
-        tag,
-        labels={
-            "model": spec.name,
-            "task": spec.task,
-            "precision": precision,
-            "source": spec.source,
-            "revision": revision,
-        },
-        metadata={
-            "validation": figures,
-            "gates": gates,
-            "validation_texts": len(sentences),
-            "isa": isa,
-            **({"quantization": SCHEMES[spec.task]} if precision == "int8" else {}),
-            "opset": _opset(out / ONNX_FILE),
-            "onnx_bytes": size,
-            **{k: v for k, v in variant_card.__dict__.items() if k not in ("name", "precision")},
-            "bentoformers": __version__,
-        },
-    ) as stored:
-        shutil.copytree(out, stored.path, dirs_exist_ok=True)
+    metadata = {
+        "validation": figures,
+        "gates": gates,
+        "validation_texts": len(sentences),
+        "isa": isa,
+        **({"quantization": SCHEMES[spec.task]} if precision == "int8" else {}),
+        "opset": _opset(out / ONNX_FILE),
+        "onnx_bytes": size,
+        **{k: v for k, v in variant_card.__dict__.items() if k not in ("name", "precision")},
+        "bentoformers": __version__,
+    }
+    _save(tag, out, {"model": spec.name, "task": spec.task, "precision": precision, "source": spec.source,
+                     "revision": revision}, metadata)
     report(f"  {tag}: saved ({shown}; {size / 2**20:.1f} MiB)")
     return VariantResult(tag, precision, "saved", figures)
+
+
+def _graph(spec: ModelSpec, precision: str, card: ModelCard, exported: Path, sentences: list[str], work: Path) -> Path:
+    """The variant's graph: int8 quantized for its task, else optimised (fp16 converted)."""
+    if precision == "int8" and spec.task == "generation":
+        return quantize_decoder_int8(exported, work / "int8.onnx")
+    if precision == "int8":
+        calibration = TextTokenizer(exported.parent, card.max_length).encode(sentences, truncate=True)
+        return quantize_encoder_int8(exported, work / "int8.onnx", calibration)
+    return optimize(
+        exported, work / f"{precision}-opt.onnx", for_gpu=precision == "fp16", fp16=precision == "fp16",
+        fuse=spec.task != "generation",
+    )
+
+
+def _save(tag: str, folder: Path, labels: dict[str, str], metadata: dict) -> None:
+    import bentoml
+
+    if _exists(tag):  # --force: the rebuilt variant replaces the stored one
+        bentoml.models.delete(tag)
+    with bentoml.models.create(tag, labels=labels, metadata=metadata) as stored:
+        shutil.copytree(folder, stored.path, dirs_exist_ok=True)
 
 
 def _validate(card: ModelCard, folder: Path, device: str, reference: object, sentences: list[str]) -> dict[str, float]:

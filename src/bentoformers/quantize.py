@@ -38,7 +38,7 @@ OUTLIER_SHARE = 96  # one input channel in this many (at least one) stays in fp3
 def quantize_encoder_int8(onnx_path: Path, out_path: Path, calibration: list[list[int]]) -> Path:
     """Per-token W7A8 int8 (see the module docstring), calibrated on token ids run one text at a time."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     model = onnx.load(str(onnx_path))
     graph = model.graph
@@ -51,7 +51,7 @@ def quantize_encoder_int8(onnx_path: Path, out_path: Path, calibration: list[lis
         consumers.setdefault(node.input[0], []).append(node)
     ranges = _activation_ranges(model, list(consumers), calibration)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    consts = {
+    arrays = {
         "q_levels": np.array(ACTIVATION_LEVELS, np.float32),
         "q_tiny": np.array(1e-12, np.float32),
         "q_offset": np.array(128, np.float32),
@@ -60,85 +60,91 @@ def quantize_encoder_int8(onnx_path: Path, out_path: Path, calibration: list[lis
         "q_zero_point": np.array(128, np.uint8),
         "q_last_axis": np.array([-1], np.int64),
     }
-    new_weights = {name: numpy_helper.from_array(value, name) for name, value in consts.items()}
-    rewritten: dict[str, list] = {}  # a node's first output -> its replacement nodes
-    prefix: dict[str, list] = {}  # the first consumer's first output -> the shared input's quantization
+    inserted: dict[str, list] = {}  # the first consumer's output -> the nodes that replace every consumer
     for index, (source, nodes) in enumerate(consumers.items()):
-        p = f"q{index}"
         mats = [numpy_helper.to_array(weights[n.input[1]]).astype(np.float64) for n in nodes]
-        amax = np.maximum(ranges[source], 1e-6)
-        wmax = np.maximum(np.max([np.abs(w).max(axis=1) for w in mats], axis=0), 1e-6)
-        smooth = amax**SMOOTHING_ALPHA / wmax ** (1 - SMOOTHING_ALPHA)
-        outliers = np.sort(np.argsort(-(amax / smooth))[: math.ceil(len(amax) / OUTLIER_SHARE)])
-        inverse = 1.0 / smooth
-        inverse[outliers] = 0.0  # those channels take the fp32 path
-        new_weights[f"{p}_inverse"] = numpy_helper.from_array(inverse.astype(np.float32), f"{p}_inverse")
-        new_weights[f"{p}_outliers"] = numpy_helper.from_array(outliers.astype(np.int64), f"{p}_outliers")
-        reduce_max = (
-            helper.make_node("ReduceMax", [f"{p}_abs", "q_last_axis"], [f"{p}_max"], keepdims=1)
-            if opset >= 18
-            else helper.make_node("ReduceMax", [f"{p}_abs"], [f"{p}_max"], axes=[-1], keepdims=1)
-        )
-        prefix[nodes[0].output[0]] = [
-            helper.make_node("Mul", [source, f"{p}_inverse"], [f"{p}_smoothed"]),
-            helper.make_node("Abs", [f"{p}_smoothed"], [f"{p}_abs"]),
-            reduce_max,
-            helper.make_node("Max", [f"{p}_max", "q_tiny"], [f"{p}_range"]),
-            helper.make_node("Div", [f"{p}_range", "q_levels"], [f"{p}_scale"]),
-            helper.make_node("Div", [f"{p}_smoothed", f"{p}_scale"], [f"{p}_steps"]),
-            helper.make_node("Round", [f"{p}_steps"], [f"{p}_rounded"]),
-            helper.make_node("Add", [f"{p}_rounded", "q_offset"], [f"{p}_shifted"]),
-            helper.make_node("Clip", [f"{p}_shifted", "q_low", "q_high"], [f"{p}_clipped"]),
-            helper.make_node("Cast", [f"{p}_clipped"], [f"{p}_u8"], to=onnx.TensorProto.UINT8),
-            helper.make_node("Gather", [source, f"{p}_outliers"], [f"{p}_wide"], axis=-1),
-        ]
-        # The consumers of one input (attention's query, key and value) become one product, split after.
-        w = np.concatenate(mats, axis=1)
-        smoothed = w * smooth[:, None]
-        smoothed[outliers] = 0.0
-        w_scale = np.maximum(np.abs(smoothed).max(axis=0), 1e-12) / WEIGHT_LEVELS
-        w_int = np.clip(np.round(smoothed / w_scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8)
-        widths = [m.shape[1] for m in mats]
-        for name, value in (
-            (f"{p}_w", w_int), (f"{p}_w_scale", w_scale.astype(np.float32)),
-            (f"{p}_w_outliers", w[outliers].astype(np.float32)),
-        ):
-            new_weights[name] = numpy_helper.from_array(value, name)
-        outputs = [n.output[0] for n in nodes]
-        joined = outputs[0] if len(nodes) == 1 else f"{p}_joined"
-        product = [
-            helper.make_node("MatMulInteger", [f"{p}_u8", f"{p}_w", "q_zero_point"], [f"{p}_int"]),
-            helper.make_node("Cast", [f"{p}_int"], [f"{p}_float"], to=onnx.TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{p}_float", f"{p}_w_scale"], [f"{p}_column_scaled"]),
-            helper.make_node("Mul", [f"{p}_column_scaled", f"{p}_scale"], [f"{p}_int8_part"]),
-            helper.make_node("MatMul", [f"{p}_wide", f"{p}_w_outliers"], [f"{p}_fp32_part"]),
-            helper.make_node("Add", [f"{p}_int8_part", f"{p}_fp32_part"], [joined]),
-        ]
-        if len(nodes) > 1:
-            new_weights[f"{p}_widths"] = numpy_helper.from_array(np.array(widths, np.int64), f"{p}_widths")
-            split = (
-                helper.make_node("Split", [joined, f"{p}_widths"], outputs, axis=-1)
-                if opset >= 13
-                else helper.make_node("Split", [joined], outputs, axis=-1, split=widths)
-            )
-            product.append(split)
-        prefix[nodes[0].output[0]] += product
-        for node in nodes:
-            rewritten[node.output[0]] = []
-    nodes_out = []
+        new_arrays, new_nodes = _rewrite_input(f"q{index}", source, [n.output[0] for n in nodes], mats, ranges[source], opset)
+        arrays |= new_arrays
+        inserted[nodes[0].output[0]] = new_nodes
+    replaced = {n.output[0] for n in targets}
+    spliced = []
     for node in graph.node:
-        nodes_out += prefix.get(node.output[0], [])
-        nodes_out += rewritten.get(node.output[0], [node])
-    replaced = {n.input[1] for n in targets}
-    still_used = {i for n in nodes_out for i in n.input}
-    kept = [w for w in graph.initializer if w.name not in replaced or w.name in still_used]
+        spliced += inserted.get(node.output[0], [] if node.output[0] in replaced else [node])
+    still_used = {i for n in spliced for i in n.input}
+    kept = [w for w in graph.initializer if w.name in still_used]
     del graph.initializer[:]
-    graph.initializer.extend(kept + list(new_weights.values()))
+    graph.initializer.extend(kept + [numpy_helper.from_array(value, name) for name, value in arrays.items()])
     del graph.node[:]
-    graph.node.extend(nodes_out)
+    graph.node.extend(spliced)
     onnx.checker.check_model(model)
     onnx.save_model(model, str(out_path))
     return out_path
+
+
+def _rewrite_input(
+    p: str, source: str, outputs: list[str], mats: list[np.ndarray], amax: np.ndarray, opset: int
+) -> tuple[dict[str, np.ndarray], list]:
+    """The MatMuls that read `source` (weights `mats`, results `outputs`) as one per-token int8 product.
+
+    The consumers of one input (attention's query, key and value) share its quantization and become one
+    product, split after.
+    """
+    from onnx import TensorProto, helper
+
+    amax = np.maximum(amax, 1e-6)
+    wmax = np.maximum(np.max([np.abs(w).max(axis=1) for w in mats], axis=0), 1e-6)
+    smooth = amax**SMOOTHING_ALPHA / wmax ** (1 - SMOOTHING_ALPHA)
+    outliers = np.sort(np.argsort(-(amax / smooth))[: math.ceil(len(amax) / OUTLIER_SHARE)])
+    inverse = 1.0 / smooth
+    inverse[outliers] = 0.0  # those channels take the fp32 path
+    w = np.concatenate(mats, axis=1)
+    smoothed = w * smooth[:, None]
+    smoothed[outliers] = 0.0
+    w_scale = np.maximum(np.abs(smoothed).max(axis=0), 1e-12) / WEIGHT_LEVELS
+    arrays = {
+        f"{p}_inverse": inverse.astype(np.float32),
+        f"{p}_outliers": outliers.astype(np.int64),
+        f"{p}_w": np.clip(np.round(smoothed / w_scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8),
+        f"{p}_w_scale": w_scale.astype(np.float32),
+        f"{p}_w_outliers": w[outliers].astype(np.float32),
+    }
+    node = helper.make_node
+    reduce_max = (
+        node("ReduceMax", [f"{p}_abs", "q_last_axis"], [f"{p}_max"], keepdims=1)
+        if opset >= 18
+        else node("ReduceMax", [f"{p}_abs"], [f"{p}_max"], axes=[-1], keepdims=1)
+    )
+    joined = outputs[0] if len(outputs) == 1 else f"{p}_joined"
+    nodes = [
+        # each row (token): one scale from its largest |value|, values as u8 around 128
+        node("Mul", [source, f"{p}_inverse"], [f"{p}_smoothed"]),
+        node("Abs", [f"{p}_smoothed"], [f"{p}_abs"]),
+        reduce_max,
+        node("Max", [f"{p}_max", "q_tiny"], [f"{p}_range"]),
+        node("Div", [f"{p}_range", "q_levels"], [f"{p}_scale"]),
+        node("Div", [f"{p}_smoothed", f"{p}_scale"], [f"{p}_steps"]),
+        node("Round", [f"{p}_steps"], [f"{p}_rounded"]),
+        node("Add", [f"{p}_rounded", "q_offset"], [f"{p}_shifted"]),
+        node("Clip", [f"{p}_shifted", "q_low", "q_high"], [f"{p}_clipped"]),
+        node("Cast", [f"{p}_clipped"], [f"{p}_u8"], to=TensorProto.UINT8),
+        # exact integer product, scaled back per column and per row, plus the outlier channels in fp32
+        node("MatMulInteger", [f"{p}_u8", f"{p}_w", "q_zero_point"], [f"{p}_int"]),
+        node("Cast", [f"{p}_int"], [f"{p}_float"], to=TensorProto.FLOAT),
+        node("Mul", [f"{p}_float", f"{p}_w_scale"], [f"{p}_column_scaled"]),
+        node("Mul", [f"{p}_column_scaled", f"{p}_scale"], [f"{p}_int8_part"]),
+        node("Gather", [source, f"{p}_outliers"], [f"{p}_wide"], axis=-1),
+        node("MatMul", [f"{p}_wide", f"{p}_w_outliers"], [f"{p}_fp32_part"]),
+        node("Add", [f"{p}_int8_part", f"{p}_fp32_part"], [joined]),
+    ]
+    if len(outputs) > 1:
+        widths = [m.shape[1] for m in mats]
+        arrays[f"{p}_widths"] = np.array(widths, np.int64)
+        nodes.append(
+            node("Split", [joined, f"{p}_widths"], outputs, axis=-1)
+            if opset >= 13
+            else node("Split", [joined], outputs, axis=-1, split=widths)
+        )
+    return arrays, nodes
 
 
 def _activation_ranges(model, names: list[str], calibration: list[list[int]]) -> dict[str, np.ndarray]:
