@@ -15,18 +15,19 @@ from collections.abc import AsyncGenerator
 import bentoml
 import numpy as np
 
-from bentoformers import cpu, metrics, selfcheck
-from bentoformers.accesslog import AccessLogMiddleware
-from bentoformers.auth import AuthMiddleware, ClientAddress, startup_authenticator
-from bentoformers.decoder import OnnxDecoder
-from bentoformers.engine import ModelCard, OnnxEncoder, pick_device
-from bentoformers.gateway import Gateway as GatewayRuntime
-from bentoformers.gateway import ModelEndpoint, RequestIdMiddleware, create_app
-from bentoformers.generation import Sampling, Scheduler
-from bentoformers.overload import OverloadMiddleware, ShutdownDrain
-from bentoformers.ratelimit import RateLimiter, RateLimitMiddleware
+from bentoformers.api.gateway import Gateway as GatewayRuntime
+from bentoformers.api.gateway import ModelEndpoint, RequestIdMiddleware, create_app
+from bentoformers.middleware.access_log import AccessLogMiddleware
+from bentoformers.middleware.overload import OverloadMiddleware, ShutdownDrain
+from bentoformers.observability import metrics
+from bentoformers.runtime import cpu, selfcheck
+from bentoformers.runtime.decoder import OnnxDecoder
+from bentoformers.runtime.engine import ModelCard, OnnxEncoder, pick_device
+from bentoformers.runtime.generation import Sampling, Scheduler
+from bentoformers.security.auth import AuthMiddleware, ClientAddress, startup_authenticator
+from bentoformers.security.ratelimit import RateLimiter, RateLimitMiddleware
+from bentoformers.serving.store import StoredModel, candidate_precisions, served_models
 from bentoformers.settings import Settings
-from bentoformers.store import StoredModel, candidate_precisions, served_models
 
 logger = logging.getLogger("bentoformers")
 settings = Settings()

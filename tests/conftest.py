@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def minilm_build():
     """The real build step on the default model list (MiniLM from its PyPI package)."""
-    from bentoformers.builder import build_model
+    from bentoformers.build.builder import build_model
     from bentoformers.spec import load_model_list
 
     (spec,) = [s for s in load_model_list(ROOT / "build" / "models.yaml") if s.name == "minilm"]
@@ -47,7 +47,7 @@ def served_build(minilm_build):
     named as the README's examples name them."""
     import yaml
 
-    from bentoformers.builder import build_model
+    from bentoformers.build.builder import build_model
     from bentoformers.gpucheck import make_tiny_classifier, make_tiny_gpt2
     from bentoformers.spec import load_model_list
 
@@ -94,7 +94,7 @@ def minilm_path(minilm_build):
 
 @pytest.fixture(scope="session")
 def sentences():
-    from bentoformers.fidelity import shipped_sentences
+    from bentoformers.runtime.fidelity import shipped_sentences
 
     return shipped_sentences()
 

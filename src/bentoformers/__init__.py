@@ -16,7 +16,7 @@ _CLIENT_NAMES = frozenset({
 def __getattr__(name: str) -> Any:
     # Imported on first use, so the server's processes do not load the client.
     if name in _CLIENT_NAMES:
-        from . import client
+        from bentoformers import client
 
         return getattr(client, name)
     raise AttributeError(f"module 'bentoformers' has no attribute {name!r}")

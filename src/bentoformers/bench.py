@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import __version__
-from .exits import FAILED, OK, CliError
+from bentoformers import __version__
+from bentoformers.exits import FAILED, OK, CliError
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
 LABEL_BOX = {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75}
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     texts = load_texts(args.texts)
     if args.model_only:
-        from . import cpu
+        from bentoformers.runtime import cpu
 
         print(f"the built model in process on {cpu.describe()['model']} ({cpu.isa_class()}, {os.cpu_count()} CPUs), "
               f"{args.duration:g} s per point")
@@ -338,10 +338,10 @@ def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, 
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from .engine import ModelCard, OnnxEncoder, TextTokenizer
-    from .settings import Settings
-    from .spec import store_name
-    from .store import served_models
+    from bentoformers.runtime.engine import ModelCard, OnnxEncoder, TextTokenizer
+    from bentoformers.serving.store import served_models
+    from bentoformers.settings import Settings
+    from bentoformers.spec import store_name
 
     name = next(m.name for m in served_models(Settings()) if m.task == "embeddings")
     out: dict[str, float] = {}

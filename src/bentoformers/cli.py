@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .exits import FAILED, OK, USAGE, CliError
+from bentoformers.exits import FAILED, OK, USAGE, CliError
 
 DEFAULT_MODEL_LIST = Path("build/models.yaml")
 DEFAULT_TARGET = "service:Gateway"
@@ -44,8 +44,8 @@ def _need(extra: str, command: str) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     _need("build", "build")
-    from .builder import build_model
-    from .spec import load_model_list
+    from bentoformers.build.builder import build_model
+    from bentoformers.spec import load_model_list
 
     if not args.models.is_file():
         raise CliError(f"no model list at {args.models}; run from the project folder or pass --models PATH")
@@ -78,8 +78,8 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _serves_instead(results) -> str:
-    from .engine import pick_device
-    from .store import choose_precision
+    from bentoformers.runtime.engine import pick_device
+    from bentoformers.serving.store import choose_precision
 
     refused = ", ".join(r.precision for r in results if r.status == "failed gate")
     device = pick_device()
@@ -128,7 +128,7 @@ class StepTicker:
 
 def _keys_create(args: argparse.Namespace) -> int:
     _need("serve", "keys create")
-    from .auth import create_key
+    from bentoformers.security.auth import create_key
 
     try:
         key, record = create_key(args.id, args.scopes, args.tier, args.file)
@@ -174,7 +174,7 @@ def _settings_fields() -> dict[str, Any]:
         return {}
     from pydantic import SecretStr
 
-    from .settings import Settings
+    from bentoformers.settings import Settings
 
     # Secrets stay out of flags: a command line is visible to every user of the machine.
     return {n: f for n, f in Settings.model_fields.items() if SecretStr not in _types(f.annotation)}
@@ -233,7 +233,7 @@ def _serve(args: argparse.Namespace) -> int:
                 f"no service.py in {args.working_dir.resolve()}: run from the project folder, pass --working-dir, "
                 "or serve a built bento by tag (bentoformers serve bentoformers:latest)"
             )
-        from .store import served_models
+        from bentoformers.serving.store import served_models
 
         try:
             served = served_models(settings, base=args.working_dir)
@@ -253,7 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _check_settings(env: dict[str, str]) -> Any:
     from pydantic import ValidationError
 
-    from .settings import Settings
+    from bentoformers.settings import Settings
 
     saved = dict(os.environ)
     try:
@@ -328,7 +328,7 @@ def _size(n: int) -> str:
 
 def _bench(args: argparse.Namespace) -> int:
     _need("bench", "bench")
-    from . import bench
+    from bentoformers import bench
 
     return bench.run(args)
 
@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from bentoformers import __version__
 
     return __version__
 

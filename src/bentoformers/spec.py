@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .settings import Precision
+from bentoformers.settings import Precision
 
 Task = Literal["embeddings", "classification", "generation"]
 

@@ -9,9 +9,9 @@ import bentoml
 import numpy as np
 import pytest
 
-from bentoformers.builder import build_model
-from bentoformers.engine import OnnxEncoder, TextTokenizer, l2_normalize
-from bentoformers.export import resolve_source
+from bentoformers.build.builder import build_model
+from bentoformers.build.export import resolve_source
+from bentoformers.runtime.engine import OnnxEncoder, TextTokenizer, l2_normalize
 from bentoformers.spec import ModelSpec
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def test_minilm_variants_pass_their_gates_and_are_stored_with_labels_and_metadat
 
 
 def test_int8_is_proven_on_this_cpu_and_under_emulation_of_each_older_class(minilm_build):
-    from bentoformers import cpu, selfcheck
+    from bentoformers.runtime import cpu, selfcheck
 
     stored = bentoml.models.get(minilm_build["int8"].tag)
     isa = stored.info.metadata["isa"]
@@ -61,6 +61,7 @@ def test_gpu_variant_is_skipped_and_said_so_without_a_gpu(minilm_build):
 
 def test_running_the_build_again_changes_nothing(minilm_build):
     from conftest import ROOT
+
     from bentoformers.spec import load_model_list
 
     before = {str(m.tag) for m in bentoml.models.list()}

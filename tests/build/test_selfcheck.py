@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from bentoformers import cpu, selfcheck
-from bentoformers.engine import OnnxEncoder, TextTokenizer, l2_normalize
+from bentoformers.runtime import cpu, selfcheck
+from bentoformers.runtime.engine import OnnxEncoder, TextTokenizer, l2_normalize
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_the_check_runs_as_a_command_and_says_what_failed(unmeetable_int8, minil
     import sys
 
     def run(folder):
-        done = subprocess.run([sys.executable, "-m", "bentoformers.selfcheck", str(folder)], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "bentoformers.runtime.selfcheck", str(folder)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 

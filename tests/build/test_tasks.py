@@ -10,11 +10,11 @@ import bentoml
 import numpy as np
 import pytest
 
-from bentoformers.builder import build_model
-from bentoformers.decoder import DecodeBatch, OnnxDecoder
-from bentoformers.engine import ModelCard, OnnxEncoder, TextTokenizer, label_scores
-from bentoformers.export import resolve_source
+from bentoformers.build.builder import build_model
+from bentoformers.build.export import resolve_source
 from bentoformers.gpucheck import make_tiny_classifier
+from bentoformers.runtime.decoder import DecodeBatch, OnnxDecoder
+from bentoformers.runtime.engine import ModelCard, OnnxEncoder, TextTokenizer, label_scores
 from bentoformers.spec import ModelSpec
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def test_generation_variants_are_validated_by_greedy_token_agreement(served_buil
 def test_decoder_int8_is_weight_only_and_shrinks_the_graph(served_build, tmp_path):
     import onnx
 
-    from bentoformers.quantize import quantize_decoder_int8
+    from bentoformers.build.quantize import quantize_decoder_int8
 
     fp32 = stored(served_build["gpt2"]["fp32"])
     graph = quantize_decoder_int8(Path(fp32.path_of("model.onnx")), tmp_path / "int8.onnx")
@@ -142,8 +142,8 @@ def test_a_hub_id_is_resolved_through_the_hub_cache(tmp_path, monkeypatch, serve
 
 @pytest.mark.parametrize("model", ["sentiment", "gpt2"])
 def test_a_graph_that_cannot_start_cuda_is_an_error_not_a_quiet_cpu_fallback(served_build, model):
-    from bentoformers.engine import pick_device
-    from bentoformers.selfcheck import open_engine
+    from bentoformers.runtime.engine import pick_device
+    from bentoformers.runtime.selfcheck import open_engine
 
     if pick_device() == "cuda":
         pytest.skip("CUDA starts on this machine")

@@ -14,7 +14,6 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-
 from conftest import ROOT, free_port
 from deploytools import require_tool
 
@@ -61,7 +60,7 @@ def image(minilm_build):
 @pytest.fixture(scope="module")
 def api_key():
     """A real key and its record: BentoML's images refuse to start without credentials."""
-    from bentoformers.auth import create_key
+    from bentoformers.security.auth import create_key
 
     key, record = create_key("deploy-test", ["*"], "default", None)
     return key, yaml.safe_dump([record.model_dump(mode="json")], sort_keys=False)
@@ -87,7 +86,7 @@ def test_the_image_serves_real_embeddings(image, minilm_path, api_key):
         served = np.array(r.json()["data"][0]["embedding"], dtype=np.float32)
         assert served.shape == (384,)
 
-        from bentoformers.engine import OnnxEncoder, TextTokenizer, l2_normalize
+        from bentoformers.runtime.engine import OnnxEncoder, TextTokenizer, l2_normalize
 
         tokenizer = TextTokenizer(minilm_path["int8"], 256)
         local = l2_normalize(OnnxEncoder(minilm_path["int8"]).embed(tokenizer.encode(["The cat sat on the mat."], False)))

@@ -15,7 +15,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import ROOT, running_server
 
 pytestmark = pytest.mark.slow
@@ -106,11 +105,11 @@ def _queried_metrics() -> set[str]:
 
 
 def test_dashboard_and_alerts_query_only_exported_metrics(traffic):
-    from bentoformers import metrics
+    from bentoformers.observability import metrics
 
     exported = {line.split("{")[0].split(" ")[0] for line in traffic.splitlines() if line and line[0] != "#"}
     queried = _queried_metrics()
-    # Scraped by Prometheus itself, and recorded only on a GPU host (declared in bentoformers.metrics).
+    # Scraped by Prometheus itself, and recorded only on a GPU host (declared in bentoformers.observability.metrics).
     not_scraped_here = {"up", "bentoformers_gpu_memory_used_bytes"}
     assert metrics.gpu_memory_used_bytes._name == "bentoformers_gpu_memory_used_bytes"
     missing = queried - exported - not_scraped_here

@@ -12,7 +12,6 @@ from pathlib import Path
 import bentoml
 import httpx
 import pytest
-
 from conftest import running_server
 
 pytestmark = pytest.mark.slow
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.slow
 def strict_model(minilm_path):
     """`strict`: MiniLM's real variants, the int8 one with gates no CPU meets (as a CPU that computes it
     differently would find them)."""
-    from bentoformers import selfcheck
+    from bentoformers.runtime import selfcheck
 
     for precision, folder in minilm_path.items():
         with bentoml.models.create(

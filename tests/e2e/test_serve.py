@@ -11,7 +11,6 @@ import sys
 import httpx
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow

@@ -45,12 +45,13 @@ def test_top_k_and_the_default_model_of_the_task(client):
 
 
 def test_scores_match_the_pytorch_classifier(client, served_build):
+    import os
+
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from bentoformers.export import resolve_source
+    from bentoformers.build.export import resolve_source
     from bentoformers.spec import load_model_list
-    import os
 
     (spec,) = [s for s in load_model_list(os.environ["BENTOFORMERS_MODEL_LIST"]) if s.name == "sentiment"]
     folder, _ = resolve_source(spec.source)

@@ -46,8 +46,8 @@ def events(text):
 def test_greedy_generation_is_the_built_decoders_greedy_continuation(client, served_build):
     import bentoml
 
-    from bentoformers.decoder import OnnxDecoder
-    from bentoformers.engine import ModelCard, TextTokenizer
+    from bentoformers.runtime.decoder import OnnxDecoder
+    from bentoformers.runtime.engine import ModelCard, TextTokenizer
 
     # The tests serve gpt2 in fp32 (conftest): the precision whose greedy tokens batching cannot change.
     folder = bentoml.models.get(served_build["gpt2"]["fp32"].tag).path
@@ -123,7 +123,7 @@ def test_the_context_bounds_the_generation(client):
 
 
 def test_a_consumer_that_goes_away_stops_its_sequence(client, scheduler):
-    from bentoformers.generation import Sampling
+    from bentoformers.runtime.generation import Sampling
 
     async def take_two_then_leave():
         stream = scheduler.generate([5, 6, 7], 100, Sampling(temperature=1.0, seed=3))
@@ -223,7 +223,7 @@ def test_bad_generation_requests_get_the_one_error_body(client, route, body, sta
 def test_the_default_new_tokens_never_pass_the_servers_limit(served_build):
     import bentoml
 
-    from bentoformers.gateway import ModelEndpoint, _plan
+    from bentoformers.api.gateway import ModelEndpoint, _plan
     from bentoformers.settings import Settings
 
     folder = bentoml.models.get(served_build["gpt2"]["fp32"].tag).path

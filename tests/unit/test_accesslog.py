@@ -14,9 +14,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from bentoformers import metrics
-from bentoformers.accesslog import AccessLogMiddleware
-from bentoformers.gateway import RequestIdMiddleware
+from bentoformers.api.gateway import RequestIdMiddleware
+from bentoformers.middleware.access_log import AccessLogMiddleware
+from bentoformers.observability import metrics
 
 
 async def embed(request: Request) -> JSONResponse:

@@ -21,8 +21,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from bentoformers import auth as auth_module
-from bentoformers.auth import (
+from bentoformers.security import auth as auth_module
+from bentoformers.security.auth import (
     Authenticator,
     AuthMiddleware,
     ClientAddress,
@@ -221,7 +221,7 @@ def test_secure_by_default_refuses_a_container_without_credentials(monkeypatch, 
         startup_authenticator(Settings(), containerized=True)
     with pytest.raises(RuntimeError):
         startup_authenticator(Settings(auth="required"), containerized=False)
-    with caplog.at_level(logging.WARNING, logger="bentoformers.auth"):
+    with caplog.at_level(logging.WARNING, logger="bentoformers.security.auth"):
         assert startup_authenticator(Settings(), containerized=False) is None
         assert "WITHOUT AUTHENTICATION" in caplog.text
         assert startup_authenticator(Settings(auth="disabled"), containerized=True) is None
@@ -254,7 +254,7 @@ def test_an_empty_key_file_keeps_authentication_on_and_a_key_added_later_works(
     path = tmp_path / "keys.yaml"
     path.write_text("")
     settings = Settings(api_keys_file=str(path), jwt_secret=SECRET if with_jwt else None)
-    with caplog.at_level(logging.WARNING, logger="bentoformers.auth"):
+    with caplog.at_level(logging.WARNING, logger="bentoformers.security.auth"):
         auth = startup_authenticator(settings, containerized=False)
     assert auth is not None, "an empty key file turned authentication off"
     client = _app(auth)

@@ -3,8 +3,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from bentoformers.batcher import Coalescer
 from bentoformers.errors import ApiError, ErrorType
+from bentoformers.serving.batcher import Coalescer
 
 
 class RecordingModel:

@@ -1,7 +1,7 @@
 import numpy as np
 
-from bentoformers.decoder import DecodeBatch
-from bentoformers.generation import Sampling, sample
+from bentoformers.runtime.decoder import DecodeBatch
+from bentoformers.runtime.generation import Sampling, sample
 
 
 def test_greedy_and_the_limits_of_sampling():

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from bentoformers.overload import OverloadMiddleware
+from bentoformers.middleware.overload import OverloadMiddleware
 
 
 async def _slow(request: Request) -> JSONResponse:

@@ -12,9 +12,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from bentoformers.auth import Authenticator, AuthMiddleware, ClientAddress, KeyStore, create_key
 from bentoformers.errors import ApiError, error_response
-from bentoformers.ratelimit import RateLimiter, RateLimitMiddleware, Tier, charge_tokens
+from bentoformers.security.auth import (
+    Authenticator,
+    AuthMiddleware,
+    ClientAddress,
+    KeyStore,
+    create_key,
+)
+from bentoformers.security.ratelimit import RateLimiter, RateLimitMiddleware, Tier, charge_tokens
 
 # Hour windows: the sliding window counter may admit one extra right at a window edge, which a
 # minute window would make a (rare) flake.

@@ -1,11 +1,11 @@
 import orjson
 import pytest
+from conftest import ROOT
 from pydantic import ValidationError
 
 from bentoformers.errors import ApiError, ErrorType, error_response
+from bentoformers.runtime.engine import OnnxEncoder
 from bentoformers.spec import ModelSpec, load_model_list
-from bentoformers.engine import OnnxEncoder
-from conftest import ROOT
 
 
 def test_shipped_model_list_is_valid():
@@ -48,7 +48,7 @@ def test_length_plan_keeps_padding_small_and_respects_the_token_budget():
 
 
 def test_model_names_never_collide_as_gateway_attributes():
-    from bentoformers.store import StoredModel, check_attributes_unique
+    from bentoformers.serving.store import StoredModel, check_attributes_unique
 
     names = ["a-b", "a.b", "a_b", "ab", "x", "x_files", "x__files", "x-files"]
     models = [StoredModel(n, "embeddings", {}) for n in names]
@@ -62,8 +62,8 @@ def test_model_names_never_collide_as_gateway_attributes():
 def test_the_app_routes_exactly_the_route_table():
     from starlette.routing import Route
 
-    from bentoformers.gateway import HANDLERS, create_app
-    from bentoformers.routes import ROUTE_TASKS, ROUTES
+    from bentoformers.api.gateway import HANDLERS, create_app
+    from bentoformers.api.routes import ROUTE_TASKS, ROUTES
 
     app = create_app()
     served = {(r.path, m) for r in app.routes if isinstance(r, Route) and "{" not in r.path for m in r.methods - {"HEAD"}}

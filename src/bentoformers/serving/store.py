@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .settings import Settings
-from .spec import load_model_list, store_name
+from bentoformers.settings import Settings
+from bentoformers.spec import load_model_list, store_name
 
 PRECISIONS = ("fp16", "int8", "fp32")
 

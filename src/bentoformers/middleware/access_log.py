@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import metrics
-from .routes import PROBE_PATHS
+from bentoformers.api.routes import PROBE_PATHS
+from bentoformers.observability import metrics
 
 logger = logging.getLogger("bentoformers.access")
 MAX_PATH_CHARS = 256

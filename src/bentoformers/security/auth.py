@@ -31,12 +31,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import metrics
-from .errors import ApiError, ErrorType, error_response
-from .routes import PROBE_PATHS, ROUTE_TASKS
-from .settings import Settings
+from bentoformers.api.routes import PROBE_PATHS, ROUTE_TASKS
+from bentoformers.errors import ApiError, ErrorType, error_response
+from bentoformers.observability import metrics
+from bentoformers.settings import Settings
 
-logger = logging.getLogger("bentoformers.auth")
+logger = logging.getLogger("bentoformers.security.auth")
 
 TASKS = ("embeddings", "classification", "generation")
 ALL = "*"

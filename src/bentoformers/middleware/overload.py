@@ -22,11 +22,11 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import metrics
-from .errors import ApiError, ErrorType, error_response
-from .routes import PROBE_PATHS
+from bentoformers.api.routes import PROBE_PATHS
+from bentoformers.errors import ApiError, ErrorType, error_response
+from bentoformers.observability import metrics
 
-logger = logging.getLogger("bentoformers.overload")
+logger = logging.getLogger("bentoformers.middleware.overload")
 
 
 class OverloadMiddleware:

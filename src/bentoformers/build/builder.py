@@ -16,11 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from . import __version__, cpu, selfcheck
-from .decoder import OnnxDecoder
-from .engine import ONNX_FILE, ModelCard, OnnxEncoder, TextTokenizer, l2_normalize, label_scores, pick_device
-from .export import (
+from bentoformers import __version__
+from bentoformers.build.export import (
     copy_tokenizer,
     export_onnx,
     optimize,
@@ -30,9 +27,26 @@ from .export import (
     resolve_source,
     sentence_transformers_config,
 )
-from .fidelity import compare, compare_greedy, compare_scores, generation_prompts, shipped_sentences
-from .quantize import SCHEMES, quantize_decoder_int8, quantize_encoder_int8
-from .spec import ModelSpec, VariantSpec, gate_failures, store_name
+from bentoformers.build.quantize import SCHEMES, quantize_decoder_int8, quantize_encoder_int8
+from bentoformers.runtime import cpu, selfcheck
+from bentoformers.runtime.decoder import OnnxDecoder
+from bentoformers.runtime.engine import (
+    ONNX_FILE,
+    ModelCard,
+    OnnxEncoder,
+    TextTokenizer,
+    l2_normalize,
+    label_scores,
+    pick_device,
+)
+from bentoformers.runtime.fidelity import (
+    compare,
+    compare_greedy,
+    compare_scores,
+    generation_prompts,
+    shipped_sentences,
+)
+from bentoformers.spec import ModelSpec, VariantSpec, gate_failures, store_name
 
 GREEDY_TOKENS = 16  # new tokens per validation prompt
 EMULATION_TIMEOUT = 1800  # seconds for one variant's check set under qemu (~50x slower than native)
@@ -236,7 +250,7 @@ def _prove_per_isa(folder: Path, tag: str, precision: str, native: dict, inputs:
             report(f"  {tag}: not proven on {name}: qemu-x86_64 is not installed; the service re-proves it where it serves")
             continue
         with step(report, f"{precision}: check set under qemu-x86_64 -cpu {model} ({name})"):
-            done = cpu.run_emulated(name, ["-m", "bentoformers.selfcheck", str(folder)], EMULATION_TIMEOUT)
+            done = cpu.run_emulated(name, ["-m", "bentoformers.runtime.selfcheck", str(folder)], EMULATION_TIMEOUT)
         if done.returncode != 0:
             raise RuntimeError(f"the check under qemu -cpu {model} failed:\n{done.stderr[-2000:]}")
         found = json.loads(done.stdout.strip().splitlines()[-1])

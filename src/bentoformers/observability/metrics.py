@@ -11,7 +11,7 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from .routes import PUBLIC_PATHS
+from bentoformers.api.routes import PUBLIC_PATHS
 
 NAMESPACE = "bentoformers"
 # Seconds: from a fraction of a millisecond (a lone text on CPU) to the request timeout.

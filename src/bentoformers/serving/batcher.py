@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import metrics
-from .errors import ApiError, ErrorType
+from bentoformers.errors import ApiError, ErrorType
+from bentoformers.observability import metrics
 
 ModelCall = Callable[[list[list[int]]], Awaitable[np.ndarray]]
 

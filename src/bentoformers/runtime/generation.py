@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decoder import DecodeBatch, OnnxDecoder
+from bentoformers.runtime.decoder import DecodeBatch, OnnxDecoder
 
-logger = logging.getLogger("bentoformers.generation")
+logger = logging.getLogger("bentoformers.runtime.generation")
 
 
 @dataclass(frozen=True)

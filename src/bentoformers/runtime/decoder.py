@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import ONNX_FILE, open_session
+from bentoformers.runtime.engine import ONNX_FILE, open_session
 
 
 @dataclass

@@ -7,9 +7,9 @@ import base64
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,16 +23,28 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import metrics
-from .batcher import Coalescer
-from .engine import InputTooLong, ModelCard, TextTokenizer, l2_normalize, label_scores
-from .errors import ApiError, ErrorType, error_response
-from .ratelimit import charge_tokens
-from .routes import ROUTES
-from .schemas import ClassifyRequest, CompletionRequest, EmbedRequest, GenerateRequest, OpenAIEmbeddingRequest
-from .settings import Settings
+from bentoformers.api.routes import ROUTES
+from bentoformers.api.schemas import (
+    ClassifyRequest,
+    CompletionRequest,
+    EmbedRequest,
+    GenerateRequest,
+    OpenAIEmbeddingRequest,
+)
+from bentoformers.errors import ApiError, ErrorType, error_response
+from bentoformers.observability import metrics
+from bentoformers.runtime.engine import (
+    InputTooLong,
+    ModelCard,
+    TextTokenizer,
+    l2_normalize,
+    label_scores,
+)
+from bentoformers.security.ratelimit import charge_tokens
+from bentoformers.serving.batcher import Coalescer
+from bentoformers.settings import Settings
 
-logger = logging.getLogger("bentoformers.gateway")
+logger = logging.getLogger("bentoformers.api.gateway")
 M = TypeVar("M", bound=BaseModel)
 INLINE_TOKENIZE_CHARS = 20_000  # above this, tokenize in a thread so the event loop stays free
 

@@ -5,7 +5,7 @@ variant's gates beside the graph. The build runs it under emulation for older in
 every model service runs it on its own CPU before it serves: int8 kernels compute differently per
 instruction set, so a gate passed on the build machine says nothing about the serving one.
 
-    python -m bentoformers.selfcheck FOLDER   # prints {"figures": ..., "failures": [...]} as JSON
+    python -m bentoformers.runtime.selfcheck FOLDER   # prints {"figures": ..., "failures": [...]} as JSON
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .fidelity import compare, compare_greedy, compare_scores
-from .spec import gate_failures
+from bentoformers.runtime.fidelity import compare, compare_greedy, compare_scores
+from bentoformers.spec import gate_failures
 
 CHECK_FILE = "selfcheck.json"
 CHECK_INPUTS = 24  # evenly spaced over the shipped inputs: an unbiased sample, ~0.1 s for int8 MiniLM
@@ -55,7 +55,7 @@ def load(folder: str | Path) -> dict[str, Any] | None:
 
 def measure(check: dict[str, Any], engine: Any) -> dict[str, float]:
     """The check set through a loaded engine (an OnnxEncoder or OnnxDecoder), against its reference."""
-    from .engine import l2_normalize, label_scores
+    from bentoformers.runtime.engine import l2_normalize, label_scores
 
     task, inputs = check["task"], check["inputs"]
     if task == "generation":
@@ -72,8 +72,8 @@ def measure(check: dict[str, Any], engine: Any) -> dict[str, float]:
 
 
 def open_engine(folder: str | Path, device: str = "cpu", threads: int | None = None) -> Any:
-    from .decoder import OnnxDecoder
-    from .engine import ModelCard, OnnxEncoder
+    from bentoformers.runtime.decoder import OnnxDecoder
+    from bentoformers.runtime.engine import ModelCard, OnnxEncoder
 
     card = ModelCard.load(folder)
     if card.task == "generation":
@@ -106,7 +106,7 @@ def first_that_holds(
 
     With a forced precision (one candidate) a failed check refuses to start.
     """
-    from . import cpu
+    from bentoformers.runtime import cpu
 
     refused: list[dict[str, Any]] = []
     for precision, folder in candidates:

@@ -25,12 +25,12 @@ from limits.storage import storage_from_string
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import metrics
-from .auth import DEFAULT_TIER, Identity, Refused, answer_failed_check
-from .errors import ApiError, ErrorType
-from .settings import Settings
+from bentoformers.errors import ApiError, ErrorType
+from bentoformers.observability import metrics
+from bentoformers.security.auth import DEFAULT_TIER, Identity, Refused, answer_failed_check
+from bentoformers.settings import Settings
 
-logger = logging.getLogger("bentoformers.ratelimit")
+logger = logging.getLogger("bentoformers.security.ratelimit")
 STORE_BACKOFF_SECONDS = 1.0
 
 

@@ -1,0 +1,1 @@
+"""The offline build: checkpoint -> ONNX -> quantized -> validated against PyTorch -> model store."""

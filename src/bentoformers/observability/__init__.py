@@ -1,0 +1,1 @@
+"""Prometheus metrics (what BentoML's own HTTP metrics cannot see)."""
