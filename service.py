@@ -15,17 +15,22 @@ from collections.abc import AsyncGenerator
 import bentoml
 import numpy as np
 
+from bentoformers.api.app import create_app
+from bentoformers.api.endpoint import ModelEndpoint
 from bentoformers.api.gateway import Gateway as GatewayRuntime
-from bentoformers.api.gateway import ModelEndpoint, RequestIdMiddleware, create_app
 from bentoformers.middleware.access_log import AccessLogMiddleware
+from bentoformers.middleware.auth import AuthMiddleware
+from bentoformers.middleware.client_address import ClientAddress
 from bentoformers.middleware.overload import OverloadMiddleware, ShutdownDrain
+from bentoformers.middleware.rate_limit import RateLimitMiddleware
+from bentoformers.middleware.request_id import RequestIdMiddleware
 from bentoformers.observability import metrics
 from bentoformers.runtime import cpu, selfcheck
 from bentoformers.runtime.decoder import OnnxDecoder
 from bentoformers.runtime.engine import ModelCard, OnnxEncoder, pick_device
 from bentoformers.runtime.generation import Sampling, Scheduler
-from bentoformers.security.auth import AuthMiddleware, ClientAddress, startup_authenticator
-from bentoformers.security.ratelimit import RateLimiter, RateLimitMiddleware
+from bentoformers.security.authenticator import startup_authenticator
+from bentoformers.security.ratelimit import RateLimiter
 from bentoformers.serving.store import StoredModel, candidate_precisions, served_models
 from bentoformers.settings import Settings
 

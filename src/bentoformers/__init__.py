@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from bentoformers._version import __version__ as __version__
 
 _CLIENT_NAMES = frozenset({
     "Client", "AsyncClient", "BentoformersError", "APIStatusError", "BadRequestError", "RequestTooLargeError",

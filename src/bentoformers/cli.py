@@ -128,7 +128,7 @@ class StepTicker:
 
 def _keys_create(args: argparse.Namespace) -> int:
     _need("serve", "keys create")
-    from bentoformers.security.auth import create_key
+    from bentoformers.security.keys import create_key
 
     try:
         key, record = create_key(args.id, args.scopes, args.tier, args.file)

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ConfigDict
 
-from bentoformers import __version__
+from bentoformers._version import __version__
 
 __all__ = [
     "APIConnectionError",

@@ -60,7 +60,7 @@ def image(minilm_build):
 @pytest.fixture(scope="module")
 def api_key():
     """A real key and its record: BentoML's images refuse to start without credentials."""
-    from bentoformers.security.auth import create_key
+    from bentoformers.security.keys import create_key
 
     key, record = create_key("deploy-test", ["*"], "default", None)
     return key, yaml.safe_dump([record.model_dump(mode="json")], sort_keys=False)

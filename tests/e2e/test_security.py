@@ -13,7 +13,7 @@ import jwt
 import pytest
 from conftest import ROOT, RedisServer, free_port, running_server
 
-from bentoformers.security.auth import create_key
+from bentoformers.security.keys import create_key
 
 pytestmark = pytest.mark.slow
 

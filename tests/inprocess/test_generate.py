@@ -143,7 +143,6 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(client, sched
     import logging
     import time
 
-    import service
 
     step = scheduler.decoder.step
 
@@ -223,7 +222,8 @@ def test_bad_generation_requests_get_the_one_error_body(client, route, body, sta
 def test_the_default_new_tokens_never_pass_the_servers_limit(served_build):
     import bentoml
 
-    from bentoformers.api.gateway import ModelEndpoint, _plan
+    from bentoformers.api.endpoint import ModelEndpoint
+    from bentoformers.api.generation import _plan
     from bentoformers.settings import Settings
 
     folder = bentoml.models.get(served_build["gpt2"]["fp32"].tag).path

@@ -14,8 +14,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from bentoformers.api.gateway import RequestIdMiddleware
 from bentoformers.middleware.access_log import AccessLogMiddleware
+from bentoformers.middleware.request_id import RequestIdMiddleware
 from bentoformers.observability import metrics
 
 

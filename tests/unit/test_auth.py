@@ -21,17 +21,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from bentoformers.security import auth as auth_module
-from bentoformers.security.auth import (
-    Authenticator,
-    AuthMiddleware,
-    ClientAddress,
-    JwtVerifier,
-    KeyStore,
-    ReloadingKeyStore,
-    create_key,
-    startup_authenticator,
-)
+from bentoformers.middleware.auth import AuthMiddleware
+from bentoformers.middleware.client_address import ClientAddress
+from bentoformers.security import authenticator as authenticator_module
+from bentoformers.security.authenticator import Authenticator, startup_authenticator
+from bentoformers.security.keys import KeyStore, ReloadingKeyStore, create_key
+from bentoformers.security.tokens import JwtVerifier
 from bentoformers.settings import Settings
 
 SECRET = "s" * 40
@@ -221,7 +216,7 @@ def test_secure_by_default_refuses_a_container_without_credentials(monkeypatch, 
         startup_authenticator(Settings(), containerized=True)
     with pytest.raises(RuntimeError):
         startup_authenticator(Settings(auth="required"), containerized=False)
-    with caplog.at_level(logging.WARNING, logger="bentoformers.security.auth"):
+    with caplog.at_level(logging.WARNING, logger="bentoformers.auth"):
         assert startup_authenticator(Settings(), containerized=False) is None
         assert "WITHOUT AUTHENTICATION" in caplog.text
         assert startup_authenticator(Settings(auth="disabled"), containerized=True) is None
@@ -250,11 +245,11 @@ def test_a_key_removed_from_the_file_stops_working_without_a_restart(tmp_path):
 def test_an_empty_key_file_keeps_authentication_on_and_a_key_added_later_works(
     monkeypatch, caplog, tmp_path, with_jwt
 ):
-    monkeypatch.setattr(auth_module, "KEY_FILE_RELOAD_SECONDS", 0)  # re-read the file on every check
+    monkeypatch.setattr(authenticator_module, "KEY_FILE_RELOAD_SECONDS", 0)  # re-read the file on every check
     path = tmp_path / "keys.yaml"
     path.write_text("")
     settings = Settings(api_keys_file=str(path), jwt_secret=SECRET if with_jwt else None)
-    with caplog.at_level(logging.WARNING, logger="bentoformers.security.auth"):
+    with caplog.at_level(logging.WARNING, logger="bentoformers.auth"):
         auth = startup_authenticator(settings, containerized=False)
     assert auth is not None, "an empty key file turned authentication off"
     client = _app(auth)

@@ -13,14 +13,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bentoformers.errors import ApiError, error_response
-from bentoformers.security.auth import (
-    Authenticator,
-    AuthMiddleware,
-    ClientAddress,
-    KeyStore,
-    create_key,
-)
-from bentoformers.security.ratelimit import RateLimiter, RateLimitMiddleware, Tier, charge_tokens
+from bentoformers.middleware.auth import AuthMiddleware
+from bentoformers.middleware.client_address import ClientAddress
+from bentoformers.middleware.rate_limit import RateLimitMiddleware
+from bentoformers.security.authenticator import Authenticator
+from bentoformers.security.keys import KeyStore, create_key
+from bentoformers.security.ratelimit import RateLimiter, Tier, charge_tokens
 
 # Hour windows: the sliding window counter may admit one extra right at a window edge, which a
 # minute window would make a (rare) flake.

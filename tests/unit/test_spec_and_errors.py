@@ -62,7 +62,7 @@ def test_model_names_never_collide_as_gateway_attributes():
 def test_the_app_routes_exactly_the_route_table():
     from starlette.routing import Route
 
-    from bentoformers.api.gateway import HANDLERS, create_app
+    from bentoformers.api.app import HANDLERS, create_app
     from bentoformers.api.routes import ROUTE_TASKS, ROUTES
 
     app = create_app()

@@ -26,7 +26,7 @@ from bentoformers.api.routes import PROBE_PATHS
 from bentoformers.errors import ApiError, ErrorType, error_response
 from bentoformers.observability import metrics
 
-logger = logging.getLogger("bentoformers.middleware.overload")
+logger = logging.getLogger("bentoformers.overload")
 
 
 class OverloadMiddleware:

@@ -19,7 +19,7 @@ import numpy as np
 
 from bentoformers.runtime.decoder import DecodeBatch, OnnxDecoder
 
-logger = logging.getLogger("bentoformers.runtime.generation")
+logger = logging.getLogger("bentoformers.generation")
 
 
 @dataclass(frozen=True)

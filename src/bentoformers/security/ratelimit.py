@@ -23,14 +23,13 @@ from limits import RateLimitItem, parse
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bentoformers.errors import ApiError, ErrorType
 from bentoformers.observability import metrics
-from bentoformers.security.auth import DEFAULT_TIER, Identity, Refused, answer_failed_check
+from bentoformers.security.identity import DEFAULT_TIER, Identity
 from bentoformers.settings import Settings
 
-logger = logging.getLogger("bentoformers.security.ratelimit")
+logger = logging.getLogger("bentoformers.ratelimit")
 STORE_BACKOFF_SECONDS = 1.0
 
 
@@ -165,7 +164,7 @@ class Budget:
             metrics.count_rejection("request_too_large")
             raise ApiError(
                 ErrorType.TOO_LARGE,
-                f"this request holds {tokens} input tokens; your tier allows {item.amount} per {_window(item)}",
+                f"this request holds {tokens} input tokens; your tier allows {item.amount} per {window(item)}",
             )
         try:
             verdict = await self.limiter.hit(item, f"{self.key}:tokens", cost=tokens)
@@ -179,7 +178,7 @@ class Budget:
             metrics.count_rejection("rate_limit_tokens")
             raise ApiError(
                 ErrorType.RATE_LIMITED,
-                f"input token budget exhausted: {item.amount} tokens per {_window(item)}, {verdict.remaining} left, "
+                f"input token budget exhausted: {item.amount} tokens per {window(item)}, {verdict.remaining} left, "
                 f"this request needs {tokens}; retry after {verdict.reset_seconds}s",
                 headers=verdict.headers(),
             )
@@ -192,63 +191,6 @@ async def charge_tokens(request: Request, tokens: int) -> None:
         await budget.charge(tokens)
 
 
-class RateLimitMiddleware:
-    """Counts requests per identity (after AuthMiddleware); 429 with Retry-After and RateLimit-* headers."""
-
-    def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
-        self.app, self.limiter = app, limiter
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        identity = scope.get("state", {}).get("identity") if scope["type"] == "http" else None
-        if not isinstance(identity, Identity):  # public paths, preflight, non-HTTP
-            await self.app(scope, receive, send)
-            return
-        try:
-            verdict = await self._check(scope, identity)
-        except Exception as exc:
-            await answer_failed_check(exc, "rate limit check", scope, receive, send)
-            return
-        if verdict is None:
-            await self.app(scope, receive, send)
-            return
-        extra = [(k.lower().encode(), v.encode()) for k, v in verdict.headers().items()]
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                # A token-budget 429 already carries its own RateLimit-* (and Retry-After): keep those,
-                # rather than add the request limit's under the same names.
-                headers = list(message.get("headers", []))
-                present = {k.lower() for k, _ in headers}
-                message["headers"] = headers + [(k, v) for k, v in extra if k not in present]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-    async def _check(self, scope: Scope, identity: Identity) -> Verdict | None:
-        tier = self.limiter.tier_of(identity)
-        if tier is None:
-            return None
-        key = f"{identity.kind}:{identity.id}"
-        scope["state"]["rate_limit"] = Budget(self.limiter, key, tier)
-        if tier.requests is None:
-            return None
-        try:
-            verdict = await self.limiter.hit(tier.requests, f"{key}:requests")
-        except StoreUnavailable:
-            error = self.limiter.store_error()
-            if error is not None:
-                raise Refused("rate_limit_store_unavailable", error) from None
-            return None
-        if not verdict.allowed:
-            raise Refused("rate_limit_requests", ApiError(
-                ErrorType.RATE_LIMITED,
-                f"rate limit reached: {verdict.limit} requests per {_window(tier.requests)}; "
-                f"retry after {verdict.reset_seconds}s",
-                headers=verdict.headers(),
-            ))
-        return verdict
-
-
-def _window(item: RateLimitItem) -> str:
+def window(item: RateLimitItem) -> str:
     unit = item.GRANULARITY.name
     return unit if item.multiples == 1 else f"{item.multiples} {unit}s"

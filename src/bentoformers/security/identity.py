@@ -1,0 +1,21 @@
+"""Who a caller is once their credentials check out: an id, the tasks they may call, their rate-limit tier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TASKS = ("embeddings", "classification", "generation")
+ALL = "*"
+DEFAULT_TIER = "default"
+ANONYMOUS_TIER = "anonymous"
+
+
+@dataclass(frozen=True)
+class Identity:
+    id: str  # key id, JWT subject, or the client address when anonymous; never a secret
+    scopes: frozenset[str]
+    tier: str
+    kind: str  # "key" | "jwt" | "anonymous"
+
+    def may(self, task: str) -> bool:
+        return ALL in self.scopes or task in self.scopes
