@@ -1,0 +1,151 @@
+"""The model services: one BentoML service per served model, running its graph on CPU or CUDA.
+
+Each loads the best variant that passes its start-up check on this machine (runtime/selfcheck.py) and
+answers the gateway's batched calls (embeddings, classification) or streams tokens (generation). They are
+internal: they accept pickled bodies and must never be reachable from outside.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator
+
+import bentoml
+import numpy as np
+
+from bentoformers.middleware.overload import ShutdownDrain
+from bentoformers.observability import metrics
+from bentoformers.runtime import cpu, selfcheck
+from bentoformers.runtime.decoder import OnnxDecoder
+from bentoformers.runtime.engine import ModelCard, OnnxEncoder, pick_device
+from bentoformers.runtime.generation import Sampling, Scheduler
+from bentoformers.serving.store import StoredModel, candidate_precisions
+from bentoformers.settings import Settings
+
+logger = logging.getLogger("bentoformers")
+
+
+class _ModelService:
+    """Loads the stored variant for this machine: fp16 on CUDA when built, else int8 on CPU (settings can force one)."""
+
+    stored: StoredModel  # set per model by composition.model_service
+    settings: Settings
+
+    def _load(self):
+        """The engine of the best variant that passes its start-up check on this CPU: fp16 on CUDA when built,
+        else int8, else fp32 (settings can force one: then a failed check refuses to start)."""
+        # BentoML's server logging shows only its own INFO lines. Not at import: BentoML names a worker's
+        # log lines after the first one it formats, and at import the worker has no name yet.
+        logger.setLevel(logging.INFO)
+        self.started = time.perf_counter()
+        self.device = pick_device(self.settings.device)
+        requested = self.settings.model_precisions.get(self.stored.name, self.settings.precision)
+        candidates = [
+            (p, getattr(self, f"model_{p}").path) for p in candidate_precisions(self.stored.variants, self.device, requested)
+        ]
+        self.proof = selfcheck.first_that_holds(
+            candidates, forced=requested != "auto", open_=self._open,
+            on_refusal=lambda precision, reason: metrics.selfcheck_refusals.labels(self.stored.name, precision).inc(),
+        )
+        self.precision = self.proof.precision
+        model: bentoml.Model = getattr(self, f"model_{self.precision}")
+        checked = "not re-proven: no check set" if self.proof.figures is None else "check set " + ", ".join(
+            f"{k} {v:.5f}" for k, v in self.proof.figures.items()
+        )
+        logger.info(
+            "serving %s (%s) on %s (%s, %s; %s)",
+            model.tag, self.stored.task, self.device, self.precision, cpu.isa_class(), checked,
+        )
+        self.inference_seconds = metrics.inference_seconds.labels(self.stored.name, self.precision, self.device)
+        self.gpu_memory = metrics.GpuMemory() if self.device == "cuda" else None
+        # On SIGTERM, keep answering while the gateway finishes its requests in flight.
+        self.drain = ShutdownDrain()
+        self.drain.install()
+        return self.proof.engine
+
+    def _loaded(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        metrics.model_load_seconds.labels(self.stored.name, self.precision, self.device).set(elapsed)
+
+    def _run(self, fn, *args):
+        """One model call, timed and kept alive through a shutdown drain."""
+        started = time.perf_counter()
+        with self.drain.busy():
+            out = fn(*args)
+        self.inference_seconds.observe(time.perf_counter() - started)
+        if self.gpu_memory:
+            self.gpu_memory.sample()
+        return out
+
+    @bentoml.api
+    def describe(self) -> dict[str, object]:
+        return {
+            "precision": self.precision,
+            "device": self.device,
+            "cpu": cpu.isa_class(),
+            "selfcheck": self.proof.figures,
+            "refused": [{"precision": r["precision"], "reason": r["reason"]} for r in self.proof.refused],
+        }
+
+
+class _EncoderService(_ModelService):
+    def __init__(self) -> None:
+        self.encoder = self._load()
+        self._loaded()
+
+    def _open(self, folder) -> OnnxEncoder:
+        return OnnxEncoder(folder, device=self.device, threads=self.settings.threads(), max_batch_tokens=self.settings.max_batch_tokens)
+
+
+class EmbeddingModel(_EncoderService):
+    @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
+    def embed(self, token_ids: list[list[int]]) -> np.ndarray:
+        return self._run(self.encoder.embed, token_ids)
+
+
+class ClassificationModel(_EncoderService):
+    @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
+    def classify(self, token_ids: list[list[int]]) -> np.ndarray:
+        """Logits, one row per text (the gateway turns them into label scores)."""
+        return self._run(self.encoder.classify, token_ids)
+
+
+class GenerationModel(_ModelService):
+    def __init__(self) -> None:
+        decoder = self._load()
+        card = ModelCard.load(getattr(self, f"model_{self.precision}").path)
+        self.scheduler = Scheduler(
+            decoder, card.eos_token_ids, card.max_length, self.settings.max_active_sequences, self.inference_seconds
+        )
+        self._loaded()
+
+    def _open(self, folder) -> OnnxDecoder:
+        return OnnxDecoder(folder, device=self.device, threads=self.settings.threads())
+
+    @bentoml.api
+    async def generate(
+        self,
+        token_ids: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int | None,
+        key: str,
+    ) -> AsyncGenerator[str, None]:
+        """New token ids as text lines, then one line with the finish reason (or "error: ...").
+
+        Lines, because the stream reaches the gateway in chunks that need not match the yields.
+        """
+        sampling = Sampling(temperature, top_p, top_k, seed)
+        with self.drain.busy():
+            async for kind, value in self.scheduler.generate(token_ids, max_new_tokens, sampling, key):
+                yield f"{value}\n" if kind != "error" else f"error: {value}\n"
+
+    @bentoml.api
+    async def cancel(self, key: str) -> bool:
+        return self.scheduler.cancel(key)
+
+
+SERVICE_CLASSES = {"embeddings": EmbeddingModel, "classification": ClassificationModel, "generation": GenerationModel}
