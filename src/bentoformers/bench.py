@@ -338,7 +338,9 @@ def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, 
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from bentoformers.runtime.engine import ModelCard, OnnxEncoder, TextTokenizer
+    from bentoformers.runtime.card import ModelCard
+    from bentoformers.runtime.encoder import OnnxEncoder
+    from bentoformers.runtime.tokenizer import TextTokenizer
     from bentoformers.serving.store import served_models
     from bentoformers.settings import Settings
     from bentoformers.spec import store_name

@@ -78,7 +78,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _serves_instead(results) -> str:
-    from bentoformers.runtime.engine import pick_device
+    from bentoformers.runtime.session import pick_device
     from bentoformers.serving.store import choose_precision
 
     refused = ", ".join(r.precision for r in results if r.status == "failed gate")

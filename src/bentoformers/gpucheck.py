@@ -80,7 +80,7 @@ def _check(name: str, ok: bool, detail: str, failures: list[str]) -> None:
 
 
 def main() -> int:
-    from bentoformers.runtime.engine import pick_device
+    from bentoformers.runtime.session import pick_device
 
     if pick_device() != "cuda":
         print("no CUDA: onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu on a GPU machine)")
@@ -92,9 +92,10 @@ def main() -> int:
 
     from bentoformers.build.builder import build_model
     from bentoformers.runtime.decoder import OnnxDecoder
-    from bentoformers.runtime.engine import OnnxEncoder, TextTokenizer, l2_normalize, label_scores
+    from bentoformers.runtime.encoder import OnnxEncoder, l2_normalize, label_scores
     from bentoformers.runtime.fidelity import generation_prompts, shipped_sentences
     from bentoformers.runtime.generation import Sampling, Scheduler
+    from bentoformers.runtime.tokenizer import TextTokenizer
     from bentoformers.serving.store import choose_precision
     from bentoformers.spec import ModelSpec
 

@@ -11,7 +11,8 @@ import pytest
 
 from bentoformers.build.builder import build_model
 from bentoformers.build.export import resolve_source
-from bentoformers.runtime.engine import OnnxEncoder, TextTokenizer, l2_normalize
+from bentoformers.runtime.encoder import OnnxEncoder, l2_normalize
+from bentoformers.runtime.tokenizer import TextTokenizer
 from bentoformers.spec import ModelSpec
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from bentoformers.runtime import cpu, selfcheck
-from bentoformers.runtime.engine import OnnxEncoder, TextTokenizer, l2_normalize
+from bentoformers.runtime.encoder import OnnxEncoder, l2_normalize
+from bentoformers.runtime.tokenizer import TextTokenizer
 
 pytestmark = pytest.mark.slow
 

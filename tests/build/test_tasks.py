@@ -13,8 +13,10 @@ import pytest
 from bentoformers.build.builder import build_model
 from bentoformers.build.export import resolve_source
 from bentoformers.gpucheck import make_tiny_classifier
+from bentoformers.runtime.card import ModelCard
 from bentoformers.runtime.decoder import DecodeBatch, OnnxDecoder
-from bentoformers.runtime.engine import ModelCard, OnnxEncoder, TextTokenizer, label_scores
+from bentoformers.runtime.encoder import OnnxEncoder, label_scores
+from bentoformers.runtime.tokenizer import TextTokenizer
 from bentoformers.spec import ModelSpec
 
 pytestmark = pytest.mark.slow
@@ -142,8 +144,8 @@ def test_a_hub_id_is_resolved_through_the_hub_cache(tmp_path, monkeypatch, serve
 
 @pytest.mark.parametrize("model", ["sentiment", "gpt2"])
 def test_a_graph_that_cannot_start_cuda_is_an_error_not_a_quiet_cpu_fallback(served_build, model):
-    from bentoformers.runtime.engine import pick_device
     from bentoformers.runtime.selfcheck import open_engine
+    from bentoformers.runtime.session import pick_device
 
     if pick_device() == "cuda":
         pytest.skip("CUDA starts on this machine")

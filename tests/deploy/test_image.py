@@ -86,7 +86,8 @@ def test_the_image_serves_real_embeddings(image, minilm_path, api_key):
         served = np.array(r.json()["data"][0]["embedding"], dtype=np.float32)
         assert served.shape == (384,)
 
-        from bentoformers.runtime.engine import OnnxEncoder, TextTokenizer, l2_normalize
+        from bentoformers.runtime.encoder import OnnxEncoder, l2_normalize
+        from bentoformers.runtime.tokenizer import TextTokenizer
 
         tokenizer = TextTokenizer(minilm_path["int8"], 256)
         local = l2_normalize(OnnxEncoder(minilm_path["int8"]).embed(tokenizer.encode(["The cat sat on the mat."], False)))

@@ -46,8 +46,9 @@ def events(text):
 def test_greedy_generation_is_the_built_decoders_greedy_continuation(client, served_build):
     import bentoml
 
+    from bentoformers.runtime.card import ModelCard
     from bentoformers.runtime.decoder import OnnxDecoder
-    from bentoformers.runtime.engine import ModelCard, TextTokenizer
+    from bentoformers.runtime.tokenizer import TextTokenizer
 
     # The tests serve gpt2 in fp32 (conftest): the precision whose greedy tokens batching cannot change.
     folder = bentoml.models.get(served_build["gpt2"]["fp32"].tag).path

@@ -4,7 +4,7 @@ from conftest import ROOT
 from pydantic import ValidationError
 
 from bentoformers.errors import ApiError, ErrorType, error_response
-from bentoformers.runtime.engine import OnnxEncoder
+from bentoformers.runtime.encoder import OnnxEncoder
 from bentoformers.spec import ModelSpec, load_model_list
 
 

@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from bentoformers.api.gateway import account, gateway_of, json_response, parse_body
 from bentoformers.api.schemas import ClassifyRequest
-from bentoformers.runtime.engine import label_scores
+from bentoformers.runtime.encoder import label_scores
 
 
 async def classify(request: Request) -> Response:

@@ -12,7 +12,7 @@ from bentoformers.api.endpoint import ModelEndpoint
 from bentoformers.api.gateway import account, gateway_of, json_response, parse_body
 from bentoformers.api.schemas import EmbedRequest, OpenAIEmbeddingRequest
 from bentoformers.errors import ApiError, ErrorType
-from bentoformers.runtime.engine import l2_normalize
+from bentoformers.runtime.encoder import l2_normalize
 
 
 async def embed(request: Request) -> Response:

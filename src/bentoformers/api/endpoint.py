@@ -14,7 +14,8 @@ import anyio
 import numpy as np
 
 from bentoformers.errors import ApiError, ErrorType
-from bentoformers.runtime.engine import InputTooLong, ModelCard, TextTokenizer
+from bentoformers.runtime.card import ModelCard
+from bentoformers.runtime.tokenizer import InputTooLong, TextTokenizer
 from bentoformers.serving.batcher import Coalescer
 from bentoformers.settings import Settings
 

@@ -29,16 +29,9 @@ from bentoformers.build.export import (
 )
 from bentoformers.build.quantize import SCHEMES, quantize_decoder_int8, quantize_encoder_int8
 from bentoformers.runtime import cpu, selfcheck
+from bentoformers.runtime.card import ONNX_FILE, ModelCard
 from bentoformers.runtime.decoder import OnnxDecoder
-from bentoformers.runtime.engine import (
-    ONNX_FILE,
-    ModelCard,
-    OnnxEncoder,
-    TextTokenizer,
-    l2_normalize,
-    label_scores,
-    pick_device,
-)
+from bentoformers.runtime.encoder import OnnxEncoder, l2_normalize, label_scores
 from bentoformers.runtime.fidelity import (
     compare,
     compare_greedy,
@@ -46,6 +39,8 @@ from bentoformers.runtime.fidelity import (
     generation_prompts,
     shipped_sentences,
 )
+from bentoformers.runtime.session import pick_device
+from bentoformers.runtime.tokenizer import TextTokenizer
 from bentoformers.spec import ModelSpec, VariantSpec, gate_failures, store_name
 
 GREEDY_TOKENS = 16  # new tokens per validation prompt

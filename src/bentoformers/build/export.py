@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bentoformers.runtime.engine import ONNX_FILE, ModelCard, l2_normalize, pool
+from bentoformers.runtime.card import ONNX_FILE, ModelCard
+from bentoformers.runtime.encoder import l2_normalize, pool
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json", "generation_config.json"

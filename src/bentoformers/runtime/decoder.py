@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bentoformers.runtime.engine import ONNX_FILE, open_session
+from bentoformers.runtime.card import ONNX_FILE
+from bentoformers.runtime.session import open_session
 
 
 @dataclass

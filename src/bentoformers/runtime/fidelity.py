@@ -6,7 +6,7 @@ from importlib import resources
 
 import numpy as np
 
-from bentoformers.runtime.engine import l2_normalize
+from bentoformers.runtime.encoder import l2_normalize
 
 
 def shipped_sentences() -> list[str]:

@@ -55,7 +55,7 @@ def load(folder: str | Path) -> dict[str, Any] | None:
 
 def measure(check: dict[str, Any], engine: Any) -> dict[str, float]:
     """The check set through a loaded engine (an OnnxEncoder or OnnxDecoder), against its reference."""
-    from bentoformers.runtime.engine import l2_normalize, label_scores
+    from bentoformers.runtime.encoder import l2_normalize, label_scores
 
     task, inputs = check["task"], check["inputs"]
     if task == "generation":
@@ -72,8 +72,9 @@ def measure(check: dict[str, Any], engine: Any) -> dict[str, float]:
 
 
 def open_engine(folder: str | Path, device: str = "cpu", threads: int | None = None) -> Any:
+    from bentoformers.runtime.card import ModelCard
     from bentoformers.runtime.decoder import OnnxDecoder
-    from bentoformers.runtime.engine import ModelCard, OnnxEncoder
+    from bentoformers.runtime.encoder import OnnxEncoder
 
     card = ModelCard.load(folder)
     if card.task == "generation":

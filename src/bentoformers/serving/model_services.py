@@ -14,12 +14,14 @@ from collections.abc import AsyncGenerator
 import bentoml
 import numpy as np
 
-from bentoformers.middleware.overload import ShutdownDrain
 from bentoformers.observability import metrics
 from bentoformers.runtime import cpu, selfcheck
+from bentoformers.runtime.card import ModelCard
 from bentoformers.runtime.decoder import OnnxDecoder
-from bentoformers.runtime.engine import ModelCard, OnnxEncoder, pick_device
+from bentoformers.runtime.encoder import OnnxEncoder
 from bentoformers.runtime.generation import Sampling, Scheduler
+from bentoformers.runtime.session import pick_device
+from bentoformers.serving.drain import ShutdownDrain
 from bentoformers.serving.store import StoredModel, candidate_precisions
 from bentoformers.settings import Settings
 

@@ -1,0 +1,39 @@
+"""What the runtime needs to know about a built artefact: the card the build writes beside the graph."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+CARD_FILE = "bentoformers.json"
+ONNX_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the runtime needs to know about a built artefact; written beside the graph by the build."""
+
+    name: str
+    task: str
+    precision: str
+    max_length: int  # token limit; for generation the context (prompt plus new tokens)
+    # embeddings
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = False
+    dimensions: int = 0  # embeddings: vector size; classification: number of labels
+    # classification: labels in logit order (the checkpoint's id2label); sigmoid per label when multi-label
+    labels: tuple[str, ...] = ()
+    multi_label: bool = False
+    # generation: the tokens that end a sequence
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ModelCard:
+        data = json.loads((Path(folder) / CARD_FILE).read_text())
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+    def save(self, folder: str | Path) -> None:
+        (Path(folder) / CARD_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")

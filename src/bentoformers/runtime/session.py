@@ -1,0 +1,48 @@
+"""Where a graph runs: the device choice, and the one ONNX Runtime session factory (with the CUDA check)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def pick_device(requested: str = "auto") -> str:
+    import onnxruntime as ort
+
+    # onnxruntime-gpu lists the CUDA provider even where no GPU driver is (libcuda.so.1), and then runs
+    # on CPU with only a log line; "auto" therefore also asks for the driver.
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers() and _has_cuda_driver()
+    if requested == "cuda" and not has_cuda:
+        raise RuntimeError("device=cuda was asked for, but onnxruntime has no usable CUDAExecutionProvider")
+    if requested == "auto":
+        return "cuda" if has_cuda else "cpu"
+    return requested
+
+
+def open_session(path: str | Path, device: str = "cpu", intra_op_threads: int = 0, inter_op_threads: int = 0):
+    """The one way a graph is opened: an ONNX Runtime session on `device`, which really runs there.
+
+    ONNX Runtime falls back to CPU with only a log line when CUDA cannot start; a model service that then
+    said `cuda` in /v1/models and its metrics would be lying, so that is an error here.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads  # 0: ONNX Runtime's default (one per core)
+    options.inter_op_num_threads = inter_op_threads
+    if device == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (the GPU image has no system CUDA)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise RuntimeError(f"ONNX Runtime could not start CUDA for {path} (see its log above); not serving on CPU")
+    return session
+
+
+def _has_cuda_driver() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
