@@ -11,7 +11,6 @@ from types import FrameType
 from typing import Any
 
 
-
 class ShutdownDrain:
     """Keeps a model service process answering after SIGTERM/SIGINT until it has been idle for a moment.
 
