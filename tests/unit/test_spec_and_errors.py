@@ -70,3 +70,27 @@ def test_the_app_routes_exactly_the_route_table():
     assert served == {(r.path, r.method) for r in ROUTES}
     assert set(HANDLERS) == {r.handler for r in ROUTES}
     assert set(ROUTE_TASKS.values()) == {"embeddings", "classification", "generation"}
+
+
+def test_the_package_has_no_import_cycle():
+    """Module-level imports between bentoformers modules form no cycle (function-local imports aside)."""
+    import ast
+
+    package = ROOT / "src" / "bentoformers"
+    files = {".".join(p.with_suffix("").relative_to(package.parent).parts).removesuffix(".__init__"): p
+             for p in package.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        for node in ast.parse(path.read_text()).body:  # top level only
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bentoformers"):
+                deps |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        graph[name] = {d for d in deps if d in files and d != name}
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        for dep in graph[node]:
+            assert dep not in path, "import cycle: " + " -> ".join((*path[path.index(dep):], dep))
+            visit(dep, (*path, dep))
+
+    for name in graph:
+        visit(name, (name,))
