@@ -22,15 +22,23 @@ ORDER = ("sse", "avx2", "avx512", "avx-vnni", "avx512-vnni")
 
 
 @cache
-def flags() -> frozenset[str]:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def flags() -> frozenset[str]:
+    return frozenset(_cpuinfo().get("flags", "").split())
 
 
 def isa_class(cpu_flags: frozenset[str] | None = None) -> str:
@@ -52,14 +60,7 @@ def describe() -> dict[str, object]:
 
 
 def _model_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def emulated_classes() -> list[str]:
