@@ -62,10 +62,11 @@ def _build(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"error: {spec.name}: {exc}", file=sys.stderr)
             return FAILED
-        refused += [r for r in results if r.status == "failed gate"]
+        failed = [r for r in results if r.status == "failed gate"]
+        refused += failed
         if not any(r.ok for r in results):
             unservable.append(spec.name)
-        elif any(r.status == "failed gate" for r in results):
+        elif failed:
             print(f"{spec.name}: {_serves_instead(results)}")
     if refused:
         print("\nNot saved (below their fidelity gates):", file=sys.stderr)

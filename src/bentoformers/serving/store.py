@@ -46,9 +46,7 @@ def served_models(settings: Settings, base: Path | None = None) -> list[StoredMo
     """
     wanted = settings.served_names()
     if wanted:
-        found = [_stored(name) for name in wanted]
-        check_attributes_unique(found)
-        return found
+        return [_stored(name) for name in wanted]
     names = [spec.name for spec in load_model_list((base or Path()) / settings.model_list)]
     found = []
     for name in names:
@@ -60,7 +58,6 @@ def served_models(settings: Settings, base: Path | None = None) -> list[StoredMo
         raise RuntimeError(
             f"no entry of {settings.model_list} is built in the BentoML model store; run `bentoformers build` first"
         )
-    check_attributes_unique(found)
     return found
 
 
