@@ -30,12 +30,8 @@ from bentoformers.build.export import (
 from bentoformers.build.quantize import SCHEMES, quantize_decoder_int8, quantize_encoder_int8
 from bentoformers.runtime import cpu, selfcheck
 from bentoformers.runtime.card import ONNX_FILE, ModelCard
-from bentoformers.runtime.decoder import OnnxDecoder
-from bentoformers.runtime.encoder import OnnxEncoder, l2_normalize, label_scores
+from bentoformers.runtime.encoder import label_scores
 from bentoformers.runtime.fidelity import (
-    compare,
-    compare_greedy,
-    compare_scores,
     generation_prompts,
     shipped_sentences,
 )
@@ -194,36 +190,22 @@ def _save(tag: str, folder: Path, labels: dict[str, str], metadata: dict) -> Non
 
 
 def _validate(card: ModelCard, folder: Path, device: str, reference: object, ids: list[list[int]]) -> dict[str, float]:
-    """The built graph, run by the serving code, against the fp32 PyTorch reference."""
-    if card.task == "generation":
-        decoder = OnnxDecoder(folder, device=device)
-        return compare_greedy([decoder.greedy(p, GREEDY_TOKENS, card.eos_token_ids) for p in ids], reference)  # type: ignore[arg-type]
-    encoder = OnnxEncoder(folder, device=device)
+    """The built graph, run by the serving code, against the fp32 PyTorch reference: the start-up check's
+    measure on every validation input, with the neighbour overlap."""
+    engine = selfcheck.open_engine(folder, device=device)
     try:
-        candidate = encoder.embed(ids)
+        return selfcheck.measure(selfcheck.check_set(card, ids, reference, {}, GREEDY_TOKENS), engine, neighbours=10)
     finally:
-        encoder.close()
-    if card.task == "classification":
-        return compare_scores(label_scores(candidate, card.multi_label), reference)  # type: ignore[arg-type]
-    if card.normalize:
-        candidate = l2_normalize(candidate)
-    return compare(candidate, reference)  # type: ignore[arg-type]
+        selfcheck.close(engine)
 
 
 def _write_check_set(folder: Path, card: ModelCard, reference: object, ids: list[list[int]], gates: dict) -> int:
     """A few of the validation inputs with their fp32 PyTorch reference: what a serving CPU re-proves.
     Returns how many it holds."""
     picked = selfcheck.sample(len(ids))
-    inputs = [ids[i] for i in picked]
-    if card.task == "generation":
-        expected = [reference[i] for i in picked]  # type: ignore[index]
-        selfcheck.write(
-            folder, card.task, inputs, expected, gates, new_tokens=GREEDY_TOKENS, eos_token_ids=list(card.eos_token_ids)
-        )
-    else:
-        rows = reference[picked]  # type: ignore[index]
-        selfcheck.write(folder, card.task, inputs, rows, gates, normalize=card.normalize, multi_label=card.multi_label)
-    return len(inputs)
+    check = selfcheck.check_set(card, [ids[i] for i in picked], [reference[i] for i in picked], gates, GREEDY_TOKENS)  # type: ignore[index]
+    selfcheck.write(folder, check)
+    return len(picked)
 
 
 def _prove_per_isa(

@@ -36,16 +36,22 @@ def sample(count: int, size: int = CHECK_INPUTS) -> list[int]:
     return sorted({round(i * (count - 1) / max(size - 1, 1)) for i in range(min(size, count))})
 
 
-def write(folder: Path, task: str, inputs: list[list[int]], reference: Any, gates: dict[str, float], **extra: Any) -> None:
-    """The check set: token ids, the fp32 PyTorch reference for them, the gates it must meet."""
-    data = {
-        "task": task,
+def check_set(card: Any, inputs: list[list[int]], reference: Any, gates: dict[str, float], new_tokens: int) -> dict:
+    """Token ids, the fp32 PyTorch reference for them (rows, or greedy tokens), the gates, and how to compare."""
+    return {
+        "task": card.task,
         "inputs": inputs,
-        "reference": np.asarray(reference).tolist() if task != "generation" else reference,
+        "reference": np.asarray(reference).tolist() if card.task != "generation" else list(reference),
         "gates": {k: v for k, v in gates.items() if k not in NOT_CHECKED},
-        **extra,
+        "normalize": card.normalize,
+        "multi_label": card.multi_label,
+        "new_tokens": new_tokens,
+        "eos_token_ids": list(card.eos_token_ids),
     }
-    (folder / CHECK_FILE).write_text(json.dumps(data))
+
+
+def write(folder: Path, check: dict) -> None:
+    (folder / CHECK_FILE).write_text(json.dumps(check))
 
 
 def load(folder: str | Path) -> dict[str, Any] | None:
@@ -53,8 +59,11 @@ def load(folder: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def measure(check: dict[str, Any], engine: Any) -> dict[str, float]:
-    """The check set through a loaded engine (an OnnxEncoder or OnnxDecoder), against its reference."""
+def measure(check: dict[str, Any], engine: Any, neighbours: int = 0) -> dict[str, float]:
+    """The check set through a loaded engine (an OnnxEncoder or OnnxDecoder), against its reference.
+
+    `neighbours`: for embeddings, also the top-k neighbour overlap (meaningful on the whole validation set).
+    """
     from bentoformers.runtime.encoder import l2_normalize, label_scores
 
     task, inputs = check["task"], check["inputs"]
@@ -67,8 +76,8 @@ def measure(check: dict[str, Any], engine: Any) -> dict[str, float]:
         return compare_scores(label_scores(rows, check.get("multi_label", False)), reference)
     if check.get("normalize"):
         rows = l2_normalize(rows)
-    figures = compare(rows, reference, k=0)
-    return {k: v for k, v in figures.items() if k not in NOT_CHECKED}
+    figures = compare(rows, reference, k=neighbours)
+    return figures if neighbours else {k: v for k, v in figures.items() if k not in NOT_CHECKED}
 
 
 def open_engine(folder: str | Path, device: str = "cpu", threads: int | None = None) -> Any:
