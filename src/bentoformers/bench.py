@@ -38,14 +38,19 @@ DISTINCT_BODIES = 64  # request bodies are encoded up front, so the load generat
 
 def run(args: argparse.Namespace) -> int:
 
+    if args.generation:
+        from bentoformers import bench_generation
+
+        return bench_generation.run(args)
     texts = load_texts(args.texts)
+    args.concurrency = args.concurrency or [1, 4, 16, 64]
     if args.model_only:
         from bentoformers.runtime import cpu
 
         print(f"the built model in process on {cpu.describe()['model']} ({cpu.isa_class()}, {os.cpu_count()} CPUs), "
               f"{args.duration:g} s per point")
-        for label, rate in in_process(texts, args.texts_per_request, args.duration).items():
-            print(f"  {label}: {rate:.1f} texts/s")
+        for label, figures in in_process(texts, args.texts_per_request, args.duration).items():
+            print(f"  {label}: {_in_process_figures(figures)}")
         return OK
     server = LocalServer.start() if args.url is None else None
     base = (server.url if server else args.url).rstrip("/")
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     memory = MemorySampler(pid)
     served = served_models(base, args.api_key)
     try:
-        points = _event_loop_runner()(_sweep(args, base + route, texts, memory))
+        points = event_loop_runner()(_sweep(args, base + route, texts, memory))
     except OSError as exc:
         raise CliError(f"could not reach {base}: {exc}") from None
     finally:
@@ -100,7 +105,7 @@ def served_models(base: str, api_key: str | None) -> list[dict[str, Any]]:
         return []
 
 
-def _event_loop_runner() -> Any:
+def event_loop_runner() -> Any:
     # uvloop, where installed, keeps the load generator's own overhead down (it shares the machine).
     try:
         import uvloop
@@ -202,14 +207,14 @@ async def closed_loop(session: Any, url: str, bodies: list[bytes], concurrency: 
         "ok": ok,
         "elapsed_s": elapsed,
         "requests_per_s": ok / elapsed,
-        "p50_ms": _percentile(latencies, 0.50),
-        "p95_ms": _percentile(latencies, 0.95),
-        "p99_ms": _percentile(latencies, 0.99),
+        "p50_ms": percentile(latencies, 0.50),
+        "p95_ms": percentile(latencies, 0.95),
+        "p99_ms": percentile(latencies, 0.99),
         "errors": dict(statuses),
     }
 
 
-def _percentile(sorted_seconds: list[float], q: float) -> float | None:
+def percentile(sorted_seconds: list[float], q: float) -> float | None:
     if not sorted_seconds:
         return None
     return 1e3 * sorted_seconds[min(len(sorted_seconds) - 1, max(0, math.ceil(q * len(sorted_seconds)) - 1))]
@@ -229,7 +234,7 @@ class LocalServer:
         return self.proc.pid
 
     @classmethod
-    def start(cls, timeout: float = 180.0) -> LocalServer:
+    def start(cls, timeout: float = 180.0, env: dict[str, str] | None = None) -> LocalServer:
         import httpx
 
 
@@ -241,7 +246,7 @@ class LocalServer:
         log = Path(tempfile.mkdtemp(prefix="bentoformers-bench-")) / "serve.log"
         cmd = [sys.executable, "-m", "bentoml", "serve", "service:Gateway", "--host", "127.0.0.1", "--port", str(port)]
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         server = cls(proc, f"http://127.0.0.1:{port}", log)
         print(f"started a local server at {server.url} (log: {log})", file=sys.stderr)
         deadline = time.monotonic() + timeout
@@ -333,8 +338,10 @@ class MemorySampler:
 # ---- in process: the ceiling --------------------------------------------------------------------------
 
 
-def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, float]:
-    """texts/s of the built model called directly (no HTTP, no queue): the ceiling a server approaches."""
+def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, dict[str, Any]]:
+    """Each built variant of the served embeddings model called directly, as its service runs it (every core,
+    length-sorted sub-batches; no HTTP, no queue): texts/s and the p50 time of a call, per request size. These
+    are the ceilings a server is compared with."""
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -346,29 +353,60 @@ def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, 
     from bentoformers.spec import store_name
 
     name = next(m.name for m in served_models(Settings()) if m.task == "embeddings")
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, Any]] = {}
     for precision in ("int8", "fp32"):
         try:
             folder = bentoml.models.get(f"{store_name(name, precision)}:latest").path
         except NotFound:
             continue
         ids = TextTokenizer(folder, ModelCard.load(folder).max_length).encode(texts, truncate=True)
-        encoder = OnnxEncoder(folder, threads=os.cpu_count())
-        try:
-            for size in sizes:
-                encoder.embed(ids[:size])
-                done, i, start = 0, 0, time.perf_counter()
-                while time.perf_counter() - start < seconds:
-                    batch = [ids[(i + j) % len(ids)] for j in range(size)]
-                    encoder.embed(batch)
-                    done, i = done + size, i + size
-                out[f"{precision}, {size} text{'s' if size > 1 else ''}/call"] = done / (time.perf_counter() - start)
-        finally:
-            encoder.close()
+        encoder = OnnxEncoder(folder)
+        for size in sizes:
+            encoder.embed(ids[:size])
+            calls: list[float] = []
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                batch = [ids[(len(calls) * size + j) % len(ids)] for j in range(size)]
+                began = time.perf_counter()
+                encoder.embed(batch)
+                calls.append(time.perf_counter() - began)
+            elapsed = time.perf_counter() - start
+            out[f"{precision}, {size} text{'s' if size > 1 else ''}/call"] = {
+                "precision": precision, "texts_per_call": size, "texts_per_s": len(calls) * size / elapsed,
+                "p50_ms": percentile(sorted(calls), 0.5),
+            }
     return out
 
 
 # ---- output -------------------------------------------------------------------------------------------
+
+
+def _in_process_figures(figures: dict[str, Any]) -> str:
+    return f"{figures['texts_per_s']:.1f} texts/s, p50 {figures['p50_ms']:.2f} ms/call"
+
+
+def against_in_process(report: dict[str, Any]) -> list[str]:
+    """Each served point as a share of the same variant in process, from the same run: a lone request against
+    one text per call (latency and throughput), every other point against the largest batch per call (the
+    sorted-batch ceiling)."""
+    measured = report.get("in_process", {})
+    embedders = [m for m in report["target"].get("served_models", []) if m.get("task") == "embeddings"]
+    precision = embedders[0].get("precision") if embedders else None
+    mine = sorted((f for f in measured.values() if f["precision"] == precision), key=lambda f: f["texts_per_call"])
+    if not mine:
+        return []
+    single, ceiling = mine[0], mine[-1]
+    lines = [f"against {embedders[0]['id']} ({precision}) in process, same run:"]
+    for p in report["points"]:
+        load = f"{p['texts_per_request']} × {p['concurrency']}"
+        if p["texts_per_request"] == single["texts_per_call"] == 1 and p["concurrency"] == 1 and p["p50_ms"]:
+            lines.append(f"  {load}: p50 {p['p50_ms']:.2f} ms = {p['p50_ms'] / single['p50_ms']:.2f}× a lone call's "
+                         f"{single['p50_ms']:.2f} ms; {p['items_per_s']:.1f} texts/s = "
+                         f"{p['items_per_s'] / single['texts_per_s']:.2f} of its {single['texts_per_s']:.1f}")
+        else:
+            lines.append(f"  {load}: {p['items_per_s']:.1f} texts/s = {p['items_per_s'] / ceiling['texts_per_s']:.2f} "
+                         f"of the ceiling ({ceiling['texts_per_call']} texts/call: {ceiling['texts_per_s']:.1f})")
+    return lines
 
 
 def _errors(errors: dict[str, int]) -> str:
@@ -394,8 +432,10 @@ def print_table(report: dict[str, Any]) -> None:
     print(HEADER)
     for p in report["points"]:
         print(_row(p))
-    for label, rate in report.get("in_process", {}).items():
-        print(f"in process, {label}: {rate:.1f} texts/s")
+    for label, figures in report.get("in_process", {}).items():
+        print(f"in process, {label}: {_in_process_figures(figures)}")
+    for line in against_in_process(report):
+        print(line)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -427,7 +467,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 share = failed / (failed + p["ok"])
                 left.annotate(f"{share:.0%} errors", (p["concurrency"], p["items_per_s"]), color="crimson",
                               textcoords="offset points", xytext=(4, -12), fontsize=8)
-    ceilings = report.get("in_process", {})
+    ceilings = {label: f["texts_per_s"] for label, f in report.get("in_process", {}).items()}
     if ceilings:
         best = max(ceilings, key=ceilings.get)
         left.axhline(ceilings[best], color="gray", ls=":", lw=1.5)

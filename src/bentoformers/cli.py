@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  bentoformers bench                                    serve locally and sweep the defaults\n"
         "  bentoformers bench http://host:3000 -c 1,8,32 -n 1,16  our server, native /embed\n"
-        "  bentoformers bench http://peer:7997 --api openai --path /embeddings --model m\n",
+        "  bentoformers bench http://peer:7997 --api openai --path /embeddings --model m\n"
+        "  bentoformers bench --generation                       streamed completions of a GPT-2 it builds\n",
         formatter_class=fmt,
     )
     bench.add_argument("url", nargs="?", help="server root URL (default: start a local server)")
@@ -419,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", help="model name to send")
     bench.add_argument("--api-key", default=os.environ.get("BENTOFORMERS_API_KEY"),
                        help="Bearer token (default: $BENTOFORMERS_API_KEY)")
-    bench.add_argument("-c", "--concurrency", type=_csv_ints, default=[1, 4, 16, 64], metavar="N,N",
-                       help="clients in flight (default: 1,4,16,64)")
+    bench.add_argument("-c", "--concurrency", type=_csv_ints, metavar="N,N",
+                       help="clients in flight (default: 1,4,16,64; with --generation 1,4,16)")
     bench.add_argument("-n", "--texts-per-request", type=_csv_ints, default=[1, 32], metavar="N,N",
                        help="request sizes (default: 1,32)")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per point (default: %(default)s)")
@@ -433,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also measure the built model in this process: the ceiling the server is compared with")
     bench.add_argument("--model-only", action="store_true",
                        help="only time the built int8 and fp32 variants in process (no server), as the service runs them")
+    bench.add_argument("--generation", action="store_true",
+                       help="stream /v1/completions instead (TTFT, inter-token latency, tokens/s); without URL it "
+                       "builds and serves a small GPT-2 of its own, and times it decoding alone in process too")
+    bench.add_argument("--max-tokens", type=int, default=32, help="per completion, with --generation (default: %(default)s)")
     bench.add_argument("--json", type=Path, default=Path("bench-results/bench.json"), help="(default: %(default)s)")
     bench.add_argument("--plot", type=Path, default=Path("bench-results/bench.png"), help="(default: %(default)s)")
     bench.set_defaults(func=_bench)

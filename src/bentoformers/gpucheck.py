@@ -42,8 +42,9 @@ def make_tiny_classifier(folder: Path, labels: list[str], multi_label: bool = Fa
     return folder
 
 
-def make_tiny_gpt2(folder: Path) -> Path:
-    """A 2-layer GPT-2 (hidden size 64) with a byte-level BPE tokenizer trained here on the shipped sentences.
+def make_tiny_gpt2(folder: Path, n_embd: int = 64, n_layer: int = 2, n_head: int = 2, n_positions: int = 128) -> Path:
+    """A GPT-2 (default: 2 layers, hidden size 64) with a byte-level BPE tokenizer trained here on the shipped
+    sentences.
 
     A wide initialisation makes its next-token distribution peaked, like a trained model's, so greedy
     decoding has real margins to check against.
@@ -65,7 +66,7 @@ def make_tiny_gpt2(folder: Path) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=end, eos_token=end, unk_token=end)
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=tokenizer.vocab_size, n_embd=64, n_layer=2, n_head=2, n_positions=128,
+        vocab_size=tokenizer.vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions,
         bos_token_id=0, eos_token_id=0, initializer_range=0.2,
     )
     GPT2LMHeadModel(config).save_pretrained(folder)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import Field, SecretStr
@@ -27,7 +26,12 @@ class Settings(BaseSettings):
         "near-tie with its batch neighbours; fp32 does not.",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = one per CPU core.")
+    model_process: Literal["auto", "gateway", "separate"] = Field(
+        "auto", description="Where the models run. gateway: in the gateway's process (one copy of the weights, no "
+        "hop between processes). separate: one BentoML service process per model, to place or scale them apart (the "
+        "GPU split). auto: gateway on CPU, separate on CUDA.",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = one per core this process may use (CPU affinity and cgroup quota).")
     max_items_per_request: int = Field(256, ge=1)
     max_chars_per_item: int = Field(
         100_000, ge=1, description="Refused before tokenizing, so a huge text cannot stall the gateway."
@@ -35,6 +39,11 @@ class Settings(BaseSettings):
     max_batch_items: int = Field(256, ge=1, description="Texts per call from gateway to model service.")
     max_batch_tokens: int = Field(16_384, ge=1, description="Token budget per call to the model service.")
     max_queued_items: int = Field(4096, ge=1, description="Beyond this the gateway answers 503.")
+    max_queue_seconds: float = Field(
+        2.0, gt=0, le=3600, allow_inf_nan=False,
+        description="A request that would wait longer than this behind the queued work (at the model's recent "
+        "tokens/s) gets 503 + Retry-After at once.",
+    )
     retry_after_seconds: int = Field(1, ge=1)
     access_log: bool = Field(True, description="One JSON line per gateway request on stdout.")
 
@@ -84,4 +93,6 @@ class Settings(BaseSettings):
         return [n.strip() for n in self.models.split(",") if n.strip()]
 
     def threads(self) -> int:
-        return self.intra_op_threads or (os.cpu_count() or 1)
+        from bentoformers.runtime.cpu import usable_cores
+
+        return self.intra_op_threads or usable_cores()

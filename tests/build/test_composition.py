@@ -26,7 +26,7 @@ def look_alike_models(minilm_path):
 
 
 def test_each_served_model_gets_its_own_model_service_and_files(look_alike_models):
-    settings = Settings(models=",".join(look_alike_models), auth="disabled")
+    settings = Settings(models=",".join(look_alike_models), auth="disabled", model_process="separate")
     gateway = compose(settings)
     assert gateway.name == "bentoformers"
     services = {name: dep.on.name for name, dep in gateway.dependencies.items()}
@@ -34,6 +34,14 @@ def test_each_served_model_gets_its_own_model_service_and_files(look_alike_model
     served = served_models(settings)
     assert [m.name for m in served] == look_alike_models
     assert len({m.files_attribute for m in served} | set(services)) == 4
+
+
+def test_in_the_gateways_process_there_is_no_dependency_and_every_variant_is_carried(look_alike_models, minilm_path):
+    settings = Settings(models=",".join(look_alike_models), auth="disabled", model_process="gateway")
+    gateway = compose(settings)
+    assert gateway.dependencies == {}
+    assert {m.tag.name for m in gateway.models} == {"a-b-fp32", "a.b-fp32"}
+    assert {d.name for d in gateway.all_services().values()} == {"bentoformers"}
 
 
 def test_composition_refuses_a_model_that_is_not_built(look_alike_models):

@@ -159,7 +159,7 @@ def test_gpu_split_runs_with_the_manifests_args_on_cpu(image, api_key, tmp_path)
     key, records = api_key
     # The model pod's own env from the manifest, but on CPU: there is no GPU here.
     model_env = {e["name"]: e["value"] for e in pods["bentoformers-model"]["env"]} | {"BENTOFORMERS_DEVICE": "cpu"}
-    gateway_env = {"BENTOFORMERS_API_KEYS": records}
+    gateway_env = {e["name"]: e["value"] for e in pods["bentoformers"].get("env", [])} | {"BENTOFORMERS_API_KEYS": records}
     names = []
     try:
         for port, args, env in ((model_port, pods["bentoformers-model"]["args"], model_env),

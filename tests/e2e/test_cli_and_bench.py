@@ -109,4 +109,19 @@ def test_bench_model_only_times_the_built_variants_as_the_service_runs_them(mini
     assert out.returncode == 0, out.stderr
     assert re.search(r"^the built model in process on .+ \((avx2|avx512|avx-vnni|avx512-vnni|sse), \d+ CPUs\)", out.stdout)
     for label in ("int8, 1 text/call", "int8, 8 texts/call", "fp32, 1 text/call", "fp32, 8 texts/call"):
-        assert re.search(rf"^  {re.escape(label)}: \d+\.\d texts/s$", out.stdout, re.M), out.stdout
+        assert re.search(rf"^  {re.escape(label)}: \d+\.\d texts/s, p50 \d+\.\d\d ms/call$", out.stdout, re.M), out.stdout
+
+
+def test_bench_generation_builds_its_model_serves_it_and_times_decoding_alone(minilm_path, tmp_path):
+    out = bentoformers("bench", "--generation", "-c", "1,2", "--duration", "1", "--warmup", "0.2",
+                       "--max-tokens", "8", "--json", str(tmp_path / "g.json"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "g.json").read_text())
+    assert [p["concurrency"] for p in report["points"]] == [1, 2]
+    for point in report["points"]:
+        assert point["streams"] > 0 and point["failures"] == 0 and point["tokens_per_s"] > 0
+        assert point["ttft_p50_ms"] > 0 and point["itl_p50_ms"] is not None
+    alone = report["alone_in_process"]
+    assert alone["streams"] > 0 and alone["tokens_per_s"] > 0
+    assert re.search(r"^concurrency 2: \d+\.\d\d× the tokens/s of concurrency 1; TTFT p99 = ", out.stdout, re.M)
+    assert re.search(r"^ alone .* <- one sequence at a time, in process", out.stdout, re.M)

@@ -24,7 +24,8 @@ DEPLOY = ROOT / "deploy"
 @pytest.fixture(scope="module")
 def served(minilm_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("observability") / "serve.log"
-    env = {**os.environ, "BENTOML_CONFIG_OPTIONS": "services.bentoformers.workers=2", "BENTOFORMERS_MODELS": "minilm"}
+    env = {**os.environ, "BENTOML_CONFIG_OPTIONS": "services.bentoformers.workers=2", "BENTOFORMERS_MODELS": "minilm",
+           "BENTOFORMERS_MODEL_PROCESS": "separate"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve makes its own, as in production
     serve = [sys.executable, "-m", "bentoml", "serve", "service:Gateway"]
     with running_server(serve, log, env, ready_timeout=120) as running:

@@ -15,9 +15,10 @@ from conftest import running_server
 pytestmark = pytest.mark.slow
 
 
-def test_sigterm_finishes_the_requests_in_flight(minilm_path, sentences, tmp_path):
+@pytest.mark.parametrize("model_process", ["gateway", "separate"])
+def test_sigterm_finishes_the_requests_in_flight(minilm_path, sentences, tmp_path, model_process):
     serve = [sys.executable, "-m", "bentoml", "serve", "service:Gateway"]
-    env = {**os.environ, "BENTOFORMERS_MODELS": "minilm"}
+    env = {**os.environ, "BENTOFORMERS_MODELS": "minilm", "BENTOFORMERS_MODEL_PROCESS": model_process}
     with running_server(serve, tmp_path / "serve.log", env) as running:
         url, proc = running.url, running.proc
         body = {"inputs": (sentences * 2)[:256], "truncate": True}  # a few hundred ms of model work each

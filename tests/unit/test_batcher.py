@@ -1,4 +1,5 @@
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -79,6 +80,28 @@ def test_full_queue_is_refused_at_once_with_retry_after():
         assert info.value.kind is ErrorType.OVERLOADED and info.value.status == 503
         assert info.value.headers["Retry-After"] == "2"
         await asyncio.gather(busy, queued)
+
+    asyncio.run(main())
+
+
+def test_the_queue_is_sized_by_time_at_the_models_recent_rate():
+    async def main():
+        model = RecordingModel(delay=0.1)
+        c = coalescer(model, max_wait=1.0)
+        await c.submit([[1] * 10])  # 10 tokens in ~0.1 s: ~100 tokens/s (a little less: the loop's own time)
+        assert 60 < c.tokens_per_second <= 100
+        busy = asyncio.create_task(c.submit([[1] * 10]))
+        await asyncio.sleep(0.01)
+        first = asyncio.create_task(c.submit([[1] * 40]))  # the first in the queue always waits its turn
+        await asyncio.sleep(0)
+        started = time.perf_counter()
+        with pytest.raises(ApiError) as info:
+            await c.submit([[1] * 80])  # 120 tokens queued: over a second of work
+        assert time.perf_counter() - started < 0.5  # at once, not after the second of queued work
+        assert info.value.status == 503 and "s of work" in info.value.message
+        fits = asyncio.create_task(c.submit([[1] * 20]))  # 60 tokens queued: about 0.6 s
+        await asyncio.gather(busy, first, fits)
+        assert c.queued_items == c.queued_tokens == 0
 
     asyncio.run(main())
 

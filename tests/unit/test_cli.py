@@ -102,8 +102,8 @@ def test_bench_finds_a_local_listener_and_samples_its_memory():
 
 def test_percentiles_are_nearest_rank():
     values = sorted(i / 1000 for i in range(1, 101))  # 1..100 ms
-    assert [bench._percentile(values, q) for q in (0.5, 0.95, 0.99)] == pytest.approx([50, 95, 99])
-    assert bench._percentile([], 0.5) is None
+    assert [bench.percentile(values, q) for q in (0.5, 0.95, 0.99)] == pytest.approx([50, 95, 99])
+    assert bench.percentile([], 0.5) is None
 
 
 class _Terminal(io.StringIO):

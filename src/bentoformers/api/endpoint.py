@@ -48,6 +48,7 @@ class ModelEndpoint:
                 max_items=settings.max_batch_items,
                 max_tokens=settings.max_batch_tokens,
                 max_queued=settings.max_queued_items,
+                max_wait=settings.max_queue_seconds,
                 retry_after=settings.retry_after_seconds,
                 model=self.name,
             )

@@ -7,6 +7,8 @@ and `sse` for anything older. A class older than the native one is reproduced wi
 
 from __future__ import annotations
 
+import math
+import os
 import platform
 import shutil
 import subprocess
@@ -61,6 +63,42 @@ def describe() -> dict[str, object]:
 
 def _model_name() -> str:
     return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def usable_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may really use: its CPU affinity, capped by a cgroup CPU quota (a pod's
+    `limits.cpu`). `os.cpu_count()` counts the node's cores: a 1-CPU pod on a 64-core node would open 64 threads
+    that the quota then throttles."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota(cgroup_root)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_quota(root: str) -> float | None:
+    """CPUs the cgroup quota allows (cgroup v2 `cpu.max`, else v1 `cpu.cfs_quota_us`), None when unlimited."""
+    for path, parse in ((f"{root}/cpu.max", _v2_quota), (f"{root}/cpu/cpu.cfs_quota_us", _v1_quota)):
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read()
+        except OSError:
+            continue
+        return parse(text, path)
+    return None
+
+
+def _v2_quota(text: str, path: str) -> float | None:
+    fields = text.split()  # "<quota> <period>", or "max <period>" for no limit
+    if not fields or fields[0] == "max":
+        return None
+    return int(fields[0]) / (int(fields[1]) if len(fields) > 1 else 100_000)
+
+
+def _v1_quota(text: str, path: str) -> float | None:
+    quota = int(text.strip())
+    if quota <= 0:
+        return None
+    with open(path.replace("cfs_quota_us", "cfs_period_us"), encoding="ascii") as f:
+        return quota / int(f.read().strip())
 
 
 def emulated_classes() -> list[str]:

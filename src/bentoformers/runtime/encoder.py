@@ -5,26 +5,23 @@ No BentoML here, so the build step, the service and the benchmark all use the sa
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from bentoformers.runtime.card import ONNX_FILE, ModelCard
+from bentoformers.runtime.cpu import usable_cores
 from bentoformers.runtime.session import open_session
 
 
 class OnnxEncoder:
     """Runs a built encoder graph: pooled embeddings, or a classifier's logits.
 
-    A text's embedding never depends on what else is in the batch:
-    - int8 graphs quantize activations with one scale per tensor, so a neighbour in the batch would
-      change every row's rounding. Each text therefore runs alone; texts run in parallel, one
-      single-threaded inference per core, which on CPU is within ~15% of padded batching and has no
-      padding waste at all.
-    - fp32/fp16 graphs run in length-sorted sub-batches (little padding) under a token budget;
-      padding is masked, so rows are independent.
+    Texts run in length-sorted sub-batches (little padding) under a token budget, one after another on
+    one session whose intra-op threads use every core: a lone text gets the whole machine, and under load
+    the sub-batches grow. A text's result never depends on its batch: padding is masked, and int8 graphs
+    quantize each token's activations on their own (build/quantize.py), so no scale is shared between
+    rows. The tests check it with `np.array_equal`, at one and at several threads.
     """
 
     def __init__(
@@ -38,31 +35,21 @@ class OnnxEncoder:
         self.card = ModelCard.load(folder)
         self.device = device
         self.max_batch_tokens = max_batch_tokens
-        workers = 1 if device == "cuda" else (threads or os.cpu_count() or 1)
-        # On CPU, one single-threaded inference per core (see the class docstring).
-        self.session = open_session(
-            self.folder / ONNX_FILE, device, intra_op_threads=1 if device == "cpu" else 0, inter_op_threads=1
-        )
+        intra_op = 0 if device == "cuda" else (threads or usable_cores())
+        self.session = open_session(self.folder / ONNX_FILE, device, intra_op_threads=intra_op, inter_op_threads=1)
         self._input_names = {i.name for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         self._pooled = self.card.task == "embeddings"
         wanted = "last_hidden_state" if self._pooled else "logits"
         self._output = wanted if wanted in outputs else outputs[0]
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="onnx")
-        self.per_item = self.card.precision == "int8"
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
 
     def embed(self, batch: list[list[int]]) -> np.ndarray:
         """Token ids in, float32 rows out (one per input, same order): pooled embeddings or logits."""
         out = np.empty((len(batch), self.card.dimensions), dtype=np.float32)
         if not batch:
             return out
-        groups = [[i] for i in range(len(batch))] if self.per_item else self._plan(batch)
-        results = self._pool.map(lambda g: self._run([batch[i] for i in g]), groups)
-        for group, rows in zip(groups, results):
-            out[group] = rows
+        for group in self._plan(batch):
+            out[group] = self._run([batch[i] for i in group])
         return out
 
     def _plan(self, batch: list[list[int]]) -> list[list[int]]:

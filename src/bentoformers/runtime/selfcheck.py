@@ -91,11 +91,6 @@ def open_engine(folder: str | Path, device: str = "cpu", threads: int | None = N
     return OnnxEncoder(folder, device=device, threads=threads)
 
 
-def close(engine: Any) -> None:
-    if hasattr(engine, "close"):
-        engine.close()
-
-
 @dataclass
 class Proof:
     """What the start-up check found for the variant that serves, and for any that was passed over."""
@@ -129,7 +124,6 @@ def first_that_holds(
         failed = gate_failures(figures, check["gates"])
         if not failed:
             return Proof(precision, engine, figures, refused)
-        close(engine)
         reason = f"below its gate on this CPU ({cpu.isa_class()}): " + "; ".join(failed)
         on_refusal(precision, reason)
         refused.append({"precision": precision, "reason": reason, "figures": figures})
@@ -145,11 +139,7 @@ def main(argv: list[str]) -> int:
     if check is None:
         print(json.dumps({"error": f"no {CHECK_FILE} in {folder}"}))
         return 2
-    engine = open_engine(folder, threads=1)
-    try:
-        figures = measure(check, engine)
-    finally:
-        close(engine)
+    figures = measure(check, open_engine(folder, threads=1))
     print(json.dumps({"figures": figures, "failures": gate_failures(figures, check["gates"])}))
     return 0
 

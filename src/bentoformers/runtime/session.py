@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 
@@ -16,6 +17,18 @@ def pick_device(requested: str = "auto") -> str:
     if requested == "auto":
         return "cuda" if has_cuda else "cpu"
     return requested
+
+
+def cuda_likely(requested: str = "auto") -> bool:
+    """What `pick_device(requested)` will say, without loading ONNX Runtime: for the supervisor process, which
+    composes the service only to learn its processes. The CUDA provider ships in onnxruntime-gpu's package."""
+    if requested != "auto":
+        return requested == "cuda"
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or spec.origin is None:
+        return False
+    provider = any((Path(spec.origin).parent / "capi").glob("libonnxruntime_providers_cuda.so*"))
+    return provider and _has_cuda_driver()
 
 
 def open_session(path: str | Path, device: str = "cpu", intra_op_threads: int = 0, inter_op_threads: int = 0):

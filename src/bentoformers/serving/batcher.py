@@ -3,8 +3,12 @@
 While a call is in flight, new requests queue; when it returns, everything queued (up to the item and
 token budgets) goes in the next call. A lone request therefore goes straight through, and under load
 the batches grow by themselves. One call in flight per gateway worker also keeps BentoML's adaptive
-batcher in the model service from learning to wait for company. The queue is bounded: beyond it
-requests are refused at once with 503 and Retry-After instead of waiting without limit.
+batcher in the model service from learning to wait for company.
+
+The queue is bounded by time: from the tokens per second the model's recent calls ran at, a request
+that would wait longer than `max_wait` seconds behind the tokens already queued is refused at once with
+503 and Retry-After (and by count, `max_queued` texts, as a backstop). A refusal costs microseconds;
+what is admitted is answered within about `max_wait` plus its own call.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ ModelCall = Callable[[list[list[int]]], Awaitable[np.ndarray]]
 @dataclass
 class _Job:
     seqs: list[list[int]]
+    tokens: int
     future: asyncio.Future[np.ndarray]
     queued_at: float
 
@@ -39,27 +44,39 @@ class Coalescer:
         max_tokens: int,
         max_queued: int,
         retry_after: int,
+        max_wait: float = float("inf"),
         model: str = "default",
     ) -> None:
         self._call = call
         self.model = model  # the metrics label
         self.max_items, self.max_tokens, self.max_queued = max_items, max_tokens, max_queued
-        self.retry_after = retry_after
+        self.max_wait, self.retry_after = max_wait, retry_after
         self._pending: deque[_Job] = deque()
-        self.queued_items = 0
+        self.queued_items = self.queued_tokens = 0
+        self.tokens_per_second: float | None = None  # of the model's calls, a moving average
         self._drainer: asyncio.Task[None] | None = None
 
+    def expected_wait(self, tokens: int = 0) -> float:
+        """Seconds until a request of `tokens` queued now would start, at the recent rate (0 before any call)."""
+        if not self.tokens_per_second:
+            return 0.0
+        return (self.queued_tokens + tokens) / self.tokens_per_second
+
     async def submit(self, seqs: list[list[int]]) -> np.ndarray:
-        if self.queued_items and self.queued_items + len(seqs) > self.max_queued:
+        tokens = sum(map(len, seqs))
+        if self.queued_items and (
+            self.queued_items + len(seqs) > self.max_queued or self.expected_wait(tokens) > self.max_wait
+        ):
             metrics.count_rejection("queue_full")
             raise ApiError(
                 ErrorType.OVERLOADED,
-                f"the server is at capacity ({self.queued_items} texts queued); retry after {self.retry_after}s",
+                f"the server is at capacity ({self.queued_items} texts queued, about {self.expected_wait():.1f}s "
+                f"of work); retry after {self.retry_after}s",
                 headers={"Retry-After": str(self.retry_after)},
             )
-        job = _Job(seqs, asyncio.get_running_loop().create_future(), time.perf_counter())
+        job = _Job(seqs, tokens, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._pending.append(job)
-        self._queued(len(seqs))
+        self._queued(len(seqs), tokens)
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return await job.future
@@ -71,6 +88,7 @@ class Coalescer:
                 continue
             seqs = [seq for job in jobs for seq in job.seqs]
             self._observe(jobs, seqs)
+            started = time.perf_counter()
             try:
                 rows = await self._call(seqs)
             except Exception as exc:  # every waiter gets the failure; the drainer goes on
@@ -78,6 +96,7 @@ class Coalescer:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
+            self._learn_rate(sum(job.tokens for job in jobs), time.perf_counter() - started)
             start = 0
             for job in jobs:
                 end = start + len(job.seqs)
@@ -91,21 +110,28 @@ class Coalescer:
         items = tokens = 0
         while self._pending:
             job = self._pending[0]
-            job_tokens = sum(len(s) for s in job.seqs)
-            if jobs and (items + len(job.seqs) > self.max_items or tokens + job_tokens > self.max_tokens):
+            if jobs and (items + len(job.seqs) > self.max_items or tokens + job.tokens > self.max_tokens):
                 break
             self._pending.popleft()
-            self._queued(-len(job.seqs))
+            self._queued(-len(job.seqs), -job.tokens)
             if job.future.done():  # the client went away while it waited
                 continue
             jobs.append(job)
             items += len(job.seqs)
-            tokens += job_tokens
+            tokens += job.tokens
         return jobs
 
-    def _queued(self, delta: int) -> None:
-        self.queued_items += delta
+    def _queued(self, items: int, tokens: int) -> None:
+        self.queued_items += items
+        self.queued_tokens += tokens
         metrics.queued_items.labels(self.model).set(self.queued_items)
+
+    def _learn_rate(self, tokens: int, seconds: float) -> None:
+        if seconds <= 0 or tokens <= 0:
+            return
+        rate = tokens / seconds
+        # Small calls run below the batched rate; the average follows the load within a few calls.
+        self.tokens_per_second = rate if self.tokens_per_second is None else 0.7 * self.tokens_per_second + 0.3 * rate
 
     def _observe(self, jobs: list[_Job], seqs: list[list[int]]) -> None:
         now = time.perf_counter()

@@ -1,8 +1,10 @@
 """The whole service from the settings: one model service per served model, and the public `Gateway`.
 
-The Gateway is a BentoML service around the Starlette app (api/), with a dependency on each model
-service and the stored files of each model (card and tokenizer), under identifiers that
-`StoredModel.attribute` spells so that no two model names can meet. Middlewares wrap it outermost first.
+The Gateway is a BentoML service around the Starlette app (api/), with the stored files of each model
+(card and tokenizer) under identifiers that `StoredModel.attribute` spells so that no two model names can
+meet. Each model service runs either in the gateway's own process (CPU: no hop, one copy of the weights)
+or as a BentoML dependency in a process of its own (CUDA, or to scale them apart); the same class serves
+both. Middlewares wrap the gateway outermost first.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from bentoformers.middleware.client_address import ClientAddress
 from bentoformers.middleware.overload import OverloadMiddleware
 from bentoformers.middleware.rate_limit import RateLimitMiddleware
 from bentoformers.middleware.request_id import RequestIdMiddleware
+from bentoformers.runtime.session import cuda_likely
 from bentoformers.security.authenticator import startup_authenticator
 from bentoformers.security.ratelimit import RateLimiter
 from bentoformers.serving.model_services import SERVICE_CLASSES
@@ -33,9 +36,20 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     served = served_models(settings) if served is None else served
     check_attributes_unique(served)
     app = create_app()
-    attrs: dict[str, object] = {"_served": served, "_settings": settings, "_asgi": app, "__module__": "service"}
+    in_gateway = models_in_gateway(settings)
+    local: dict[str, bentoml.Service] = {}
+    attrs: dict[str, object] = {
+        "_served": served, "_settings": settings, "_asgi": app, "_local": local, "__module__": "service"
+    }
     for stored in served:
-        attrs[stored.attribute] = bentoml.depends(model_service(stored, settings))
+        service = model_service(stored, settings, own_process=not in_gateway)
+        if in_gateway:
+            local[stored.name] = service
+            # Declared here too, so that the bento and its image carry every variant.
+            for precision, tag in stored.variants.items():
+                attrs[f"{stored.attribute}__{precision}"] = bentoml.models.BentoModel(tag)
+        else:
+            attrs[stored.attribute] = bentoml.depends(service)
         # The gateway reads each model's card and tokenizer from the stored files.
         attrs[stored.files_attribute] = bentoml.models.BentoModel(next(iter(stored.variants.values())))
     cls = type("Gateway", (_Gateway,), attrs)
@@ -47,8 +61,16 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     return gateway
 
 
-def model_service(stored: StoredModel, settings: Settings) -> bentoml.Service:
-    attrs: dict[str, object] = {"stored": stored, "settings": settings, "__module__": "service"}
+def models_in_gateway(settings: Settings) -> bool:
+    if settings.model_process != "auto":
+        return settings.model_process == "gateway"
+    return not cuda_likely(settings.device)
+
+
+def model_service(stored: StoredModel, settings: Settings, own_process: bool = True) -> bentoml.Service:
+    attrs: dict[str, object] = {
+        "stored": stored, "settings": settings, "own_process": own_process, "__module__": "service"
+    }
     # Every stored variant is declared, so the bento and its image carry all of them.
     for precision, tag in stored.variants.items():
         attrs[f"model_{precision}"] = bentoml.models.BentoModel(tag)
@@ -63,11 +85,15 @@ class _Gateway:
     _served: list[StoredModel]
     _settings: Settings
     _asgi: object
+    _local: dict[str, bentoml.Service]
 
     def __init__(self) -> None:
         endpoints = []
         for stored in self._served:
-            service = getattr(self, stored.attribute)
+            # A model in this process is an instance of its service class (BentoML runs its sync methods
+            # in a thread for `to_async`, as for any local dependency); otherwise, the dependency's client.
+            local = self._local.get(stored.name)
+            service = local() if local is not None else getattr(self, stored.attribute)
             folder = getattr(self, stored.files_attribute).path
             call = stream = cancel = None
             if stored.task == "generation":

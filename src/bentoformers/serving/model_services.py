@@ -2,7 +2,8 @@
 
 Each loads the best variant that passes its start-up check on this machine (runtime/selfcheck.py) and
 answers the gateway's batched calls (embeddings, classification) or streams tokens (generation). They are
-internal: they accept pickled bodies and must never be reachable from outside.
+internal: in a process of their own they accept pickled bodies and must never be reachable from outside.
+On CPU they run inside the gateway's process instead (serving/composition.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class _ModelService:
 
     stored: StoredModel  # set per model by composition.model_service
     settings: Settings
+    own_process: bool  # False: it runs inside the gateway's process
 
     def _load(self):
         """The engine of the best variant that passes its start-up check on this CPU: fp16 on CUDA when built,
@@ -61,9 +63,11 @@ class _ModelService:
         )
         self.inference_seconds = metrics.inference_seconds.labels(self.stored.name, self.precision, self.device)
         self.gpu_memory = metrics.GpuMemory() if self.device == "cuda" else None
-        # On SIGTERM, keep answering while the gateway finishes its requests in flight.
+        # On SIGTERM, keep answering while the gateway finishes its requests in flight (in the gateway's own
+        # process, its graceful shutdown already does).
         self.drain = ShutdownDrain()
-        self.drain.install()
+        if self.own_process:
+            self.drain.install()
         return self.proof.engine
 
     def _loaded(self) -> None:
