@@ -70,6 +70,15 @@ class Settings(BaseSettings):
     trusted_proxies: tuple[str, ...] = Field((), description="Addresses/CIDRs whose X-Forwarded-For is believed.")
     max_in_flight: int = Field(256, ge=1, description="Requests in flight per gateway worker; beyond: 503.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    internal_token: SecretStr | None = Field(
+        None, description="Shared by the gateway and the model services: a model service answers no one without "
+        "it. Unset, `bentoml serve` makes one for the services it starts; services started apart (the gpu "
+        "component) need the same value from a Secret."
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="A model service started on its own serves /metrics on this port "
+        "(its API port answers only the gateway)."
+    )
     request_timeout_seconds: float = Field(
         50, gt=0, description="Until the response starts; below BentoML's traffic timeout so ours answers."
     )

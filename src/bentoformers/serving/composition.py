@@ -8,6 +8,7 @@ service and the stored files of each model (card and tokenizer), under identifie
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import AsyncGenerator
 
 import bentoml
@@ -18,6 +19,7 @@ from bentoformers.api.gateway import Gateway as ModelChooser
 from bentoformers.middleware.access_log import AccessLogMiddleware
 from bentoformers.middleware.auth import AuthMiddleware
 from bentoformers.middleware.client_address import ClientAddress
+from bentoformers.middleware.internal import INTERNAL_TOKEN_HEADER, InternalCallerMiddleware
 from bentoformers.middleware.overload import OverloadMiddleware
 from bentoformers.middleware.rate_limit import RateLimitMiddleware
 from bentoformers.middleware.request_id import RequestIdMiddleware
@@ -33,9 +35,12 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     served = served_models(settings) if served is None else served
     check_attributes_unique(served)
     app = create_app()
-    attrs: dict[str, object] = {"_served": served, "_settings": settings, "_asgi": app, "__module__": "service"}
+    token = internal_token(settings)
+    attrs: dict[str, object] = {
+        "_served": served, "_settings": settings, "_asgi": app, "_token": token, "__module__": "service"
+    }
     for stored in served:
-        attrs[stored.attribute] = bentoml.depends(model_service(stored, settings))
+        attrs[stored.attribute] = bentoml.depends(model_service(stored, settings, token))
         # The gateway reads each model's card and tokenizer from the stored files.
         attrs[stored.files_attribute] = bentoml.models.BentoModel(next(iter(stored.variants.values())))
     cls = type("Gateway", (_Gateway,), attrs)
@@ -47,27 +52,40 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     return gateway
 
 
-def model_service(stored: StoredModel, settings: Settings) -> bentoml.Service:
+def internal_token(settings: Settings) -> str:
+    """The token the gateway sends and the model services require (middleware/internal.py). Unset, one is made
+    and put in the environment: `bentoml serve` composes in its own process first, and every service process
+    it starts inherits that environment, so they all agree."""
+    if settings.internal_token is not None:
+        return settings.internal_token.get_secret_value()
+    return os.environ.setdefault("BENTOFORMERS_INTERNAL_TOKEN", secrets.token_urlsafe(32))
+
+
+def model_service(stored: StoredModel, settings: Settings, token: str) -> bentoml.Service:
     attrs: dict[str, object] = {"stored": stored, "settings": settings, "__module__": "service"}
     # Every stored variant is declared, so the bento and its image carry all of them.
     for precision, tag in stored.variants.items():
         attrs[f"model_{precision}"] = bentoml.models.BentoModel(tag)
     cls = type(stored.attribute, (SERVICE_CLASSES[stored.task],), attrs)
     # Internal service: its per-call access log would only repeat the gateway's, at a real CPU cost.
-    return bentoml.service(
+    service = bentoml.service(
         name=f"model-{stored.name}", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}}
     )(cls)
+    service.add_asgi_middleware(InternalCallerMiddleware, token=token)
+    return service
 
 
 class _Gateway:
     _served: list[StoredModel]
     _settings: Settings
     _asgi: object
+    _token: str
 
     def __init__(self) -> None:
         endpoints = []
         for stored in self._served:
             service = getattr(self, stored.attribute)
+            _send_token(service, self._token)
             folder = getattr(self, stored.files_attribute).path
             call = stream = cancel = None
             if stored.task == "generation":
@@ -81,6 +99,15 @@ class _Gateway:
                 )
             )
         self._asgi.state.gateway = ModelChooser(self._settings, endpoints)
+
+
+def _send_token(service: object, token: str) -> None:
+    """Every call to a remote model service carries the internal token. BentoML's clients share one dict of
+    default headers with the sessions they open later (in process, the dependency is the object itself)."""
+    for client in (getattr(service, "to_async", None), getattr(service, "to_sync", None)):
+        headers = getattr(client, "default_headers", None)
+        if isinstance(headers, dict):
+            headers[INTERNAL_TOKEN_HEADER] = token
 
 
 def _caller(service: object, method: str):

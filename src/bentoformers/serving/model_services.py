@@ -15,6 +15,7 @@ import bentoml
 import numpy as np
 
 from bentoformers.observability import metrics
+from bentoformers.observability.metrics_port import serve_metrics
 from bentoformers.runtime import cpu, selfcheck
 from bentoformers.runtime.card import ModelCard
 from bentoformers.runtime.decoder import OnnxDecoder
@@ -61,6 +62,8 @@ class _ModelService:
         )
         self.inference_seconds = metrics.inference_seconds.labels(self.stored.name, self.precision, self.device)
         self.gpu_memory = metrics.GpuMemory() if self.device == "cuda" else None
+        if self.settings.metrics_port:
+            serve_metrics(self.settings.metrics_port)
         # On SIGTERM, keep answering while the gateway finishes its requests in flight.
         self.drain = ShutdownDrain()
         self.drain.install()
