@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     trusted_proxies: tuple[str, ...] = Field((), description="Addresses/CIDRs whose X-Forwarded-For is believed.")
     max_in_flight: int = Field(256, ge=1, description="Requests in flight per gateway worker; beyond: 503.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    body_timeout_seconds: float = Field(
+        30, gt=0, description="The time a client has to send its whole body (408 after it); not a slot meanwhile."
+    )
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="All request headers together; beyond: 431.")
+    max_headers: int = Field(100, ge=8, description="Request headers; beyond: 431.")
     internal_token: SecretStr | None = Field(
         None, description="Shared by the gateway and the model services: a model service answers no one without "
         "it. Unset, `bentoml serve` makes one for the services it starts; services started apart (the gpu "

@@ -47,7 +47,7 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500  # what the client gets if the app raises before it answers
+        status = None
 
         async def send_and_record(message: Message) -> None:
             nonlocal status
@@ -58,6 +58,8 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
+            if status is None:  # unanswered: the client left (499, set inside), else the app raised (500)
+                status = (scope.get("state") or {}).get("status_if_unanswered", 500)
             try:
                 self._record(scope, status, time.perf_counter() - start)
             except Exception:

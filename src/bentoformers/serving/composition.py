@@ -18,6 +18,7 @@ from bentoformers.api.endpoint import ModelEndpoint
 from bentoformers.api.gateway import Gateway as ModelChooser
 from bentoformers.middleware.access_log import AccessLogMiddleware
 from bentoformers.middleware.auth import AuthMiddleware
+from bentoformers.middleware.body import BodyMiddleware
 from bentoformers.middleware.client_address import ClientAddress
 from bentoformers.middleware.internal import INTERNAL_TOKEN_HEADER, InternalCallerMiddleware
 from bentoformers.middleware.overload import OverloadMiddleware
@@ -129,20 +130,28 @@ def _add_middlewares(gateway: bentoml.Service, settings: Settings) -> None:
     # The first added is the outermost: the access log sees every answer, the request id included.
     gateway.add_asgi_middleware(AccessLogMiddleware, enabled=settings.access_log)
     gateway.add_asgi_middleware(RequestIdMiddleware)
-    # Security and overload, outermost first: admission (in-flight, body size, timeout), who is calling,
-    # then their rate limits. Refuses to start in a container with no credentials (BentoML's images set
-    # BENTOML_CONTAINERIZED=true).
+    # Security and overload, outermost first: who is calling (from the headers alone), then their body
+    # (bounded in size and time, and read before a slot is taken, so a slow sender holds none), admission
+    # (in-flight, timeout), then their rate limits. Refuses to start in a container with no credentials
+    # (BentoML's images set BENTOML_CONTAINERIZED=true).
+    gateway.add_asgi_middleware(
+        AuthMiddleware,
+        authenticator=startup_authenticator(settings, containerized=os.environ.get("BENTOML_CONTAINERIZED") == "true"),
+        client_address=ClientAddress(settings.trusted_proxies),
+    )
+    gateway.add_asgi_middleware(
+        BodyMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout_seconds,
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+    )
     gateway.add_asgi_middleware(
         OverloadMiddleware,
         max_in_flight=settings.max_in_flight,
         max_body_bytes=settings.max_body_bytes,
         timeout=settings.request_timeout_seconds,
         retry_after=settings.retry_after_seconds,
-    )
-    gateway.add_asgi_middleware(
-        AuthMiddleware,
-        authenticator=startup_authenticator(settings, containerized=os.environ.get("BENTOML_CONTAINERIZED") == "true"),
-        client_address=ClientAddress(settings.trusted_proxies),
     )
     if (rate_limiter := RateLimiter.from_settings(settings)) is not None:
         gateway.add_asgi_middleware(RateLimitMiddleware, limiter=rate_limiter)
