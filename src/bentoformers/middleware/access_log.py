@@ -55,9 +55,11 @@ class AccessLogMiddleware:
                 status = message["status"]
             await send(message)
 
+        metrics.requests_in_progress.inc()
         try:
             await self.app(scope, receive, send_and_record)
         finally:
+            metrics.requests_in_progress.dec()
             if status is None:  # unanswered: the client left (499, set inside), else the app raised (500)
                 status = (scope.get("state") or {}).get("status_if_unanswered", 500)
             try:

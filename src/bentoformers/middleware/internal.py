@@ -6,7 +6,7 @@ is the second wall; this is the first, and it holds where a CNI ignores policies
 kubelet's probes must carry the token (`X-Bentoformers-Internal-Token`, compared in constant time): a
 pickled body without it gets 415 before anything reads it, any other call 401. /metrics is not exempt:
 with `BENTOFORMERS_METRICS_PORT` the model service serves its metrics on a port of their own
-(observability/metrics_port.py), so a scraper never needs the API port.
+(observability/scrape.py), so a scraper never needs the API port.
 """
 
 from __future__ import annotations

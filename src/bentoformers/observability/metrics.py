@@ -30,6 +30,10 @@ requests = Counter(
     "requests", "Requests answered by the gateway, by route template and status code.",
     ["route", "code"], namespace=NAMESPACE,
 )
+requests_in_progress = Gauge(
+    "requests_in_progress", "Gateway requests being answered now (summed over live workers).",
+    namespace=NAMESPACE, multiprocess_mode="livesum",
+)
 request_seconds = Histogram(
     "request_duration_seconds", "Gateway request latency, first byte in to last byte out.",
     ["route"], namespace=NAMESPACE, buckets=LATENCY_BUCKETS,

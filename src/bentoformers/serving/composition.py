@@ -45,9 +45,12 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
         # The gateway reads each model's card and tokenizer from the stored files.
         attrs[stored.files_attribute] = bentoml.models.BentoModel(next(iter(stored.variants.values())))
     cls = type("Gateway", (_Gateway,), attrs)
-    # BentoML's text access log is replaced by AccessLogMiddleware's JSON lines (and their CPU cost saved).
+    # BentoML's text access log is replaced by AccessLogMiddleware's JSON lines (and their CPU cost saved), and
+    # its HTTP metrics by ours: it labels them by raw path, so random URLs grew /metrics without bound. The app
+    # serves /metrics itself (observability/scrape.py), every process's metrics as before.
     gateway = bentoml.service(
-        name="bentoformers", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}}
+        name="bentoformers", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}},
+        metrics={"enabled": False},
     )(bentoml.asgi_app(app, path="/")(cls))
     _add_middlewares(gateway, settings)
     return gateway

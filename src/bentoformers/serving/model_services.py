@@ -15,7 +15,7 @@ import bentoml
 import numpy as np
 
 from bentoformers.observability import metrics
-from bentoformers.observability.metrics_port import serve_metrics
+from bentoformers.observability.scrape import serve_metrics
 from bentoformers.runtime import cpu, selfcheck
 from bentoformers.runtime.card import ModelCard
 from bentoformers.runtime.decoder import OnnxDecoder
