@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(64, ge=1)
     max_active_sequences: int = Field(32, ge=1, description="Sequences decoding together in one model service.")
     max_waiting_sequences: int = Field(256, ge=0, description="Beyond this, generation requests get 503.")
+    stream_idle_timeout_seconds: float = Field(
+        30, gt=0, description="A generation whose model service sends nothing this long ends with a timeout error."
+    )
 
     def served_names(self) -> list[str]:
         return [n.strip() for n in self.models.split(",") if n.strip()]

@@ -51,6 +51,8 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     gateway = bentoml.service(
         name="bentoformers", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}},
         metrics={"enabled": False},
+        # /readyz is __is_ready__ (serving/health.py): BentoML's own probe of the dependencies waits on a dead one.
+        runner_probe={"enabled": False},
     )(bentoml.asgi_app(app, path="/")(cls))
     _add_middlewares(gateway, settings)
     return gateway
@@ -103,6 +105,10 @@ class _Gateway:
                 )
             )
         self._asgi.state.gateway = ModelChooser(self._settings, endpoints)
+
+    async def __is_ready__(self) -> bool:
+        """BentoML's /readyz hook: ready once every model service answers a real call (liveness stays BentoML's)."""
+        return self._asgi.state.gateway.ready()
 
 
 def _send_token(service: object, token: str) -> None:

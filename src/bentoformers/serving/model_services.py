@@ -84,7 +84,8 @@ class _ModelService:
         return out
 
     @bentoml.api
-    def describe(self) -> dict[str, object]:
+    async def describe(self) -> dict[str, object]:
+        """Also the gateway's health call (serving/health.py): async, so it never waits behind inference."""
         return {
             "precision": self.precision,
             "device": self.device,
