@@ -24,8 +24,10 @@ from bentoformers.middleware.internal import INTERNAL_TOKEN_HEADER, InternalCall
 from bentoformers.middleware.overload import OverloadMiddleware
 from bentoformers.middleware.rate_limit import RateLimitMiddleware
 from bentoformers.middleware.request_id import RequestIdMiddleware
+from bentoformers.middleware.shutdown import ShutdownMiddleware
 from bentoformers.security.authenticator import startup_authenticator
 from bentoformers.security.ratelimit import RateLimiter
+from bentoformers.serving.drain import ShutdownDrain
 from bentoformers.serving.model_services import SERVICE_CLASSES
 from bentoformers.serving.store import StoredModel, check_attributes_unique, served_models
 from bentoformers.settings import Settings
@@ -38,7 +40,8 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     app = create_app()
     token = internal_token(settings)
     attrs: dict[str, object] = {
-        "_served": served, "_settings": settings, "_asgi": app, "_token": token, "__module__": "service"
+        "_served": served, "_settings": settings, "_asgi": app, "_token": token, "_drain": ShutdownDrain(),
+        "__module__": "service",
     }
     for stored in served:
         attrs[stored.attribute] = bentoml.depends(model_service(stored, settings, token))
@@ -86,6 +89,7 @@ class _Gateway:
     _settings: Settings
     _asgi: object
     _token: str
+    _drain: ShutdownDrain
 
     def __init__(self) -> None:
         endpoints = []
@@ -105,6 +109,8 @@ class _Gateway:
                 )
             )
         self._asgi.state.gateway = ModelChooser(self._settings, endpoints)
+        # On SIGTERM: finish the requests in flight, refuse new ones (middleware/shutdown.py), then stop.
+        self._drain.install()
 
     async def __is_ready__(self) -> bool:
         """BentoML's /readyz hook: ready once every model service answers a real call (liveness stays BentoML's)."""
@@ -139,6 +145,7 @@ def _add_middlewares(gateway: bentoml.Service, settings: Settings) -> None:
     # The first added is the outermost: the access log sees every answer, the request id included.
     gateway.add_asgi_middleware(AccessLogMiddleware, enabled=settings.access_log)
     gateway.add_asgi_middleware(RequestIdMiddleware)
+    gateway.add_asgi_middleware(ShutdownMiddleware, drain=gateway.inner._drain, retry_after=settings.retry_after_seconds)
     # Security and overload, outermost first: who is calling (from the headers alone), then their body
     # (bounded in size and time, and read before a slot is taken, so a slow sender holds none), admission
     # (in-flight, timeout), then their rate limits. Refuses to start in a container with no credentials
