@@ -43,16 +43,18 @@ class ApiError(Exception):
         message: str,
         param: str | None = None,
         headers: Mapping[str, str] | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.param = param
         self.headers = dict(headers or {})
+        self._status = status  # a status other than its type's (408, 415, 431, 499)
 
     @property
     def status(self) -> int:
-        return STATUS[self.kind]
+        return self._status or STATUS[self.kind]
 
 
 def error_body(kind: ErrorType | str, message: str, param: str | None = None) -> bytes:

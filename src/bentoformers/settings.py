@@ -79,6 +79,20 @@ class Settings(BaseSettings):
     trusted_proxies: tuple[str, ...] = Field((), description="Addresses/CIDRs whose X-Forwarded-For is believed.")
     max_in_flight: int = Field(256, ge=1, description="Requests in flight per gateway worker; beyond: 503.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    body_timeout_seconds: float = Field(
+        30, gt=0, description="The time a client has to send its whole body (408 after it); not a slot meanwhile."
+    )
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="All request headers together; beyond: 431.")
+    max_headers: int = Field(100, ge=8, description="Request headers; beyond: 431.")
+    internal_token: SecretStr | None = Field(
+        None, description="Shared by the gateway and the model services: a model service answers no one without "
+        "it. Unset, `bentoml serve` makes one for the services it starts; services started apart (the gpu "
+        "component) need the same value from a Secret."
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="A model service started on its own serves /metrics on this port "
+        "(its API port answers only the gateway)."
+    )
     request_timeout_seconds: float = Field(
         50, gt=0, description="Until the response starts; below BentoML's traffic timeout so ours answers."
     )
@@ -88,6 +102,9 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(64, ge=1)
     max_active_sequences: int = Field(32, ge=1, description="Sequences decoding together in one model service.")
     max_waiting_sequences: int = Field(256, ge=0, description="Beyond this, generation requests get 503.")
+    stream_idle_timeout_seconds: float = Field(
+        30, gt=0, description="A generation whose model service sends nothing this long ends with a timeout error."
+    )
 
     def served_names(self) -> list[str]:
         return [n.strip() for n in self.models.split(",") if n.strip()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -24,6 +25,16 @@ TAG = "localhost/bentoformers:pytest"
 def _podman(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "CONTAINERS_CONF": str(ROOT / "deploy" / "image" / "containers.conf")}
     return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class _Touch:
+    """Unpickling this creates a file: the proof that a body was (or was not) unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
 
 
 def _wait_ready(url: str, seconds: float, alive=lambda: True) -> float:
@@ -153,13 +164,17 @@ def test_gpu_split_runs_with_the_manifests_args_on_cpu(image, api_key, tmp_path)
     assert rendered.returncode == 0, rendered.stderr
     pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]
             for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] == "Deployment"}
-    model_port, gateway_port = free_port(), free_port()
+    model_port, gateway_port, metrics_port = free_port(), free_port(), free_port()
     gateway_args = [a.replace("http://bentoformers-model:3000", f"http://127.0.0.1:{model_port}")
                     for a in pods["bentoformers"]["args"]]
     key, records = api_key
     # The model pod's own env from the manifest, but on CPU: there is no GPU here.
-    model_env = {e["name"]: e["value"] for e in pods["bentoformers-model"]["env"]} | {"BENTOFORMERS_DEVICE": "cpu"}
-    gateway_env = {e["name"]: e["value"] for e in pods["bentoformers"].get("env", [])} | {"BENTOFORMERS_API_KEYS": records}
+    # The internal token comes from a Secret in the manifests: the same value for both here.
+    token = {"BENTOFORMERS_INTERNAL_TOKEN": "deploy-test-internal-token-" + "z" * 20}
+    model_env = {e["name"]: e["value"] for e in pods["bentoformers-model"]["env"] if "value" in e}
+    model_env |= {"BENTOFORMERS_DEVICE": "cpu", "BENTOFORMERS_METRICS_PORT": str(metrics_port)} | token
+    gateway_env = {e["name"]: e["value"] for e in pods["bentoformers"]["env"] if "value" in e}
+    gateway_env |= {"BENTOFORMERS_API_KEYS": records} | token
     names = []
     try:
         for port, args, env in ((model_port, pods["bentoformers-model"]["args"], model_env),
@@ -173,9 +188,19 @@ def test_gpu_split_runs_with_the_manifests_args_on_cpu(image, api_key, tmp_path)
         r = httpx.post(f"{url}/embed", json={"inputs": ["split services"]},
                        headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert r.status_code == 200 and len(r.json()["embeddings"][0]) == 384
-        # The model runs in the model container only: its /metrics has the inference time, the gateway's not.
-        assert "bentoformers_inference_seconds_count" in httpx.get(f"http://127.0.0.1:{model_port}/metrics").text
+        # The model runs in the model container only: its metrics port has the inference time, the gateway's not.
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert "bentoformers_inference_seconds_count" in scraped
         assert "bentoformers_inference_seconds_count" not in httpx.get(f"{url}/metrics").text
+        # Anyone but the gateway: a pickled body is refused unread (415), anything else 401, /metrics included.
+        model_url = f"http://127.0.0.1:{model_port}"
+        marker = "/tmp/unpickled-" + names[0]
+        evil = pickle.dumps(_Touch(marker))
+        r = httpx.post(f"{model_url}/embed", content=evil, headers={"Content-Type": "application/vnd.bentoml+pickle"})
+        assert r.status_code == 415 and r.json()["error"]["type"] == "invalid_request_error", r.text
+        assert _podman("exec", names[0], "test", "-e", marker).returncode == 1  # never unpickled
+        assert httpx.post(f"{model_url}/embed", json={"token_ids": [[101, 102]]}).status_code == 401
+        assert httpx.get(f"{model_url}/metrics").status_code == 401
     finally:
         for name in names:
             _podman("stop", "-t", "10", name)

@@ -94,6 +94,15 @@ def test_gpu_split_keeps_the_model_service_private(tmp_path):
     same_namespace = [p for p in sources if "namespaceSelector" not in p]
     assert len(same_namespace) == 1 and same_namespace[0]["podSelector"]["matchLabels"].items() <= gateway_labels.items()
     assert all(p["podSelector"]["matchLabels"].get("app.kubernetes.io/component") != "model" for p in sources)
+    # Prometheus reaches the metrics port only; the API port is the gateway's.
+    ports = {rule["from"][0].get("namespaceSelector") is None: [p["port"] for p in rule["ports"]]
+             for rule in policy["spec"]["ingress"]}
+    assert ports == {True: [3000], False: [3001]}
+    # The second wall: both read the same internal token from one Secret (middleware/internal.py).
+    for container in (gateway, model):
+        (token,) = [e for e in container["env"] if e["name"] == "BENTOFORMERS_INTERNAL_TOKEN"]
+        assert token["valueFrom"]["secretKeyRef"] == {"name": "bentoformers-internal", "key": "BENTOFORMERS_INTERNAL_TOKEN"}
+    assert {"name": "BENTOFORMERS_METRICS_PORT", "value": "3001"} in model["env"]
 
 
 def test_the_podman_overlay_validates_and_leaves_out_only_the_secret():

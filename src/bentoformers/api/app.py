@@ -18,6 +18,7 @@ from bentoformers.api.gateway import gateway_of, json_response
 from bentoformers.api.generation import generate, openai_completions
 from bentoformers.api.routes import ROUTES
 from bentoformers.errors import ApiError, ErrorType, error_response
+from bentoformers.observability import scrape
 
 logger = logging.getLogger("bentoformers.gateway")
 
@@ -26,6 +27,10 @@ async def list_models(request: Request) -> Response:
     gw = gateway_of(request)
     data = await asyncio.gather(*(e.describe() for e in gw.models.values()))
     return json_response({"object": "list", "data": list(data)})
+
+
+async def metrics_page(request: Request) -> Response:
+    return Response(await asyncio.to_thread(scrape.latest), media_type=scrape.CONTENT_TYPE_LATEST)
 
 
 async def not_found(request: Request) -> Response:
@@ -64,6 +69,7 @@ HANDLERS = {f.__name__: f for f in (embed, openai_embeddings, classify, generate
 def create_app() -> Starlette:
     """The routes of the route table (routes.py), then one error body for every other path."""
     routes = [Route(r.path, _with_errors(HANDLERS[r.handler]), methods=[r.method]) for r in ROUTES]
+    routes.append(Route("/metrics", metrics_page, methods=["GET"]))  # BentoML's own is off on the gateway
     routes.append(
         _Fallback("/{path:path}", _with_errors(not_found), methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     )

@@ -17,12 +17,14 @@ from bentoformers.errors import ApiError, ErrorType
 from bentoformers.runtime.card import ModelCard
 from bentoformers.runtime.tokenizer import InputTooLong, TextTokenizer
 from bentoformers.serving.batcher import Coalescer
+from bentoformers.serving.health import ModelHealth
 from bentoformers.settings import Settings
 
 logger = logging.getLogger("bentoformers.gateway")
 
 
 INLINE_TOKENIZE_CHARS = 20_000  # above this, tokenize in a thread so the event loop stays free
+CLOSE_SECONDS = 5.0  # the bound on closing a generation's stream and cancelling it in the model service
 
 
 class ModelEndpoint:
@@ -56,6 +58,7 @@ class ModelEndpoint:
         self._cancel = cancel
         self.generating = 0  # requests in flight to the model service (generation)
         self._describe = describe
+        self.health = ModelHealth(self.name, describe)
         self._served: dict[str, Any] | None = None
         self.created = int(time.time())
 
@@ -76,11 +79,14 @@ class ModelEndpoint:
     async def infer(self, ids: list[list[int]]) -> np.ndarray:
         """One row per sequence from the model service (embeddings or logits), batched with other requests."""
         assert self.coalescer is not None
+        if self.health.down:  # a dead model service's calls would wait for its restart
+            raise self.unavailable()
         try:
             return await self.coalescer.submit(ids)
         except ApiError:
             raise
         except Exception as exc:
+            self.health.failed(exc)
             # An honest 503, quietly: the model service logs its own failures, and a traceback per shed
             # request (BentoML's batcher under load) would bury everything else.
             logger.warning("model service call failed (%s): %s: %s", self.name, type(exc).__name__, exc)
@@ -120,6 +126,8 @@ class ModelEndpoint:
     async def generate(self, prompt: list[int], max_new_tokens: int, sampling: dict[str, Any]) -> AsyncIterator[int | str]:
         """New token ids from the model service, then the finish reason ("stop" or "length")."""
         assert self._stream is not None
+        if self.health.down:
+            raise self.unavailable()
         self.check_generation_capacity()
         self.generating += 1
         key = uuid.uuid4().hex
@@ -127,8 +135,19 @@ class ModelEndpoint:
             prompt, max_new_tokens, sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["seed"], key
         )
         buffer, finished = "", False
+        idle = self.settings.stream_idle_timeout_seconds
         try:
-            async for chunk in lines:
+            while True:
+                try:
+                    async with asyncio.timeout(idle):  # per chunk: a stalled model service must not hold the slot
+                        chunk = await anext(lines)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise ApiError(
+                        ErrorType.TIMEOUT, f"the model service sent nothing for {idle:g}s",
+                        headers={"Retry-After": str(self.settings.retry_after_seconds)},
+                    ) from None
                 buffer += chunk
                 *complete, buffer = buffer.split("\n")
                 for line in complete:
@@ -146,14 +165,16 @@ class ModelEndpoint:
             # Stopped early (a stop string, a client gone, an error): tell the model service to stop too.
             # Closing the stream alone does not reach it in time across processes. Shielded: this often
             # runs while the request's task is being cancelled.
-            with anyio.CancelScope(shield=True):
+            # Bounded: a hung model service must not hold this task (and its slot) forever either.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_SECONDS) as bounded:
                 await lines.aclose()
                 if not finished and self._cancel is not None:
                     try:
-                        with anyio.fail_after(5):
-                            await self._cancel(key)
+                        await self._cancel(key)
                     except Exception:
-                        logger.warning("could not cancel a generation in %s", self.name, exc_info=True)  # stops the generation in the model service when we stop early
+                        logger.warning("could not cancel a generation in %s", self.name, exc_info=True)
+            if bounded.cancelled_caught:
+                logger.warning("closing a generation in %s took over %gs; left it", self.name, CLOSE_SECONDS)
 
     def unavailable(self) -> ApiError:
         return ApiError(

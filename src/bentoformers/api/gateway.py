@@ -27,7 +27,18 @@ class Gateway:
         if settings.default_model and settings.default_model not in self.models:
             raise RuntimeError(f"default_model {settings.default_model!r} is not served; served: {', '.join(self.models)}")
 
+    def ready(self) -> bool:
+        """Every model service answered its last health call (serving/health.py); never waits."""
+        for endpoint in self.models.values():
+            endpoint.health.watch()
+        return all(e.health.state == "up" for e in self.models.values())
+
     def pick(self, requested: str | None, task: str) -> ModelEndpoint:
+        endpoint = self._pick(requested, task)
+        endpoint.health.watch()
+        return endpoint
+
+    def _pick(self, requested: str | None, task: str) -> ModelEndpoint:
         if requested is None:
             default = self.models.get(self.settings.default_model)
             if default is not None and default.task == task:

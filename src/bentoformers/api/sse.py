@@ -39,10 +39,12 @@ def event_stream(
                 delta, finish, tokens = await anext(events)
             request.state.tokens = request.state.tokens + tokens
             yield sse_event(b"[DONE]")
-        except Exception as exc:  # the status line has gone out: the error travels as an event
+        except ApiError as exc:  # the status line has gone out: the error travels as an event
+            logger.warning("generation ended mid-stream: %s", exc.message)
+            yield sse_event({"error": {"type": str(exc.kind), "message": exc.message, "param": exc.param}})
+        except Exception:
             logger.exception("generation failed mid-stream")
-            kind = exc.kind if isinstance(exc, ApiError) else ErrorType.SERVER
-            yield sse_event({"error": {"type": str(kind), "message": "the generation failed; see the server log", "param": None}})
+            yield sse_event({"error": {"type": str(ErrorType.SERVER), "message": "the generation failed; see the server log", "param": None}})
         finally:
             # A client that went away stops its generation; the response task is being cancelled then,
             # so the cleanup must be shielded to run at all.

@@ -47,7 +47,7 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500  # what the client gets if the app raises before it answers
+        status = None
 
         async def send_and_record(message: Message) -> None:
             nonlocal status
@@ -55,9 +55,13 @@ class AccessLogMiddleware:
                 status = message["status"]
             await send(message)
 
+        metrics.requests_in_progress.inc()
         try:
             await self.app(scope, receive, send_and_record)
         finally:
+            metrics.requests_in_progress.dec()
+            if status is None:  # unanswered: the client left (499, set inside), else the app raised (500)
+                status = (scope.get("state") or {}).get("status_if_unanswered", 500)
             try:
                 self._record(scope, status, time.perf_counter() - start)
             except Exception:

@@ -23,12 +23,16 @@ TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 REJECTION_REASONS = frozenset({
     "missing_credentials", "invalid_credentials", "expired_credentials", "forbidden",
     "rate_limit_requests", "rate_limit_tokens", "rate_limit_store_unavailable", "queue_full",
-    "too_many_in_flight", "request_too_large",
+    "too_many_in_flight", "request_too_large", "body_timeout",
 })
 
 requests = Counter(
     "requests", "Requests answered by the gateway, by route template and status code.",
     ["route", "code"], namespace=NAMESPACE,
+)
+requests_in_progress = Gauge(
+    "requests_in_progress", "Gateway requests being answered now (summed over live workers).",
+    namespace=NAMESPACE, multiprocess_mode="livesum",
 )
 request_seconds = Histogram(
     "request_duration_seconds", "Gateway request latency, first byte in to last byte out.",

@@ -1,4 +1,5 @@
-"""On SIGTERM, a model service keeps answering while the gateway finishes its requests in flight."""
+"""On SIGTERM, a model service keeps answering while the gateway finishes its requests in flight, and the gateway
+finishes its own (middleware/shutdown.py refuses new ones meanwhile)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ class ShutdownDrain:
         finally:
             self.active -= 1
             self.last_call = time.monotonic()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -16,6 +16,7 @@ import bentoml
 import numpy as np
 
 from bentoformers.observability import metrics
+from bentoformers.observability.scrape import serve_metrics
 from bentoformers.runtime import cpu, selfcheck
 from bentoformers.runtime.card import ModelCard
 from bentoformers.runtime.decoder import OnnxDecoder
@@ -63,8 +64,10 @@ class _ModelService:
         )
         self.inference_seconds = metrics.inference_seconds.labels(self.stored.name, self.precision, self.device)
         self.gpu_memory = metrics.GpuMemory() if self.device == "cuda" else None
+        if self.own_process and self.settings.metrics_port:
+            serve_metrics(self.settings.metrics_port)
         # On SIGTERM, keep answering while the gateway finishes its requests in flight (in the gateway's own
-        # process, its graceful shutdown already does).
+        # process, the gateway's drain does).
         self.drain = ShutdownDrain()
         if self.own_process:
             self.drain.install()
@@ -85,7 +88,8 @@ class _ModelService:
         return out
 
     @bentoml.api
-    def describe(self) -> dict[str, object]:
+    async def describe(self) -> dict[str, object]:
+        """Also the gateway's health call (serving/health.py): async, so it never waits behind inference."""
         return {
             "precision": self.precision,
             "device": self.device,

@@ -1,0 +1,119 @@
+"""The request's headers and body, bounded before any work: header count and size, body size, and the time
+the client takes to send its body.
+
+It sits inside authentication (so nobody unauthenticated gets a body buffered) and outside the in-flight
+bound (so a client that dribbles its body never holds a slot). A slow body gets 408 after
+`body_timeout` seconds in total (not per byte: a byte every few seconds would reset a per-read timer), with
+`Connection: close`; headers over `max_header_bytes` or `max_headers` get 431; a body over `max_body_bytes`
+413. A client that leaves before its body is in is not an error: nothing is answered (nobody is there),
+the access log records 499, and nothing is logged as a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bentoformers.api.routes import PROBE_PATHS
+from bentoformers.errors import ApiError, ErrorType, error_response
+from bentoformers.observability import metrics
+
+CLIENT_GONE = 499  # nginx's "client closed request": the client left before an answer could reach it
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class BodyMiddleware:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, body_timeout: float, max_header_bytes: int, max_headers: int
+    ) -> None:
+        self.app = app
+        self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
+        self.max_header_bytes, self.max_headers = max_header_bytes, max_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = scope["headers"]
+        if len(headers) > self.max_headers or sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
+            metrics.count_rejection("request_too_large")
+            await _answer(scope, receive, send, ApiError(
+                ErrorType.TOO_LARGE,
+                f"the request headers are over the limit ({self.max_headers} headers, {self.max_header_bytes} bytes)",
+                status=431, headers={"Connection": "close"},
+            ))
+            return
+        too_large = ApiError(
+            ErrorType.TOO_LARGE, f"the request body is over the limit of {self.max_body_bytes} bytes",
+            headers={"Connection": "close"},
+        )
+        length = _content_length(headers)
+        if length is not None and length > self.max_body_bytes:
+            metrics.count_rejection("request_too_large")
+            await _answer(scope, receive, send, too_large)
+            return
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                body = await _read_capped(receive, self.max_body_bytes)
+        except TimeoutError:
+            metrics.count_rejection("body_timeout")
+            await _answer(scope, receive, send, ApiError(
+                ErrorType.TIMEOUT, f"the request body did not arrive within {self.body_timeout:g}s",
+                status=408, headers={"Connection": "close"},
+            ))
+            return
+        except _ClientGone:
+            scope.setdefault("state", {})["status_if_unanswered"] = CLIENT_GONE
+            return
+        if body is None:
+            metrics.count_rejection("request_too_large")
+            await _answer(scope, receive, send, too_large)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+
+async def _answer(scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
+    await error_response(error)(scope, receive, send)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _read_capped(receive: Receive, cap: int) -> bytes | None:
+    """The whole body, or None past `cap` bytes; _ClientGone if the client disconnects first."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: the disconnect, when it comes
+
+    return replay

@@ -1,0 +1,74 @@
+"""Whether each model service answers, as the gateway sees it: the truth behind /readyz, and fast 503s.
+
+A watcher per model service and gateway worker makes a real call (`describe`, answered by the model
+service's own process once its start-up check has passed) every `interval` seconds, bounded by `timeout`.
+The gateway is ready only when every model service answered its last call. A model service that is down
+(killed: BentoML's supervisor holds its socket, so calls wait instead of failing, for the whole restart;
+stopped; hung) is known within `timeout`, or at once when a call fails the way a dead service fails; while
+it is down its requests get 503 + Retry-After at once instead of waiting, and the watcher notices when
+BentoML has restarted it. /readyz only reads the state: it never waits on a model service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+import aiohttp
+
+logger = logging.getLogger("bentoformers.health")
+State = Literal["unknown", "up", "down"]
+
+
+class ModelHealth:
+    def __init__(
+        self, name: str, ping: Callable[[], Awaitable[object]], interval: float = 1.0, timeout: float = 2.0
+    ) -> None:
+        self.name, self.ping, self.interval, self.timeout = name, ping, interval, timeout
+        self.state: State = "unknown"
+        self._since = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+
+    def watch(self) -> None:
+        """Starts the watcher on the running loop (once; the first probe or request calls it)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._watch(), name=f"health {self.name}")
+
+    @property
+    def down(self) -> bool:
+        return self.state == "down"
+
+    def failed(self, exc: BaseException) -> None:
+        """A call failed: if it failed as a dead service fails (no connection), the service is down now."""
+        if is_connection_failure(exc):
+            self._set("down", f"{type(exc).__name__}: {exc}")
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self.ping()
+            except TimeoutError:
+                self._set("down", f"no answer within {self.timeout:g}s")
+            except Exception as exc:  # any failed call means it does not answer; the reason goes in the log line
+                self._set("down", f"{type(exc).__name__}: {exc}")
+            else:
+                self._set("up")
+            await asyncio.sleep(self.interval)
+
+    def _set(self, state: State, reason: str = "") -> None:
+        if state == self.state:
+            return
+        now = time.monotonic()
+        if state == "down":
+            logger.warning("model service %s is not answering (%s): not ready, its requests get 503", self.name, reason)
+        elif self.state == "down":
+            logger.warning("model service %s answers again after %.1fs", self.name, now - self._since)
+        self.state, self._since = state, now
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    return isinstance(exc, aiohttp.ClientConnectionError | ConnectionError | TimeoutError)
