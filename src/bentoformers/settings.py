@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_chars_per_item: int = Field(
         100_000, ge=1, description="Refused before tokenizing, so a huge text cannot stall the gateway."
     )
+    max_chars_per_request: int = Field(
+        1_048_576, ge=1, description="All texts of a request together, refused before tokenizing (413)."
+    )
     max_batch_items: int = Field(256, ge=1, description="Texts per call from gateway to model service.")
     max_batch_tokens: int = Field(16_384, ge=1, description="Token budget per call to the model service.")
     max_queued_items: int = Field(4096, ge=1, description="Beyond this the gateway answers 503.")
@@ -75,6 +78,9 @@ class Settings(BaseSettings):
     )
     rate_limit_on_store_error: Literal["open", "closed"] = Field(
         "open", description="When the store (Redis) is unreachable: open admits, closed answers 503."
+    )
+    rate_limit_store_timeout_seconds: float = Field(
+        0.25, gt=0, le=10, description="A store (Redis) call slower than this counts as a store error."
     )
     trusted_proxies: tuple[str, ...] = Field((), description="Addresses/CIDRs whose X-Forwarded-For is believed.")
     max_in_flight: int = Field(256, ge=1, description="Requests in flight per gateway worker; beyond: 503.")

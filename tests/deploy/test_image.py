@@ -106,7 +106,7 @@ def test_the_image_serves_real_embeddings(image, minilm_path, api_key):
         assert "bentoformers_inference_seconds_count" in httpx.get(f"{url}/metrics").text
         logged = [json.loads(line) for line in _podman("logs", name).stdout.splitlines() if line.startswith('{"time"')]
         assert [(e["status"], e["identity"]) for e in logged if e["route"] == "/v1/embeddings"] == [
-            (401, None), (200, "deploy-test")]
+            (401, None), (200, "key:deploy-test")]
         assert key not in _podman("logs", name).stdout + _podman("logs", name).stderr
     finally:
         _podman("stop", "-t", "10", name)

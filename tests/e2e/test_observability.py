@@ -44,7 +44,8 @@ def traffic(served):
     assert codes == [200] * 40
     for path in ("/wp-login.php", "/.env", "/admin/secret?token=abc"):
         assert httpx.get(f"{url}{path}").status_code == 404
-    assert httpx.post(f"{url}/v1/embeddings", content=b"{not json", headers={"x-request-id": "bad-body-1"}).status_code == 400
+    bad_body = {"x-request-id": "bad-body-1", "content-type": "application/json"}
+    assert httpx.post(f"{url}/v1/embeddings", content=b"{not json", headers=bad_body).status_code == 400
     time.sleep(0.5)
     return httpx.get(f"{url}/metrics").text
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import types
 
 import pytest
 from prometheus_client import REGISTRY
@@ -17,6 +16,7 @@ from starlette.testclient import TestClient
 from bentoformers.middleware.access_log import AccessLogMiddleware
 from bentoformers.middleware.request_id import RequestIdMiddleware
 from bentoformers.observability import metrics
+from bentoformers.security.identity import Identity
 
 
 async def embed(request: Request) -> JSONResponse:
@@ -36,7 +36,7 @@ class FakeAuth:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        scope.setdefault("state", {})["identity"] = types.SimpleNamespace(id="key-42", tier="free", scopes=["*"])
+        scope.setdefault("state", {})["identity"] = Identity("key-42", frozenset({"*"}), "free", "key")
         await self.app(scope, receive, send)
 
 
@@ -72,7 +72,7 @@ def test_one_json_line_per_request_with_state_and_no_secrets(lines):
     (line,) = lines
     assert "sk-secret" not in line
     entry = json.loads(line)
-    assert entry["request_id"] == "req-1" and entry["identity"] == "key-42"
+    assert entry["request_id"] == "req-1" and entry["identity"] == "key:key-42"
     assert entry["route"] == "/embed" and entry["path"] == "/embed" and entry["method"] == "POST"
     assert entry["status"] == 200 and entry["model"] == "minilm" and entry["tokens"] == 7
     assert entry["latency_ms"] > 0

@@ -236,9 +236,33 @@ def test_a_key_removed_from_the_file_stops_working_without_a_restart(tmp_path):
     path.write_text(yaml.safe_dump(rows))
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # a changed mtime, even on a coarse clock
     assert store.verify(revoke) is None and store.verify(keep).id == "keep"
-    path.write_text("{not: [valid")
+
+
+def _touch(path, seconds_ahead):
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + seconds_ahead * 10**9))  # a changed mtime, coarse clock too
+
+
+def test_workers_agree_on_the_key_set_even_when_the_file_breaks_after_a_revocation(tmp_path):
+    path = tmp_path / "keys.yaml"
+    keep, _ = create_key("keep", ["*"], "default", path)
+    revoke, _ = create_key("revoke", ["*"], "default", path)
+    inline_key, inline_record = create_key("inline", ["*"], "default", None)
+    inline = yaml.safe_dump([inline_record.model_dump(mode="json")])
+    one, two = ReloadingKeyStore(path, inline, every=0), ReloadingKeyStore(path, inline, every=3600)
+    path.write_text(yaml.safe_dump([r for r in yaml.safe_load(path.read_text()) if r["id"] != "revoke"]))
+    _touch(path, 1)
+    assert one.verify(revoke) is None  # worker one re-read the file; worker two has not looked yet
+    path.write_text("{not: [valid")  # then a bad edit
+    _touch(path, 2)
+    two._next_check = 0  # worker two's turn to look
+    for worker in (one, two):
+        assert worker.verify(revoke) is None, "a worker that missed the revocation brought the revoked key back"
+        assert worker.verify(keep) is None  # a broken file accepts none of its keys: the one set all agree on
+        assert worker.verify(inline_key).id == "inline"  # keys given inline do not depend on the file
+    path.write_text(yaml.safe_dump([create_key("keep", ["*"], "default", None)[1].model_dump(mode="json")]))
+    # Fixed, even within the same mtime tick: a broken file is read again at every check.
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
-    assert store.verify(keep).id == "keep"  # a broken file keeps the keys loaded before
+    assert one.verify(keep) is None and len(one) == 2  # the new "keep" record has a new secret
 
 
 @pytest.mark.parametrize("with_jwt", [False, True], ids=["keys only", "keys and JWT"])

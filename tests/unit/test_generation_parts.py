@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from bentoformers.runtime.decoder import DecodeBatch
 from bentoformers.runtime.generation import Sampling, sample
@@ -47,3 +48,30 @@ def test_keeping_rows_drops_the_columns_nobody_uses_any_more():
     kept = joined.keep([0, 2])  # the long sequence left
     assert kept.mask.tolist() == [[1, 1, 1], [0, 1, 1]]
     assert kept.past[0].shape == (2, 2, 3, 4) and kept.positions.tolist() == [3, 2]
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 5e-324, 1e-30, 1e-7, 2.0])
+def test_sampling_is_total_for_every_temperature_in_range(temperature):
+    # 1e-308 once overflowed logits / temperature, the probabilities became NaN, and sampling raised.
+    logits = np.array([0.5, 3.0, 2.9, -1e30, 1e30 / 3, -2.0], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        token = sample(logits, Sampling(temperature=temperature, top_p=0.9, top_k=3), rng)
+        assert 0 <= token < len(logits)
+    if temperature < 1e-6:  # so cold that it is greedy
+        assert sample(logits, Sampling(temperature=temperature), rng) == 4
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_infinite_logits_fall_back_to_the_most_likely_finite_token(bad):
+    logits = np.array([0.1, 3.0, bad, 2.0], dtype=np.float32)
+    for sampling in (Sampling(), Sampling(temperature=1.0), Sampling(temperature=0.7, top_p=0.5, top_k=2)):
+        assert sample(logits, sampling, np.random.default_rng(0)) == 1
+    for every in (np.nan, -np.inf):
+        assert sample(np.full(4, every, dtype=np.float32), Sampling(temperature=1.0), np.random.default_rng(0)) == 0
+
+
+def test_a_minus_infinite_logit_is_never_drawn():
+    logits = np.array([0.0, -np.inf, 0.0], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    assert {sample(logits, Sampling(temperature=1.0), rng) for _ in range(100)} == {0, 2}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import signal
 import time
 
 import httpx
@@ -19,6 +21,7 @@ from bentoformers.middleware.rate_limit import RateLimitMiddleware
 from bentoformers.security.authenticator import Authenticator
 from bentoformers.security.keys import KeyStore, create_key
 from bentoformers.security.ratelimit import RateLimiter, Tier, charge_tokens
+from bentoformers.settings import Settings
 
 # Hour windows: the sliding window counter may admit one extra right at a window edge, which a
 # minute window would make a (rare) flake.
@@ -212,3 +215,105 @@ def test_bad_tier_specs_are_refused():
         Tier.parse("x", {"requests": "lots"})
     with pytest.raises(ValueError, match="unknown keys"):
         Tier.parse("x", {"request": "1/second"})
+
+
+def test_without_a_default_tier_an_unknown_tier_is_refused_not_unlimited(keys, caplog):
+    store, made = keys
+    gold_only = {"gold": Tier.parse("gold", {"requests": "5/hour"})}
+
+    async def run():
+        async with _stack(RateLimiter(gold_only), store) as client:
+            return [await client.post("/embed", headers=_bearer(made["x"])) for _ in range(8)]  # x: "platinum"
+
+    responses = asyncio.run(run())
+    assert {r.status_code for r in responses} == {403}  # was: 8 admitted, no limit at all
+    error = responses[0].json()["error"]
+    assert error["type"] == "permission_error" and "'platinum' is not configured" in error["message"]
+    settings = Settings(rate_limit_tiers={"gold": {"requests": "5/hour"}})
+    with caplog.at_level(logging.WARNING, logger="bentoformers.ratelimit"):
+        RateLimiter.from_settings(settings)
+    assert "no 'default' rate-limit tier" in caplog.text  # and the log says so at start
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+def test_a_bug_in_the_limiter_is_a_500_with_its_traceback_not_a_store_outage(keys, caplog, policy):
+    store, made = keys
+    limiter = RateLimiter(TIERS, on_store_error=policy)
+
+    async def broken(*args, **kwargs):
+        raise TypeError("a bug, not an outage")
+
+    limiter.strategy.hit = broken  # fault injection: the store is fine, our code is not
+
+    async def run():
+        async with _stack(limiter, store) as client:
+            return [await client.post("/embed", headers=_bearer(made["a"])) for _ in range(2)]
+
+    with caplog.at_level(logging.ERROR):
+        responses = asyncio.run(run())
+    # Was: under "open", admitted with the limits silently off; under "closed", a retryable 503.
+    assert [r.status_code for r in responses] == [500, 500]
+    assert responses[0].json()["error"]["type"] == "server_error"
+    tracebacks = [r for r in caplog.records if r.exc_info and "a bug, not an outage" in str(r.exc_info[1])]
+    assert len(tracebacks) == 2  # once per request: logged where it was answered, not again further out
+
+
+@pytest.mark.parametrize("policy,status", [("open", 200), ("closed", 503)])
+def test_a_hung_redis_costs_at_most_the_store_timeout(redis_server, keys, policy, status):
+    store, made = keys
+    timeout = 0.2
+
+    async def run():
+        limiter = RateLimiter(TIERS, redis_server.url, on_store_error=policy, store_timeout=timeout)
+        async with _stack(limiter, store) as client:
+            h = _bearer(made["b"])
+            before = (await client.post("/embed", headers=h)).status_code
+            redis_server.proc.send_signal(signal.SIGSTOP)  # hung: connections open, no answers
+            try:
+                during = []
+                for _ in range(6):
+                    start = time.perf_counter()
+                    response = await client.post("/embed", headers=h)
+                    during.append((response.status_code, time.perf_counter() - start))
+                    await asyncio.sleep(0.4)  # past the limiter's rest after a failure: each one asks the store
+            finally:
+                redis_server.proc.send_signal(signal.SIGCONT)
+            await asyncio.sleep(1.1)
+            after = (await client.post("/embed", headers=h)).status_code
+            return before, during, after
+
+    before, during, after = asyncio.run(run())
+    assert before == 200 and after == 200
+    assert {code for code, _ in during} == {status}
+    # Was: 2 s (the socket timeout) for each request that asked the hung store. Generous: a shared CPU.
+    assert max(seconds for _, seconds in during) < 5 * timeout, during
+
+
+def test_a_jwt_subject_equal_to_a_key_id_is_another_identity(keys):
+    import jwt as pyjwt
+
+    from bentoformers.security.tokens import JwtVerifier
+
+    store, made = keys
+    secret = "unit-secret-" + "x" * 32
+    claims = {"sub": "a", "scope": "*", "tier": "default", "exp": int(time.time()) + 600}  # "a": a key's id too
+    token = pyjwt.encode(claims, secret, algorithm="HS256")
+    seen = []
+
+    async def who(request: Request) -> JSONResponse:
+        seen.append(request.scope["state"]["identity"].name)
+        return await _embed(request)
+
+    app = Starlette(routes=[Route("/embed", who, methods=["POST"])])
+    auth = Authenticator(store, JwtVerifier(secret=secret))
+    asgi = AuthMiddleware(RateLimitMiddleware(app, RateLimiter(TIERS)), auth, ClientAddress())
+
+    async def run():
+        transport = httpx.ASGITransport(app=asgi, client=("10.0.0.2", 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            keyed = [(await client.post("/embed", headers=_bearer(made["a"]))).status_code for _ in range(3)]
+            tokened = [(await client.post("/embed", headers=_bearer(token))).status_code for _ in range(3)]
+            return keyed, tokened
+
+    assert asyncio.run(run()) == ([200, 200, 200], [200, 200, 200])  # two budgets of 3, not one
+    assert seen == ["key:a"] * 3 + ["jwt:a"] * 3

@@ -37,9 +37,21 @@ async def not_found(request: Request) -> Response:
     raise ApiError(ErrorType.NOT_FOUND, f"no route {request.method} {request.url.path}")
 
 
+def _json_body(request: Request) -> None:
+    """A body must be declared JSON (`application/json`, or a `+json` type), before it is read."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json" and not (media_type.startswith("application/") and media_type.endswith("+json")):
+        raise ApiError(
+            ErrorType.UNSUPPORTED_MEDIA_TYPE,
+            f"the body must be JSON, sent with Content-Type: application/json (got {media_type or 'none'!r})",
+        )
+
+
 def _with_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     async def wrapped(request: Request) -> Response:
         try:
+            if request.method == "POST" and handler is not not_found:
+                _json_body(request)
             return await handler(request)
         except ApiError as exc:
             return error_response(exc)

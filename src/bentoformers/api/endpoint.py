@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import numpy as np
+from bentoml.exceptions import BentoMLException
 
 from bentoformers.errors import ApiError, ErrorType
 from bentoformers.runtime.card import ModelCard
@@ -25,6 +28,26 @@ logger = logging.getLogger("bentoformers.gateway")
 
 INLINE_TOKENIZE_CHARS = 20_000  # above this, tokenize in a thread so the event loop stays free
 CLOSE_SECONDS = 5.0  # the bound on closing a generation's stream and cancelling it in the model service
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+TRUNCATE_CHARS_PER_TOKEN = 16  # with truncate: true, a text is cut to the model's limit x this before tokenizing
+# Whitespace, control and format characters (zero-width spaces and joiners, BOM, bidi marks, tags): a text of
+# nothing else is as empty as "" (a tokenizer drops them all, and the model would see only its special tokens).
+_INVISIBLE = re.compile(
+    "[\\s\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    "\u2028-\u202f\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\U000e0000-\U000e0fff]*"
+)
+
+
+def blank(text: str) -> bool:
+    return _INVISIBLE.fullmatch(text) is not None
+
+
+def unavailable_error(exc: BaseException) -> bool:
+    """The model service could not be reached, or shed the call (BentoML's batcher under load), as opposed to
+    failing on it: only then is an answer worth retrying."""
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return isinstance(exc, BentoMLException) and int(exc.error_code) in RETRYABLE_STATUSES
 
 
 class ModelEndpoint:
@@ -46,7 +69,7 @@ class ModelEndpoint:
         self.coalescer = None
         if call is not None:
             self.coalescer = Coalescer(
-                call,
+                self._model_call,
                 max_items=settings.max_batch_items,
                 max_tokens=settings.max_batch_tokens,
                 max_queued=settings.max_queued_items,
@@ -54,6 +77,7 @@ class ModelEndpoint:
                 retry_after=settings.retry_after_seconds,
                 model=self.name,
             )
+        self._call = call
         self._stream = stream
         self._cancel = cancel
         self.generating = 0  # requests in flight to the model service (generation)
@@ -63,6 +87,10 @@ class ModelEndpoint:
         self.created = int(time.time())
 
     async def tokenize(self, texts: list[str], truncate: bool, param: str) -> list[list[int]]:
+        if truncate:
+            # Only the first tokens are kept: do not tokenize (nor count) far past them.
+            keep = self.card.max_length * TRUNCATE_CHARS_PER_TOKEN
+            texts = [text[:keep] for text in texts]
         self._check_texts(texts, param)
         try:
             if sum(map(len, texts)) > INLINE_TOKENIZE_CHARS:
@@ -81,20 +109,28 @@ class ModelEndpoint:
         assert self.coalescer is not None
         if self.health.down:  # a dead model service's calls would wait for its restart
             raise self.unavailable()
+        return await self.coalescer.submit(ids)
+
+    async def _model_call(self, ids: list[list[int]]) -> np.ndarray:
+        """The model service call, its failure sorted once per call (not once per request of its batch): the
+        model service unreachable or shedding is a retryable 503, logged quietly (a traceback per shed request
+        would bury everything else); anything else is a bug, a 500 with its traceback."""
+        assert self._call is not None
         try:
-            return await self.coalescer.submit(ids)
+            return await self._call(ids)
         except ApiError:
             raise
         except Exception as exc:
+            if not unavailable_error(exc):
+                logger.exception("model service call failed (%s)", self.name)
+                raise ApiError(ErrorType.SERVER, "internal error; see the server log") from None
             self.health.failed(exc)
-            # An honest 503, quietly: the model service logs its own failures, and a traceback per shed
-            # request (BentoML's batcher under load) would bury everything else.
-            logger.warning("model service call failed (%s): %s: %s", self.name, type(exc).__name__, exc)
+            logger.warning("model service unavailable (%s): %s: %s", self.name, type(exc).__name__, exc)
             raise self.unavailable() from None
 
     async def prompt_ids(self, prompt: str, param: str) -> list[int]:
-        if not prompt.strip():
-            raise ApiError(ErrorType.VALIDATION, f"{param} is empty", param=param)
+        if blank(prompt):
+            raise ApiError(ErrorType.VALIDATION, f"{param} is empty (or only invisible characters)", param=param)
         if len(prompt) > self.settings.max_chars_per_item:
             raise ApiError(
                 ErrorType.TOO_LARGE, f"{param} has {len(prompt)} characters; at most {self.settings.max_chars_per_item}",
@@ -153,8 +189,8 @@ class ModelEndpoint:
                 for line in complete:
                     if line.isdigit():
                         yield int(line)
-                    elif line.startswith("error"):
-                        raise RuntimeError(f"model service: {line}")
+                    elif line.startswith("error"):  # the model service logged it, with its traceback
+                        raise ApiError(ErrorType.SERVER, "the generation failed; see the server log")
                     else:
                         finished = True
                         yield line
@@ -193,15 +229,26 @@ class ModelEndpoint:
                 f"{param} holds {len(texts)} texts; at most {limits.max_items_per_request} per request",
                 param=param,
             )
+        total = 0
         for i, text in enumerate(texts):
-            if not text.strip():
-                raise ApiError(ErrorType.VALIDATION, f"{param}[{i}] is empty", param=f"{param}.{i}")
+            if blank(text):
+                raise ApiError(ErrorType.VALIDATION, f"{param}[{i}] is empty (or only invisible characters)",
+                               param=f"{param}.{i}")
             if len(text) > limits.max_chars_per_item:
                 raise ApiError(
                     ErrorType.TOO_LARGE,
                     f"{param}[{i}] has {len(text)} characters; at most {limits.max_chars_per_item}",
                     param=f"{param}.{i}",
                 )
+            total += len(text)
+        if total > limits.max_chars_per_request:
+            raise ApiError(
+                ErrorType.TOO_LARGE,
+                f"{param} holds {total} characters in all; at most {limits.max_chars_per_request} per request "
+                "(with truncate: true, only the first "
+                f"{self.card.max_length * TRUNCATE_CHARS_PER_TOKEN} characters of each text count)",
+                param=param,
+            )
 
     async def served(self) -> dict[str, Any]:
         """Precision and device, as the model service reports them (asked once)."""

@@ -14,7 +14,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bentoformers.api.endpoint import ModelEndpoint
+from bentoformers.api.endpoint import ModelEndpoint, unavailable_error
 from bentoformers.api.gateway import account, gateway_of, json_response, parse_body
 from bentoformers.api.schemas import CompletionRequest, GenerateRequest
 from bentoformers.api.sse import event_stream
@@ -91,8 +91,10 @@ async def _start(request: Request, endpoint: ModelEndpoint, plan: _Plan) -> tupl
         first = await anext(events)
     except ApiError:
         raise
-    except Exception:
-        logger.exception("generation failed to start (%s)", endpoint.name)
+    except Exception as exc:
+        if not unavailable_error(exc):
+            raise  # a bug: the app's handler logs it with its traceback and answers 500
+        logger.warning("generation could not start (%s): %s: %s", endpoint.name, type(exc).__name__, exc)
         raise endpoint.unavailable() from None
     return events, first
 

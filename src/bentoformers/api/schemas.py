@@ -41,11 +41,15 @@ class ClassifyRequest(BaseModel):
 Stop = StrictStr | list[StrictStr] | None
 
 
+SEED_MAX = 2**63 - 1  # what the model service's int64 takes
+
+
 class _Sampling(BaseModel):
-    temperature: float | None = Field(None, ge=0, le=2, description="0: greedy.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: StrictInt = Field(0, ge=0, description="0: no limit.")
-    seed: StrictInt | None = Field(None, ge=0)
+    # Numbers only (no "0.5", no true), finite, in range; any value in range is safe to sample with.
+    temperature: float | None = Field(None, ge=0, le=2, strict=True, allow_inf_nan=False, description="0: greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, strict=True, allow_inf_nan=False)
+    top_k: StrictInt = Field(0, ge=0, le=2**31 - 1, description="0: no limit.")
+    seed: StrictInt | None = Field(None, ge=0, le=SEED_MAX)
     stream: StrictBool = False
     model: StrictStr | None = None
 

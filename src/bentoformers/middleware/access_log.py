@@ -88,7 +88,7 @@ class AccessLogMiddleware:
             "latency_ms": round(seconds * 1000, 3),
             "model": state.get("model"),
             "tokens": state.get("tokens"),
-            "identity": getattr(identity, "id", None),
+            "identity": getattr(identity, "name", None),
             "client": client[0] if client else None,
         }
         logger.info(orjson.dumps(line).decode())

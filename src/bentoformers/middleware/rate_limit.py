@@ -45,8 +45,12 @@ class RateLimitMiddleware:
     async def _check(self, scope: Scope, identity: Identity) -> Verdict | None:
         tier = self.limiter.tier_of(identity)
         if tier is None:
-            return None
-        key = f"{identity.kind}:{identity.id}"
+            raise Refused("unknown_tier", ApiError(
+                ErrorType.PERMISSION,
+                f"this credential's rate-limit tier {identity.tier!r} is not configured here "
+                f"(tiers: {', '.join(sorted(self.limiter.tiers))}; no 'default' tier to fall back to)",
+            ))
+        key = identity.name
         scope["state"]["rate_limit"] = Budget(self.limiter, key, tier)
         if tier.requests is None:
             return None

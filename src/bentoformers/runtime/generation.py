@@ -12,7 +12,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,13 +32,21 @@ class Sampling:
 
 
 def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
-    if sampling.temperature <= 0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / sampling.temperature
+    """A token for any logits and any temperature: where the arithmetic cannot give a distribution (NaN or
+    +inf logits), the most likely finite token. A -inf logit is a probability of 0."""
+    logits = logits.astype(np.float64)
+    finite = np.isfinite(logits)
+    best = int(np.argmax(np.where(finite, logits, -np.inf))) if finite.any() else 0
+    if sampling.temperature <= 0 or np.isnan(logits).any() or np.isposinf(logits).any():
+        return best
+    # Shifted before the division: every value is <= 0 with a 0 at the best token, so no temperature,
+    # however small, overflows (1e-308 once turned every probability into NaN).
+    with np.errstate(over="ignore", invalid="ignore"):  # far below the best: -inf, a probability of 0
+        scaled = (logits - logits[best]) / sampling.temperature
     if 0 < sampling.top_k < len(scaled):
         cutoff = np.partition(scaled, -sampling.top_k)[-sampling.top_k]
         scaled = np.where(scaled >= cutoff, scaled, -np.inf)
-    probs = np.exp(scaled - scaled.max())
+    probs = np.exp(scaled)
     probs /= probs.sum()
     if sampling.top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
@@ -46,6 +55,8 @@ def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> 
         kept = np.zeros_like(probs)
         kept[keep] = probs[keep]
         probs = kept / kept.sum()
+    if not np.isfinite(probs).all():
+        return best
     return int(rng.choice(len(probs), p=probs))
 
 
@@ -149,14 +160,26 @@ class Scheduler:
             self.steps += 1
             self.rows_stepped += len(self._active)
             for row, seq in enumerate(self._active):
-                self._emit(seq, sample(logits[row], seq.sampling, seq.rng), int(self._batch.positions[row]), events)
+                with self._alone(seq, events):
+                    self._emit(seq, sample(logits[row], seq.sampling, seq.rng), int(self._batch.positions[row]), events)
         for seq in admitted:
-            logits, one = self.decoder.prefill(seq.prompt)
-            self._emit(seq, sample(logits, seq.sampling, seq.rng), len(seq.prompt), events)
-            if seq.finish is None:
-                self._batch = DecodeBatch.join(self._batch, one)
-                self._active.append(seq)
+            with self._alone(seq, events):
+                logits, one = self.decoder.prefill(seq.prompt)
+                self._emit(seq, sample(logits, seq.sampling, seq.rng), len(seq.prompt), events)
+                if seq.finish is None:
+                    self._batch = DecodeBatch.join(self._batch, one)
+                    self._active.append(seq)
         return events
+
+    @contextmanager
+    def _alone(self, seq: _Sequence, events: list) -> Iterator[None]:
+        """One sequence's own work (its prefill, its sampling): a failure ends that sequence, not its neighbours."""
+        try:
+            yield
+        except Exception as exc:
+            logger.exception("a sequence failed; its neighbours go on")
+            seq.finish = "error"
+            events.append((seq, "error", f"decoding failed: {exc.__class__.__name__}"))
 
     def _emit(self, seq: _Sequence, token: int, position: int, events: list) -> None:
         """`position` is where `token` sits in the sequence; the context ends at self.context."""

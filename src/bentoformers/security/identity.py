@@ -17,5 +17,11 @@ class Identity:
     tier: str
     kind: str  # "key" | "jwt" | "anonymous"
 
+    @property
+    def name(self) -> str:
+        """The identity in its namespace (`key:alice`, `jwt:alice`, `anonymous:10.0.0.2`): a JWT subject that
+        equals a key's id is another caller, in the logs and the rate limits."""
+        return f"{self.kind}:{self.id}"
+
     def may(self, task: str) -> bool:
         return ALL in self.scopes or task in self.scopes

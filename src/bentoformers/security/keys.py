@@ -52,8 +52,12 @@ _RECORDS = TypeAdapter(list[KeyRecord])
 
 class ReloadingKeyStore:
     """The key file, re-read within `every` seconds of a change (a revoked key stops working without a
-    restart; a Kubernetes Secret volume updates in place), plus records given inline. A file that no longer
-    parses keeps the keys already loaded, and says so in the log."""
+    restart; a Kubernetes Secret volume updates in place), plus records given inline.
+
+    A file that no longer parses (or cannot be read) accepts none of its keys until it does, re-read at every
+    check, and says so in the log. Keeping the keys loaded before would let each worker keep whichever
+    version it had read last: one that missed a revocation would accept the revoked key, another not.
+    The file is the one key set every worker and replica can agree on."""
 
     def __init__(self, path: str | Path, inline: str | None = None, every: float = 5.0) -> None:
         self.path, self.inline, self.every = Path(path), inline, every
@@ -66,8 +70,8 @@ class ReloadingKeyStore:
         except OSError:
             return None
 
-    def _load(self) -> KeyStore:
-        records = list(KeyStore.load(self.path).records.values())
+    def _load(self, with_file: bool = True) -> KeyStore:
+        records = list(KeyStore.load(self.path).records.values()) if with_file else []
         if self.inline:
             records += KeyStore.parse(self.inline).records.values()
         return KeyStore(records)
@@ -81,13 +85,15 @@ class ReloadingKeyStore:
             self._next_check = now + self.every
             mtime = self._stat()
             if mtime != self._mtime:
-                self._mtime = mtime
                 try:
                     self.store = self._load()
+                    self._mtime = mtime
                     logger.info("API keys reloaded from %s: %d key(s)", self.path, len(self.store))
-                except Exception as exc:
-                    logger.error("API key file %s unreadable (%s); keeping the %d key(s) loaded before",
-                                 self.path, type(exc).__name__, len(self.store))
+                except (OSError, ValueError, yaml.YAMLError) as exc:  # pydantic's ValidationError is a ValueError
+                    self.store = self._load(with_file=False)
+                    self._mtime = None  # read it again at the next check
+                    logger.error("API key file %s unreadable (%s); refusing its keys until it parses (%d inline "
+                                 "key(s) still accepted)", self.path, type(exc).__name__, len(self.store))
         return self.store.verify(key)
 
 

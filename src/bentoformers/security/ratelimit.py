@@ -6,13 +6,15 @@ window edge, O(1) storage however large a token charge is, and a refused hit tak
 replica. With `redis://…` they are shared by every worker and replica.
 
 When the store fails (Redis down), `on_store_error` decides: "open" admits (the limits are off until
-it is back; authentication still holds) and "closed" answers 503. Either way the store is left alone
-for a second after a failure, so a dead Redis costs one connection attempt per second, not one per
-request, and one log line per outage.
+it is back; authentication still holds) and "closed" answers 503. A store that does not answer within
+`store_timeout` (a hung Redis) has failed too. Either way the store is left alone for a second after a
+failure, so a dead Redis costs one connection attempt per second, not one per request, and one log line
+per outage. Only the store's own errors count as "down": any other exception is a bug, and propagates.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -21,6 +23,7 @@ from typing import Literal
 
 from limits import RateLimitItem, parse
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.errors import StorageError
 from limits.storage import storage_from_string
 from starlette.requests import Request
 
@@ -78,8 +81,10 @@ class RateLimiter:
         storage_uri: str = "memory://",
         on_store_error: Literal["open", "closed"] = "open",
         retry_after: int = 1,
+        store_timeout: float = 0.25,
     ) -> None:
         self.tiers = tiers
+        self.store_timeout = store_timeout
         self.shared = not storage_uri.startswith("memory://")
         self.on_store_error, self.retry_after = on_store_error, retry_after
         options = {}
@@ -90,8 +95,8 @@ class RateLimiter:
             # redis-py (coredis, limits' default, lost its first connection in one worker in three runs).
             # No client-side retries: a hit is not idempotent, and a retried one after a slow reply would
             # count twice. A failure is handled here instead (on_store_error, then a second's rest).
-            options = {"implementation": "redispy", "socket_connect_timeout": 1.0, "socket_timeout": 2.0,
-                       "retry": Retry(NoBackoff(), 0)}
+            options = {"implementation": "redispy", "socket_connect_timeout": store_timeout,
+                       "socket_timeout": store_timeout, "retry": Retry(NoBackoff(), 0)}
         storage = storage_from_string(f"async+{storage_uri}", wrap_exceptions=True, **options)
         self.strategy = SlidingWindowCounterRateLimiter(storage)
         self._skip_store_until = 0.0
@@ -105,8 +110,12 @@ class RateLimiter:
         tiers = {name: Tier.parse(name, spec) for name, spec in settings.rate_limit_tiers.items()}
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url is not None else ""
         limiter = cls(
-            tiers, redis_url or "memory://", settings.rate_limit_on_store_error, settings.retry_after_seconds
+            tiers, redis_url or "memory://", settings.rate_limit_on_store_error, settings.retry_after_seconds,
+            settings.rate_limit_store_timeout_seconds,
         )
+        if DEFAULT_TIER not in tiers:
+            logger.warning("no %r rate-limit tier: a caller whose tier is not one of %s is refused (403)",
+                           DEFAULT_TIER, ", ".join(sorted(tiers)))
         if limiter.shared:
             logger.info("rate limits shared across workers and replicas in %s (on store error: %s)",
                         limiter.storage_label, settings.rate_limit_on_store_error)
@@ -123,13 +132,16 @@ class RateLimiter:
         if time.monotonic() < self._skip_store_until:
             raise StoreUnavailable
         try:
-            allowed = await self.strategy.hit(item, key, cost=cost)
-            stats = await self.strategy.get_window_stats(item, key)
-        except Exception as exc:
+            async with asyncio.timeout(self.store_timeout):
+                allowed = await self.strategy.hit(item, key, cost=cost)
+                stats = await self.strategy.get_window_stats(item, key)
+        except (StorageError, TimeoutError) as exc:
             if self._skip_store_until == 0.0:
                 cause = exc.__cause__ or exc
-                logger.error("rate limit store %s unreachable (%s: %s); failing %s until it is back",
-                             self.storage_label, type(cause).__name__, cause, self.on_store_error)
+                why = f"{type(cause).__name__}: {cause}" if isinstance(exc, StorageError) else (
+                    f"no answer within {self.store_timeout:g}s")
+                logger.error("rate limit store %s unreachable (%s); failing %s until it is back",
+                             self.storage_label, why, self.on_store_error)
             self._skip_store_until = time.monotonic() + STORE_BACKOFF_SECONDS
             raise StoreUnavailable from None
         if self._skip_store_until:
