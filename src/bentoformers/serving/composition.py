@@ -17,11 +17,12 @@ from bentoformers.api.endpoint import ModelEndpoint
 from bentoformers.api.gateway import Gateway as ModelChooser
 from bentoformers.middleware.access_log import AccessLogMiddleware
 from bentoformers.middleware.auth import AuthMiddleware
+from bentoformers.middleware.bentoml_schema import BentoSchemaMiddleware
 from bentoformers.middleware.client_address import ClientAddress
 from bentoformers.middleware.overload import OverloadMiddleware
 from bentoformers.middleware.rate_limit import RateLimitMiddleware
 from bentoformers.middleware.request_id import RequestIdMiddleware
-from bentoformers.security.authenticator import startup_authenticator
+from bentoformers.security.authenticator import Authenticator, startup_authenticator
 from bentoformers.security.ratelimit import RateLimiter
 from bentoformers.serving.model_services import SERVICE_CLASSES
 from bentoformers.serving.store import StoredModel, check_attributes_unique, served_models
@@ -32,7 +33,9 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     """The Gateway service of the served models (default: the built entries the settings select)."""
     served = served_models(settings) if served is None else served
     check_attributes_unique(served)
-    app = create_app()
+    # Refuses to start in a container with no credentials (BentoML's images set BENTOML_CONTAINERIZED=true).
+    authenticator = startup_authenticator(settings, containerized=os.environ.get("BENTOML_CONTAINERIZED") == "true")
+    app = create_app(secured=authenticator is not None)
     attrs: dict[str, object] = {"_served": served, "_settings": settings, "_asgi": app, "__module__": "service"}
     for stored in served:
         attrs[stored.attribute] = bentoml.depends(model_service(stored, settings))
@@ -43,7 +46,7 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     gateway = bentoml.service(
         name="bentoformers", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}}
     )(bentoml.asgi_app(app, path="/")(cls))
-    _add_middlewares(gateway, settings)
+    _add_middlewares(gateway, settings, authenticator)
     return gateway
 
 
@@ -98,13 +101,12 @@ def _streamer(service: object):
     return stream
 
 
-def _add_middlewares(gateway: bentoml.Service, settings: Settings) -> None:
+def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator: Authenticator | None) -> None:
     # The first added is the outermost: the access log sees every answer, the request id included.
     gateway.add_asgi_middleware(AccessLogMiddleware, enabled=settings.access_log)
     gateway.add_asgi_middleware(RequestIdMiddleware)
     # Security and overload, outermost first: admission (in-flight, body size, timeout), who is calling,
-    # then their rate limits. Refuses to start in a container with no credentials (BentoML's images set
-    # BENTOML_CONTAINERIZED=true).
+    # then their rate limits.
     gateway.add_asgi_middleware(
         OverloadMiddleware,
         max_in_flight=settings.max_in_flight,
@@ -114,8 +116,9 @@ def _add_middlewares(gateway: bentoml.Service, settings: Settings) -> None:
     )
     gateway.add_asgi_middleware(
         AuthMiddleware,
-        authenticator=startup_authenticator(settings, containerized=os.environ.get("BENTOML_CONTAINERIZED") == "true"),
+        authenticator=authenticator,
         client_address=ClientAddress(settings.trusted_proxies),
     )
     if (rate_limiter := RateLimiter.from_settings(settings)) is not None:
         gateway.add_asgi_middleware(RateLimitMiddleware, limiter=rate_limiter)
+    gateway.add_asgi_middleware(BentoSchemaMiddleware)  # innermost: BentoML's /schema.json lists our routes
