@@ -14,6 +14,7 @@ class ErrorType(StrEnum):
     VALIDATION = "validation_error"  # parsed, but a field is wrong
     TOO_LARGE = "request_too_large"  # over a documented limit
     NOT_FOUND = "not_found_error"
+    METHOD_NOT_ALLOWED = "method_not_allowed_error"  # a known path, another method
     AUTHENTICATION = "authentication_error"  # missing or invalid credentials
     PERMISSION = "permission_error"  # valid credentials without the route's scope
     RATE_LIMITED = "rate_limit_error"  # over the caller's tier
@@ -27,6 +28,7 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.VALIDATION: 422,
     ErrorType.TOO_LARGE: 413,
     ErrorType.NOT_FOUND: 404,
+    ErrorType.METHOD_NOT_ALLOWED: 405,
     ErrorType.AUTHENTICATION: 401,
     ErrorType.PERMISSION: 403,
     ErrorType.RATE_LIMITED: 429,

@@ -90,3 +90,13 @@ def test_bentoml_methods_come_from_the_route_table():
     assert methods["embed"]["route"] == "/embed" and methods["embed"]["input"]["required"] == ["inputs"]
     assert methods["generate"]["output"] == {"type": "string", "is_stream": True, "media_type": "text/plain"}
     assert "stream" not in methods["embed"]["output"]
+
+
+def test_the_document_names_the_served_models_per_task():
+    document = openapi_document(secured=False, served={"minilm": "embeddings", "gpt2": "generation"})
+    schemas = document["components"]["schemas"]
+    assert schemas["EmbedRequest"]["properties"]["model"]["anyOf"][0]["enum"] == ["minilm"]
+    assert schemas["GenerateTextRequest"]["properties"]["model"]["anyOf"][0]["enum"] == ["gpt2"]
+    assert "none" in schemas["ClassifyRequest"]["properties"]["model"]["description"]
+    # Built per call: one document's served models never leak into another's.
+    assert "enum" not in str(openapi_document(secured=False)["components"]["schemas"]["EmbedRequest"])

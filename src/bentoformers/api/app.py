@@ -64,9 +64,9 @@ HANDLERS = {f.__name__: f for f in (
 )}
 
 
-def _document_routes(secured: bool) -> list[Route]:
+def _document_routes(secured: bool, served: dict[str, str] | None) -> list[Route]:
     """/openapi.json, and /docs rendering it with the Swagger UI files that BentoML ships (no CDN)."""
-    document = json_response(openapi_document(secured))
+    document = json_response(openapi_document(secured, served))
 
     async def openapi_json(request: Request) -> Response:
         return document
@@ -84,11 +84,11 @@ def _document_routes(secured: bool) -> list[Route]:
             asset("swagger-ui.css"), asset("swagger-ui-bundle.js")]
 
 
-def create_app(secured: bool = False) -> Starlette:
-    """The routes of the route table (routes.py), the API's description (`secured`: credentials are required),
-    then one error body for every other path."""
+def create_app(secured: bool = False, served: dict[str, str] | None = None) -> Starlette:
+    """The routes of the route table (routes.py), the API's description (`secured`: credentials are required;
+    `served`: model name -> task), then one error body for every other path."""
     routes = [Route(r.path, _with_errors(HANDLERS[r.handler]), methods=[r.method]) for r in ROUTES]
-    routes += _document_routes(secured)
+    routes += _document_routes(secured, served)
     routes.append(
         _Fallback("/{path:path}", _with_errors(not_found), methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     )

@@ -6,6 +6,7 @@ errors, auth, rate limits, metrics and access log as any other caller."""
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ _JSON = "application/json"
 
 # Which errors a route can answer: everything that parses a body, and what every request can meet.
 _EVERY_REQUEST = (ErrorType.AUTHENTICATION, ErrorType.PERMISSION, ErrorType.RATE_LIMITED, ErrorType.TOO_LARGE,
-                  ErrorType.OVERLOADED, ErrorType.TIMEOUT, ErrorType.SERVER, ErrorType.NOT_FOUND)
+                  ErrorType.OVERLOADED, ErrorType.TIMEOUT, ErrorType.SERVER, ErrorType.NOT_FOUND,
+                  ErrorType.METHOD_NOT_ALLOWED)
 _WITH_BODY = (ErrorType.INVALID_REQUEST, ErrorType.VALIDATION)
 _ERROR_HEADERS = {
     ErrorType.AUTHENTICATION: {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}},
@@ -88,9 +90,17 @@ def _operation(route: RouteSpec, secured: bool, refs: dict) -> dict[str, Any]:
     return operation
 
 
-def openapi_document(secured: bool) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of every route the gateway answers; `secured`: credentials are required."""
+def openapi_document(secured: bool, served: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every route the gateway answers; `secured`: credentials are required;
+    `served`: model name -> task, to list the models each route can be asked for."""
     refs, schemas = _schemas()
+    for route in ROUTES:
+        if served is not None and route.request is not None and route.task is not None:
+            names = [name for name, task in served.items() if task == route.task]
+            field = schemas[route.request.__name__]["properties"]["model"]
+            field["description"] = f"The {route.task} models served here: {', '.join(names) or 'none'}; absent: the default."
+            if names:
+                field["anyOf"] = [{"type": "string", "enum": names}, {"type": "null"}]
     paths: dict[str, Any] = {}
     for route in ROUTES:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, secured, refs)

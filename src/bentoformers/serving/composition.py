@@ -17,7 +17,7 @@ from bentoformers.api.endpoint import ModelEndpoint
 from bentoformers.api.gateway import Gateway as ModelChooser
 from bentoformers.middleware.access_log import AccessLogMiddleware
 from bentoformers.middleware.auth import AuthMiddleware
-from bentoformers.middleware.bentoml_schema import BentoSchemaMiddleware
+from bentoformers.middleware.bentoml_routes import BentoRoutesMiddleware
 from bentoformers.middleware.client_address import ClientAddress
 from bentoformers.middleware.overload import OverloadMiddleware
 from bentoformers.middleware.rate_limit import RateLimitMiddleware
@@ -35,7 +35,7 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     check_attributes_unique(served)
     # Refuses to start in a container with no credentials (BentoML's images set BENTOML_CONTAINERIZED=true).
     authenticator = startup_authenticator(settings, containerized=os.environ.get("BENTOML_CONTAINERIZED") == "true")
-    app = create_app(secured=authenticator is not None)
+    app = create_app(secured=authenticator is not None, served={s.name: s.task for s in served})
     attrs: dict[str, object] = {"_served": served, "_settings": settings, "_asgi": app, "__module__": "service"}
     for stored in served:
         attrs[stored.attribute] = bentoml.depends(model_service(stored, settings))
@@ -121,4 +121,5 @@ def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator
     )
     if (rate_limiter := RateLimiter.from_settings(settings)) is not None:
         gateway.add_asgi_middleware(RateLimitMiddleware, limiter=rate_limiter)
-    gateway.add_asgi_middleware(BentoSchemaMiddleware)  # innermost: BentoML's /schema.json lists our routes
+    # Innermost: BentoML's /schema.json with our routes, and 405s in the one error body.
+    gateway.add_asgi_middleware(BentoRoutesMiddleware)
