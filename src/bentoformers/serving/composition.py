@@ -34,7 +34,9 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     served = served_models(settings) if served is None else served
     check_attributes_unique(served)
     # Refuses to start in a container with no credentials (BentoML's images set BENTOML_CONTAINERIZED=true).
-    authenticator = startup_authenticator(settings, containerized=os.environ.get("BENTOML_CONTAINERIZED") == "true")
+    authenticator = startup_authenticator(
+        settings, containerized=os.environ.get("BENTOML_CONTAINERIZED") == "true", announce=_announces()
+    )
     app = create_app(secured=authenticator is not None, served={s.name: s.task for s in served})
     attrs: dict[str, object] = {"_served": served, "_settings": settings, "_asgi": app, "__module__": "service"}
     for stored in served:
@@ -101,6 +103,14 @@ def _streamer(service: object):
     return stream
 
 
+def _announces() -> bool:
+    """Start-up lines (authentication, rate limits) are said once per start: by BentoML's arbiter (or a process
+    with no workers), not again by each worker process, which builds the service anew."""
+    from bentoml._internal.context import server_context
+
+    return server_context.worker_index is None
+
+
 def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator: Authenticator | None) -> None:
     # The first added is the outermost: the access log sees every answer, the request id included.
     gateway.add_asgi_middleware(AccessLogMiddleware, enabled=settings.access_log)
@@ -119,7 +129,7 @@ def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator
         authenticator=authenticator,
         client_address=ClientAddress(settings.trusted_proxies),
     )
-    if (rate_limiter := RateLimiter.from_settings(settings)) is not None:
+    if (rate_limiter := RateLimiter.from_settings(settings, announce=_announces())) is not None:
         gateway.add_asgi_middleware(RateLimitMiddleware, limiter=rate_limiter)
     # Innermost: BentoML's /schema.json with our routes, and 405s in the one error body.
     gateway.add_asgi_middleware(BentoRoutesMiddleware)
