@@ -91,13 +91,19 @@ EXPORT_TASKS = {
 
 def export_onnx(folder: Path, out: Path, task: str = "embeddings") -> Path:
     """optimum's exporter, with dynamic batch and sequence axes. Without the framework warnings a user cannot
-    act on: the tracer's notes (the graph is validated against PyTorch afterwards) and optimum's tied-weight
-    deduplication asking for `accelerate` (it only shrinks the file)."""
+    act on: the tracer's and the exporter's notes on what a traced graph may get wrong (the build validates
+    the graph against PyTorch instead), optimum's tied-weight deduplication asking for `accelerate` (it only
+    shrinks the file) and transformers' deprecation of the `torch_dtype` that optimum passes."""
     import torch
     from optimum.exporters.onnx import main_export
 
-    with warnings.catch_warnings(), _dropping_log("optimum.exporters.onnx.base", "requires accelerate"):
+    with (
+        warnings.catch_warnings(),
+        _dropping_log("optimum.exporters.onnx.base", "requires accelerate"),
+        _dropping_log("transformers.configuration_utils", "`torch_dtype` is deprecated"),
+    ):
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", "Exporting aten::index operator", UserWarning)
         main_export(
             str(folder), output=str(out), task=EXPORT_TASKS[task], library_name="transformers", do_validation=False
         )
