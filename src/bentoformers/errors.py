@@ -15,6 +15,7 @@ class ErrorType(StrEnum):
     TOO_LARGE = "request_too_large"  # over a documented limit
     NOT_FOUND = "not_found_error"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a body that is not declared JSON
+    METHOD_NOT_ALLOWED = "method_not_allowed_error"  # a known path, another method
     AUTHENTICATION = "authentication_error"  # missing or invalid credentials
     PERMISSION = "permission_error"  # valid credentials without the route's scope
     RATE_LIMITED = "rate_limit_error"  # over the caller's tier
@@ -29,6 +30,7 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.TOO_LARGE: 413,
     ErrorType.NOT_FOUND: 404,
     ErrorType.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorType.METHOD_NOT_ALLOWED: 405,
     ErrorType.AUTHENTICATION: 401,
     ErrorType.PERMISSION: 403,
     ErrorType.RATE_LIMITED: 429,

@@ -155,6 +155,28 @@ def test_burst_at_four_times_capacity_ends_in_200_or_a_fast_503(secured, sentenc
     assert "Traceback" not in secured["log"].read_text(errors="replace"), "overload is answered quietly"
 
 
+def test_bentoml_clients_send_their_token_through_our_auth(secured):
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    url, keys = secured["url"], secured["keys"]
+    with bentoml.SyncHTTPClient(url, token=keys["bulk"]) as client:
+        assert len(client.embed(inputs=["hello", "world"])["embeddings"]) == 2
+    # The schema needs no credentials; the methods do, like the routes they call.
+    for token, status, kind in [(None, 401, "authentication_error"), (keys["classifier"], 403, "permission_error")]:
+        with bentoml.SyncHTTPClient(url, token=token) as client:
+            with pytest.raises(BentoMLException) as caught:
+                client.embed(inputs=["hello"])
+        assert caught.value.error_code == status and f'"{kind}"' in caught.value.message
+
+
+def test_start_up_lines_are_said_once(secured):
+    """By the arbiter, not again by each of the gateway's two workers and the model service."""
+    log = secured["log"].read_text(errors="replace")
+    assert log.count("authentication on: 3 API key(s), JWT") == 1
+    assert log.count("rate limits shared across workers and replicas") == 1
+
+
 def test_credentials_never_reach_the_logs(secured):
     url, keys = secured["url"], secured["keys"]
     token = jwt.encode({"sub": "logcheck", "exp": int(time.time()) + 60}, JWT_SECRET, "HS256")

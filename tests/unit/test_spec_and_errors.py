@@ -63,12 +63,15 @@ def test_the_app_routes_exactly_the_route_table():
     from starlette.routing import Route
 
     from bentoformers.api.app import HANDLERS, create_app
-    from bentoformers.api.routes import ROUTE_TASKS, ROUTES
+    from bentoformers.api.routes import DOC_PATHS, ROUTE_TASKS, ROUTES
 
     app = create_app()
     served = {(r.path, m) for r in app.routes if isinstance(r, Route) and "{" not in r.path for m in r.methods - {"HEAD"}}
-    # Plus the metrics page, which the app serves in place of BentoML's (observability/scrape.py).
-    assert served == {(r.path, r.method) for r in ROUTES} | {("/metrics", "GET")}
+    # Plus the metrics page, which the app serves in place of BentoML's (observability/scrape.py), and the API's
+    # description (OpenAPI, /docs), which answers outside the route table: no credentials.
+    assert served == {(r.path, r.method) for r in ROUTES} | {("/metrics", "GET")} | {
+        (p, "GET") for p in DOC_PATHS - {"/schema.json"}
+    }
     assert set(HANDLERS) == {r.handler for r in ROUTES}
     assert set(ROUTE_TASKS.values()) == {"embeddings", "classification", "generation"}
 

@@ -1,4 +1,4 @@
-"""The Starlette app: the route table's routes, `GET /v1/models`, and one error body for everything else."""
+"""The Starlette app: the route table's routes, the API's description, and one error body for everything else."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Match, Route
 from starlette.types import Scope
 
 from bentoformers.api.classification import classify
 from bentoformers.api.embeddings import embed, openai_embeddings
 from bentoformers.api.gateway import gateway_of, json_response
-from bentoformers.api.generation import generate, openai_completions
+from bentoformers.api.generation import generate, generate_text, openai_completions
+from bentoformers.api.openapi import DOCS_PAGE, SWAGGER_UI, openapi_document
 from bentoformers.api.routes import ROUTES
 from bentoformers.errors import ApiError, ErrorType, error_response
 from bentoformers.observability import scrape
@@ -75,13 +76,37 @@ class _Fallback(Route):
         return super().matches(scope)
 
 
-HANDLERS = {f.__name__: f for f in (embed, openai_embeddings, classify, generate, openai_completions, list_models)}
+HANDLERS = {f.__name__: f for f in (
+    embed, openai_embeddings, classify, generate, generate_text, openai_completions, list_models,
+)}
 
 
-def create_app() -> Starlette:
-    """The routes of the route table (routes.py), then one error body for every other path."""
+def _document_routes(secured: bool, served: dict[str, str] | None) -> list[Route]:
+    """/openapi.json, and /docs rendering it with the Swagger UI files that BentoML ships (no CDN)."""
+    document = json_response(openapi_document(secured, served))
+
+    async def openapi_json(request: Request) -> Response:
+        return document
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(DOCS_PAGE)
+
+    def asset(name: str) -> Route:
+        async def serve(request: Request) -> Response:
+            return FileResponse(SWAGGER_UI / name)
+
+        return Route(f"/docs/{name}", serve, methods=["GET"])
+
+    return [Route("/openapi.json", openapi_json, methods=["GET"]), Route("/docs", docs, methods=["GET"]),
+            asset("swagger-ui.css"), asset("swagger-ui-bundle.js")]
+
+
+def create_app(secured: bool = False, served: dict[str, str] | None = None) -> Starlette:
+    """The routes of the route table (routes.py), the API's description (`secured`: credentials are required;
+    `served`: model name -> task), then one error body for every other path."""
     routes = [Route(r.path, _with_errors(HANDLERS[r.handler]), methods=[r.method]) for r in ROUTES]
     routes.append(Route("/metrics", metrics_page, methods=["GET"]))  # BentoML's own is off on the gateway
+    routes += _document_routes(secured, served)
     routes.append(
         _Fallback("/{path:path}", _with_errors(not_found), methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     )

@@ -16,8 +16,8 @@ from starlette.responses import Response
 
 from bentoformers.api.endpoint import ModelEndpoint, unavailable_error
 from bentoformers.api.gateway import account, gateway_of, json_response, parse_body
-from bentoformers.api.schemas import CompletionRequest, GenerateRequest
-from bentoformers.api.sse import event_stream
+from bentoformers.api.schemas import CompletionRequest, GenerateRequest, GenerateTextRequest
+from bentoformers.api.sse import event_stream, text_stream
 from bentoformers.errors import ApiError, ErrorType
 
 logger = logging.getLogger("bentoformers.gateway")
@@ -120,15 +120,19 @@ async def _collect(
     return "".join(parts), finish, tokens
 
 
-async def generate(request: Request) -> Response:
-    """POST /generate: {"prompt", "max_new_tokens"?, "temperature"?, "top_p"?, "top_k"?, "stop"?, "seed"?,
-    "stream"?, "model"?}; greedy unless a temperature is given."""
-    body = parse_body(GenerateRequest, await request.body())
+async def _start_native(request: Request, model: type[GenerateRequest]):
+    body = parse_body(model, await request.body())
     endpoint = gateway_of(request).pick(body.model, "generation")
     sampling = {"temperature": body.temperature or 0.0, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed}
     plan = await _plan(endpoint, body.prompt, body.max_new_tokens, "max_new_tokens", sampling, body.stop)
     events, first = await _start(request, endpoint, plan)
-    prompt_tokens = len(plan.ids)
+    return body, endpoint, len(plan.ids), events, first
+
+
+async def generate(request: Request) -> Response:
+    """POST /generate: {"prompt", "max_new_tokens"?, "temperature"?, "top_p"?, "top_k"?, "stop"?, "seed"?,
+    "stream"?, "model"?}; greedy unless a temperature is given."""
+    body, endpoint, prompt_tokens, events, first = await _start_native(request, GenerateRequest)
     if body.stream:
         def chunk(delta: str, finish: str | None, tokens: int) -> list[Any]:
             out: list[Any] = [{"text": delta}] if delta else []
@@ -139,6 +143,13 @@ async def generate(request: Request) -> Response:
         return event_stream(request, events, first, chunk)
     text, finish, tokens = await _collect(request, events, first)
     return json_response({"model": endpoint.name, "text": text, "finish_reason": finish, "usage": _usage(prompt_tokens, tokens)})
+
+
+async def generate_text(request: Request) -> Response:
+    """POST /generate/stream: the body of /generate; the new text as plain text pieces as they come (what
+    BentoML's clients read from a streaming method)."""
+    _, _, _, events, first = await _start_native(request, GenerateTextRequest)
+    return text_stream(request, events, first)
 
 
 async def openai_completions(request: Request) -> Response:

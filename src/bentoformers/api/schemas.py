@@ -1,10 +1,12 @@
-"""Request bodies of the public routes."""
+"""Request and answer bodies of the public routes."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from bentoformers.errors import ErrorType
 
 
 class EmbedRequest(BaseModel):
@@ -79,3 +81,104 @@ class CompletionRequest(_Sampling):
     echo: Literal[False] = False
     logprobs: None = None
     stream_options: StreamOptions | None = None
+
+
+class GenerateTextRequest(GenerateRequest):
+    """POST /generate/stream: the generation as plain text pieces (BentoML's streaming convention)."""
+
+    stream: Literal[True] = Field(True, description="Always a stream on this route.")
+
+
+# Answers. The handlers write them as JSON directly (orjson, numpy arrays); these models describe them for
+# the OpenAPI document and BentoML's client schema, and the tests hold the handlers to them.
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class GenerationUsage(Usage):
+    completion_tokens: int
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    embeddings: list[list[float]]
+    usage: Usage
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="Floats, or base64 of little-endian float32 values.")
+
+
+class OpenAIEmbeddingResponse(BaseModel):
+    object: Literal["list"]
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: Usage
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    results: list[list[LabelScore]] = Field(description="Per text, its labels best first.")
+    usage: Usage
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: GenerationUsage
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: GenerationUsage | None = None
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")  # each task adds its limits (dimensions, labels, context)
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    task: Literal["embeddings", "classification", "generation"]
+    precision: str | None
+    device: str | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelInfo]
+
+
+class ErrorDetail(BaseModel):
+    type: ErrorType
+    message: str
+    param: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error, on every route: the OpenAI shape."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorDetail

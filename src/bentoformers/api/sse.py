@@ -1,4 +1,4 @@
-"""Server-sent events: the framing, and a stream whose failure after the start arrives as a last event."""
+"""Streamed answers: server-sent events (a failure after the start arrives as a last event), and plain text."""
 
 from __future__ import annotations
 
@@ -53,3 +53,28 @@ def event_stream(
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+def text_stream(
+    request: Request, events: AsyncIterator[tuple[str, str | None, int]], first: tuple[str, str | None, int]
+) -> StreamingResponse:
+    """The new text as plain UTF-8 pieces. Plain text has no room for an error, so a failure after the start
+    cuts the stream off (the exception reaches OverloadMiddleware, which logs it): the client sees an
+    incomplete body rather than a text that looks whole."""
+
+    async def body() -> AsyncIterator[bytes]:
+        delta, finish, tokens = first
+        try:
+            while True:
+                if delta:
+                    yield delta.encode()
+                if finish is not None:
+                    break
+                delta, finish, tokens = await anext(events)
+            request.state.tokens = request.state.tokens + tokens
+        finally:
+            with anyio.CancelScope(shield=True):
+                await events.aclose()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/plain", headers=headers)

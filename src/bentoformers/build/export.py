@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
 import json
+import logging
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,13 +90,39 @@ EXPORT_TASKS = {
 
 
 def export_onnx(folder: Path, out: Path, task: str = "embeddings") -> Path:
-    """optimum's exporter, with dynamic batch and sequence axes."""
+    """optimum's exporter, with dynamic batch and sequence axes. Without the framework warnings a user cannot
+    act on: the tracer's and the exporter's notes on what a traced graph may get wrong (the build validates
+    the graph against PyTorch instead), optimum's tied-weight deduplication asking for `accelerate` (it only
+    shrinks the file) and transformers' deprecation of the `torch_dtype` that optimum passes."""
+    import torch
     from optimum.exporters.onnx import main_export
 
-    main_export(
-        str(folder), output=str(out), task=EXPORT_TASKS[task], library_name="transformers", do_validation=False
-    )
+    with (
+        warnings.catch_warnings(),
+        _dropping_log("optimum.exporters.onnx.base", "requires accelerate"),
+        _dropping_log("transformers.configuration_utils", "`torch_dtype` is deprecated"),
+    ):
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", "Exporting aten::index operator", UserWarning)
+        main_export(
+            str(folder), output=str(out), task=EXPORT_TASKS[task], library_name="transformers", do_validation=False
+        )
     return out / ONNX_FILE
+
+
+@contextlib.contextmanager
+def _dropping_log(logger_name: str, text: str) -> Iterator[None]:
+    """Drops the records of one logger whose message holds `text`, for the duration."""
+    logger = logging.getLogger(logger_name)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def optimize(onnx_path: Path, out_path: Path, for_gpu: bool, fp16: bool = False, fuse: bool = True) -> Path:
@@ -132,7 +162,7 @@ def reference_embeddings(folder: Path, texts: list[str], card: ModelCard, batch_
     import torch
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
 
     def pooled(out, enc) -> np.ndarray:
         return pool(out.last_hidden_state.numpy(), enc["attention_mask"].numpy(), card.pooling)
@@ -146,7 +176,7 @@ def reference_logits(folder: Path, texts: list[str], max_length: int, batch_size
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
     return _run_reference(folder, model, texts, max_length, batch_size, lambda out, enc: out.logits.numpy())
 
 
@@ -171,7 +201,7 @@ def reference_greedy(folder: Path, prompts: list[list[int]], new_tokens: int) ->
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     out = []
     with torch.inference_mode():
         for prompt in prompts:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bentoformers.api.routes import PROBE_PATHS, ROUTE_TASKS
+from bentoformers.api.routes import DOC_PATHS, PROBE_PATHS, ROUTE_TASKS
 from bentoformers.errors import ApiError, ErrorType
 from bentoformers.middleware.client_address import ClientAddress
 from bentoformers.middleware.refusal import Refused, answer_failed_check, header
@@ -29,8 +29,9 @@ class AuthMiddleware:
         self.client_address = client_address or ClientAddress()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Probes, the metrics scrape and CORS preflight need no credentials.
-        if scope["type"] != "http" or scope["path"] in PROBE_PATHS or _is_preflight(scope):
+        # Probes, the metrics scrape, the API's description and CORS preflight need no credentials.
+        path = scope.get("path")
+        if scope["type"] != "http" or path in PROBE_PATHS or path in DOC_PATHS or _is_preflight(scope):
             await self.app(scope, receive, send)
             return
         try:

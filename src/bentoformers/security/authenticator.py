@@ -62,20 +62,24 @@ class Authenticator:
         return cls(keys, verifier)
 
 
-def startup_authenticator(settings: Settings, containerized: bool) -> Authenticator | None:
-    """The authenticator to enforce, or None to run open. Refuses (raises) where running open is not allowed."""
+def startup_authenticator(settings: Settings, containerized: bool, announce: bool = True) -> Authenticator | None:
+    """The authenticator to enforce, or None to run open. Refuses (raises) where running open is not allowed.
+    `announce`: log the mode (once per start: BentoML's worker processes each build the service again)."""
     if settings.auth == "disabled":
-        logger.warning(
-            "AUTHENTICATION IS DISABLED (BENTOFORMERS_AUTH=disabled): anyone who reaches this server can use it"
-        )
+        if announce:
+            logger.warning(
+                "AUTHENTICATION IS DISABLED (BENTOFORMERS_AUTH=disabled): anyone who reaches this server can use it"
+            )
         return None
     auth = Authenticator.from_settings(settings)
     if auth.configured:
         n_keys = len(auth.keys) if auth.keys is not None else 0
-        logger.info("authentication on: %d API key(s)%s", n_keys, ", JWT" if auth.jwt is not None else "")
+        if announce:
+            logger.info("authentication on: %d API key(s)%s", n_keys, ", JWT" if auth.jwt is not None else "")
         if auth.keys is not None and n_keys == 0:
-            logger.warning("no API key configured yet (an empty key file or list): every API key is refused "
-                           "until one is added")
+            if announce:
+                logger.warning("no API key configured yet (an empty key file or list): every API key is "
+                               "refused until one is added")
         return auth
     if containerized or settings.auth == "required":
         raise RuntimeError(
@@ -83,8 +87,9 @@ def startup_authenticator(settings: Settings, containerized: bool) -> Authentica
             "BENTOFORMERS_JWT_SECRET or BENTOFORMERS_JWT_PUBLIC_KEY_FILE, or run open on purpose with "
             "BENTOFORMERS_AUTH=disabled"
         )
-    logger.warning(
-        "NO CREDENTIALS CONFIGURED: serving WITHOUT AUTHENTICATION. Fine on a laptop; a container refuses to "
-        "start like this. Create a key with `bentoformers keys create` and set BENTOFORMERS_API_KEYS_FILE."
-    )
+    if announce:
+        logger.warning(
+            "NO CREDENTIALS CONFIGURED: serving WITHOUT AUTHENTICATION. Fine on a laptop; a container refuses to "
+            "start like this. Create a key with `bentoformers keys create` and set BENTOFORMERS_API_KEYS_FILE."
+        )
     return None

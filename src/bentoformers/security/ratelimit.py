@@ -103,9 +103,11 @@ class RateLimiter:
         self.storage_label = storage_uri.split("@")[-1]  # never log a password in the URL
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RateLimiter | None:
+    def from_settings(cls, settings: Settings, announce: bool = True) -> RateLimiter | None:
+        """`announce`: log where the counters live (once per start, like the authentication mode)."""
         if not settings.rate_limit_tiers:
-            logger.info("rate limits off (no BENTOFORMERS_RATE_LIMIT_TIERS)")
+            if announce:
+                logger.info("rate limits off (no BENTOFORMERS_RATE_LIMIT_TIERS)")
             return None
         tiers = {name: Tier.parse(name, spec) for name, spec in settings.rate_limit_tiers.items()}
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url is not None else ""
@@ -113,6 +115,8 @@ class RateLimiter:
             tiers, redis_url or "memory://", settings.rate_limit_on_store_error, settings.retry_after_seconds,
             settings.rate_limit_store_timeout_seconds,
         )
+        if not announce:
+            return limiter
         if DEFAULT_TIER not in tiers:
             logger.warning("no %r rate-limit tier: a caller whose tier is not one of %s is refused (403)",
                            DEFAULT_TIER, ", ".join(sorted(tiers)))

@@ -20,6 +20,7 @@ from bentoformers.api.endpoint import ModelEndpoint
 from bentoformers.api.gateway import Gateway as ModelChooser
 from bentoformers.middleware.access_log import AccessLogMiddleware
 from bentoformers.middleware.auth import AuthMiddleware
+from bentoformers.middleware.bentoml_routes import BentoRoutesMiddleware
 from bentoformers.middleware.body import BodyMiddleware
 from bentoformers.middleware.client_address import ClientAddress
 from bentoformers.middleware.internal import INTERNAL_TOKEN_HEADER, InternalCallerMiddleware
@@ -28,7 +29,7 @@ from bentoformers.middleware.rate_limit import RateLimitMiddleware
 from bentoformers.middleware.request_id import RequestIdMiddleware
 from bentoformers.middleware.shutdown import ShutdownMiddleware
 from bentoformers.runtime.session import cuda_likely
-from bentoformers.security.authenticator import startup_authenticator
+from bentoformers.security.authenticator import Authenticator, startup_authenticator
 from bentoformers.security.ratelimit import RateLimiter
 from bentoformers.serving.drain import ShutdownDrain
 from bentoformers.serving.model_services import SERVICE_CLASSES
@@ -40,7 +41,11 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     """The Gateway service of the served models (default: the built entries the settings select)."""
     served = served_models(settings) if served is None else served
     check_attributes_unique(served)
-    app = create_app()
+    # Refuses to start in a container with no credentials (BentoML's images set BENTOML_CONTAINERIZED=true).
+    authenticator = startup_authenticator(
+        settings, containerized=os.environ.get("BENTOML_CONTAINERIZED") == "true", announce=_announces()
+    )
+    app = create_app(secured=authenticator is not None, served={s.name: s.task for s in served})
     in_gateway = models_in_gateway(settings)
     token = internal_token(settings)
     local: dict[str, bentoml.Service] = {}
@@ -69,7 +74,7 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
         # /readyz is __is_ready__ (serving/health.py): BentoML's own probe of the dependencies waits on a dead one.
         runner_probe={"enabled": False},
     )(bentoml.asgi_app(app, path="/")(cls))
-    _add_middlewares(gateway, settings)
+    _add_middlewares(gateway, settings, authenticator)
     return gateway
 
 
@@ -165,18 +170,25 @@ def _streamer(service: object):
     return stream
 
 
-def _add_middlewares(gateway: bentoml.Service, settings: Settings) -> None:
+def _announces() -> bool:
+    """Start-up lines (authentication, rate limits) are said once per start: by BentoML's arbiter (or a process
+    with no workers), not again by each worker process, which builds the service anew."""
+    from bentoml._internal.context import server_context
+
+    return server_context.worker_index is None
+
+
+def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator: Authenticator | None) -> None:
     # The first added is the outermost: the access log sees every answer, the request id included.
     gateway.add_asgi_middleware(AccessLogMiddleware, enabled=settings.access_log)
     gateway.add_asgi_middleware(RequestIdMiddleware)
     gateway.add_asgi_middleware(ShutdownMiddleware, drain=gateway.inner._drain, retry_after=settings.retry_after_seconds)
     # Security and overload, outermost first: who is calling (from the headers alone), then their body
     # (bounded in size and time, and read before a slot is taken, so a slow sender holds none), admission
-    # (in-flight, timeout), then their rate limits. Refuses to start in a container with no credentials
-    # (BentoML's images set BENTOML_CONTAINERIZED=true).
+    # (in-flight, timeout), then their rate limits.
     gateway.add_asgi_middleware(
         AuthMiddleware,
-        authenticator=startup_authenticator(settings, containerized=os.environ.get("BENTOML_CONTAINERIZED") == "true"),
+        authenticator=authenticator,
         client_address=ClientAddress(settings.trusted_proxies),
     )
     gateway.add_asgi_middleware(
@@ -193,5 +205,7 @@ def _add_middlewares(gateway: bentoml.Service, settings: Settings) -> None:
         timeout=settings.request_timeout_seconds,
         retry_after=settings.retry_after_seconds,
     )
-    if (rate_limiter := RateLimiter.from_settings(settings)) is not None:
+    if (rate_limiter := RateLimiter.from_settings(settings, announce=_announces())) is not None:
         gateway.add_asgi_middleware(RateLimitMiddleware, limiter=rate_limiter)
+    # Innermost: BentoML's /schema.json with our routes, and 405s in the one error body.
+    gateway.add_asgi_middleware(BentoRoutesMiddleware)
