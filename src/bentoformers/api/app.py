@@ -12,6 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import Scope
 
+from bentoformers.api.chat import chat_completions
 from bentoformers.api.classification import classify
 from bentoformers.api.embeddings import embed, openai_embeddings
 from bentoformers.api.gateway import gateway_of, json_response
@@ -58,7 +59,10 @@ class _Fallback(Route):
         return super().matches(scope)
 
 
-HANDLERS = {f.__name__: f for f in (embed, openai_embeddings, classify, generate, openai_completions, list_models)}
+HANDLERS = {
+    f.__name__: f
+    for f in (embed, openai_embeddings, classify, generate, openai_completions, chat_completions, list_models)
+}
 
 
 def create_app() -> Starlette:

@@ -19,6 +19,7 @@ ROUTES = (
     RouteSpec("/classify", "POST", "classification", "classify"),
     RouteSpec("/generate", "POST", "generation", "generate"),
     RouteSpec("/v1/completions", "POST", "generation", "openai_completions"),
+    RouteSpec("/v1/chat/completions", "POST", "generation", "chat_completions"),
     RouteSpec("/v1/models", "GET", None, "list_models"),
 )
 # Route -> task (the scope it needs). Any other path needs a valid identity and no particular scope.

@@ -20,23 +20,19 @@ def sse_event(data: Any) -> bytes:
     return b"data: " + (data if isinstance(data, bytes) else orjson.dumps(data)) + b"\n\n"
 
 
-def event_stream(
-    request: Request,
-    events: AsyncIterator[tuple[str, str | None, int]],
-    first: tuple[str, str | None, int],
-    chunk: Callable[[str, str | None, int], list[Any]],
-) -> StreamingResponse:
-    """Server-sent events: chunk(text, finish, tokens) gives the data of each event; then [DONE]."""
+def event_stream(request: Request, events: AsyncIterator[Any], first: Any, chunk: Callable[[Any], list[Any]]) -> StreamingResponse:
+    """Server-sent events: chunk(piece) gives the data of each event, for every piece of every choice (a
+    generation.Piece); then [DONE]."""
 
     async def body() -> AsyncIterator[bytes]:
-        delta, finish, tokens = first
+        piece, tokens = first, 0
         try:
-            while True:
-                for data in chunk(delta, finish, tokens):
+            while piece is not None:
+                for data in chunk(piece):
                     yield sse_event(data)
-                if finish is not None:
-                    break
-                delta, finish, tokens = await anext(events)
+                if piece.finish is not None:
+                    tokens += piece.tokens
+                piece = await anext(events, None)
             request.state.tokens = request.state.tokens + tokens
             yield sse_event(b"[DONE]")
         except Exception as exc:  # the status line has gone out: the error travels as an event

@@ -78,6 +78,7 @@ class Scheduler:
         self._by_key: dict[str, _Sequence] = {}
         self.steps = 0  # decoding steps run, and the rows they held: a batching figure for tests and metrics
         self.rows_stepped = 0
+        self.prefills = 0
 
     async def generate(
         self, prompt: list[int], max_new_tokens: int, sampling: Sampling, key: str = ""
@@ -103,14 +104,38 @@ class Scheduler:
             seq.gone = True
             self._by_key.pop(key, None)
 
+    async def generate_n(
+        self, prompt: list[int], max_new_tokens: int, samplings: list[Sampling], key: str = ""
+    ) -> AsyncIterator[tuple[int, str, int | str]]:
+        """`len(samplings)` choices of one prompt, decoding together: (choice, kind, value) events, each
+        choice's as generate() gives them. Their sequences are queued at once, so they are admitted in one
+        step and share the prompt's prefill. Choice i's key is f"{key}:{i}"; cancel(key) stops them all."""
+        merged: asyncio.Queue[tuple[int, str, int | str]] = asyncio.Queue()
+
+        async def pump(index: int, sampling: Sampling) -> None:
+            async for kind, value in self.generate(prompt, max_new_tokens, sampling, f"{key}:{index}" if key else ""):
+                merged.put_nowait((index, kind, value))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(samplings)]
+        try:
+            for _ in samplings:
+                while True:
+                    index, kind, value = await merged.get()
+                    yield index, kind, value
+                    if kind != "token":
+                        break
+        finally:
+            for task in tasks:
+                task.cancel()  # their generators' cleanup marks each sequence gone
+
     def cancel(self, key: str) -> bool:
-        """Stops a sequence at the next step; False if it is unknown (never started, or already over)."""
-        seq = self._by_key.pop(key, None)
-        if seq is None:
-            return False
-        seq.gone = True
-        seq.events.put_nowait(("finish", "cancelled"))  # ends the stream now, if anyone still reads it
-        return True
+        """Stops a sequence (or all choices of a generate_n call) at the next step; False if unknown (never
+        started, or already over)."""
+        keys = [k for k in self._by_key if k == key or k.startswith(f"{key}:")]
+        for seq in [self._by_key.pop(k) for k in keys]:
+            seq.gone = True
+            seq.events.put_nowait(("finish", "cancelled"))  # ends the stream now, if anyone still reads it
+        return bool(keys)
 
     async def _loop(self) -> None:
         while self._waiting or self._active:
@@ -150,8 +175,14 @@ class Scheduler:
             self.rows_stepped += len(self._active)
             for row, seq in enumerate(self._active):
                 self._emit(seq, sample(logits[row], seq.sampling, seq.rng), int(self._batch.positions[row]), events)
+        prefills: dict[tuple[int, ...], tuple[np.ndarray, DecodeBatch]] = {}
         for seq in admitted:
-            logits, one = self.decoder.prefill(seq.prompt)
+            # The same prompt admitted together (a request's n choices) is prefilled once.
+            key = tuple(seq.prompt)
+            if key not in prefills:
+                prefills[key] = self.decoder.prefill(seq.prompt)
+                self.prefills += 1
+            logits, one = prefills[key]
             self._emit(seq, sample(logits, seq.sampling, seq.rng), len(seq.prompt), events)
             if seq.finish is None:
                 self._batch = DecodeBatch.join(self._batch, one)
