@@ -9,7 +9,8 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bentoformers.api.gateway import gateway_of, json_response, parse_body
+from bentoformers.api.endpoint import ModelEndpoint
+from bentoformers.api.gateway import Gateway, gateway_of, json_response, parse_body
 from bentoformers.api.generation import Piece, _collect, _plan, _seeded, _start, openai_head, usage
 from bentoformers.api.schemas import ChatCompletionRequest
 from bentoformers.api.sse import event_stream
@@ -59,6 +60,16 @@ def refuse_unsupported(data: Any) -> None:
                 )
 
 
+def _pick(gateway: Gateway, requested: str | None) -> ModelEndpoint:
+    """Without `model`: the default model if it chats, else the first served model with a chat template."""
+    if requested is None:
+        chatting = [e for e in gateway.models.values() if e.task == "generation" and e.chat is not None]
+        default = gateway.models.get(gateway.settings.default_model)
+        if chatting:
+            return default if default in chatting else chatting[0]
+    return gateway.pick(requested, "generation")
+
+
 async def chat_completions(request: Request) -> Response:
     """POST /v1/chat/completions: {"messages", "max_completion_tokens"? (or "max_tokens"), "temperature"?,
     "top_p"?, "seed"?, "stop"?, "n"?, "stream"?, "stream_options"?, "model"?}."""
@@ -68,7 +79,7 @@ async def chat_completions(request: Request) -> Response:
     except orjson.JSONDecodeError:
         pass  # parse_body answers it
     body = parse_body(ChatCompletionRequest, raw)
-    endpoint = gateway_of(request).pick(body.model, "generation")
+    endpoint = _pick(gateway_of(request), body.model)
     if endpoint.chat is None:
         raise ApiError(
             ErrorType.INVALID_REQUEST,

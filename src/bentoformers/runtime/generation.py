@@ -64,13 +64,15 @@ class _Sequence:
 
 class Scheduler:
     def __init__(
-        self, decoder: OnnxDecoder, eos_token_ids: tuple[int, ...], context: int, max_active: int, step_seconds=None
+        self, decoder: OnnxDecoder, eos_token_ids: tuple[int, ...], context: int, max_active: int, step_seconds=None,
+        on_step=None,
     ) -> None:
         self.decoder = decoder
         self.eos = set(eos_token_ids)
         self.context = context
         self.max_active = max_active
         self.step_seconds = step_seconds  # a histogram (metrics.inference_seconds) of each step's time
+        self.on_step = on_step  # on_step(active sequences, new tokens) after each step, for metrics
         self._waiting: deque[_Sequence] = deque()
         self._active: list[_Sequence] = []
         self._batch: DecodeBatch | None = None
@@ -152,9 +154,14 @@ class Scheduler:
                 for seq in [*self._active, *admitted]:
                     seq.events.put_nowait(("error", f"decoding failed: {exc.__class__.__name__}"))
                 self._active, self._batch = [], None
+                if self.on_step is not None:
+                    self.on_step(0, 0)
                 continue
             if self.step_seconds is not None:
                 self.step_seconds.observe(time.perf_counter() - started)
+            if self.on_step is not None:
+                running = sum(1 for seq in self._active if seq.finish is None and not seq.gone)
+                self.on_step(running, sum(1 for _, kind, _ in events if kind == "token"))
             for seq, kind, value in events:
                 seq.events.put_nowait((kind, value))
 

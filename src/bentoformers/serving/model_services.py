@@ -117,8 +117,16 @@ class GenerationModel(_ModelService):
     def __init__(self) -> None:
         decoder = self._load()
         card = ModelCard.load(getattr(self, f"model_{self.precision}").path)
+        sequences = metrics.generation_sequences.labels(self.stored.name)
+        tokens = metrics.generated_tokens.labels(self.stored.name)
+
+        def on_step(active: int, new_tokens: int) -> None:
+            sequences.set(active)
+            tokens.inc(new_tokens)
+
         self.scheduler = Scheduler(
-            decoder, card.eos_token_ids, card.max_length, self.settings.max_active_sequences, self.inference_seconds
+            decoder, card.eos_token_ids, card.max_length, self.settings.max_active_sequences, self.inference_seconds,
+            on_step,
         )
         self._loaded()
 
