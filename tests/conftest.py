@@ -29,6 +29,13 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# The served chat model's template (ChatML, as SmolLM2-Instruct's): written here, saved in its checkpoint.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +51,8 @@ def minilm_build():
 @pytest.fixture(scope="session")
 def served_build(minilm_build):
     """The model list the services serve: MiniLM, `sentiment` (tiny classifier), `gpt2` (tiny GPT-2), all built,
-    named as the README's examples name them."""
+    named as the README's examples name them, and `chat` (a tiny GPT-2 with a chat template, fp32, with a
+    512-token context so a generation lasts long enough to leave it midway)."""
     import yaml
 
     from bentoformers.build.builder import build_model
@@ -59,6 +67,8 @@ def served_build(minilm_build):
          "task": "classification", "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
         {"name": "gpt2", "source": str(make_tiny_gpt2(folders / "gpt2")), "task": "generation",
          "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
+        {"name": "chat", "task": "generation", "variants": [{"precision": "fp32"}],
+         "source": str(make_tiny_gpt2(folders / "chat", CHAT_TEMPLATE, ("<|im_start|>", "<|im_end|>"), 512))},
     ]
     path = _RUN_DIR / "models.yaml"
     path.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))
@@ -74,7 +84,7 @@ def served_build(minilm_build):
     # and the tiny model's greedy near-ties do not survive that on every CPU class (README, "int8 on every
     # CPU"): where it is refused the build says on which class, and the tests that need it skip saying so.
     for name, precision in [("minilm", "fp32"), ("minilm", "int8"), ("sentiment", "fp32"), ("sentiment", "int8"),
-                            ("gpt2", "fp32")]:
+                            ("gpt2", "fp32"), ("chat", "fp32")]:
         assert results[name][precision].ok, f"{name} {precision}: {results[name][precision].reason}"
     gpt2_int8 = results["gpt2"]["int8"]
     assert gpt2_int8.ok or " on avx2" in gpt2_int8.reason or " on sse" in gpt2_int8.reason, gpt2_int8.reason

@@ -324,6 +324,42 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
+# ---- chat -------------------------------------------------------------------------------------------------
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """Streams the model's answers: to MESSAGE, or turn by turn from stdin (the conversation kept)."""
+    from bentoformers.client import BentoformersError, Client
+
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = not args.message
+    options = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+    with Client(args.url, api_key=args.api_key) as client:
+        while True:
+            if interactive:
+                try:
+                    line = input("> " if sys.stdin.isatty() else "")
+                except EOFError:
+                    return OK
+                if not line.strip():
+                    continue
+            else:
+                line = " ".join(args.message)
+            messages.append({"role": "user", "content": line})
+            answer = []
+            try:
+                for chunk in client.chat_stream(messages, **options):
+                    answer.append(chunk.text)
+                    print(chunk.text, end="", flush=True)
+            except BentoformersError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return FAILED
+            print()
+            messages.append({"role": "assistant", "content": "".join(answer)})
+            if not interactive:
+                return OK
+
+
 # ---- bench ------------------------------------------------------------------------------------------------
 
 
@@ -398,6 +434,25 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_models)
 
     _add_keys_parser(sub)
+
+    chat = sub.add_parser(
+        "chat",
+        help="talk to a served chat model (/v1/chat/completions), the answer streamed",
+        description="Send MESSAGE and stream the answer; without MESSAGE, read one turn per line from stdin and "
+        "keep the conversation. The model's chat template turns the messages into its prompt.",
+        epilog='example: bentoformers chat --model chat --system "Answer briefly." "Where did the cat sit?"',
+    )
+    chat.add_argument("message", nargs="*", help="the user message (default: turns from stdin)")
+    chat.add_argument("--url", default=os.environ.get("BENTOFORMERS_URL", "http://localhost:3000"),
+                      help="server root URL (default: $BENTOFORMERS_URL or %(default)s)")
+    chat.add_argument("--model", help="a served generation model with a chat template (default: the server's)")
+    chat.add_argument("--system", help="a system message first")
+    chat.add_argument("--max-tokens", type=int, help="new tokens per answer at most (default: the server's)")
+    chat.add_argument("--temperature", type=float, help="0: greedy (default: 1)")
+    chat.add_argument("--seed", type=int, help="for reproducible sampling")
+    chat.add_argument("--api-key", default=os.environ.get("BENTOFORMERS_API_KEY"),
+                      help="Bearer token (default: $BENTOFORMERS_API_KEY)")
+    chat.set_defaults(func=_chat)
 
     bench = sub.add_parser(
         "bench",

@@ -51,6 +51,8 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "BentoformersError",
+    "ChatChunk",
+    "ChatCompletion",
     "Classification",
     "Client",
     "Embeddings",
@@ -113,6 +115,37 @@ class GenerationChunk(_Result):
     text: str
     finish_reason: str | None = None  # set on the last chunk only
     usage: Usage | None = None  # set on the last chunk only
+
+
+class ChatMessage(_Result):
+    role: str
+    content: str
+
+
+class ChatChoice(_Result):
+    index: int
+    message: ChatMessage
+    finish_reason: str  # "stop" or "length"
+
+
+class ChatCompletion(_Result):
+    """`/v1/chat/completions`' answer; `text` is the first choice's content."""
+
+    id: str
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].message.content
+
+
+class ChatChunk(_Result):
+    index: int = 0  # the choice
+    text: str = ""
+    finish_reason: str | None = None  # set on each choice's last chunk
+    usage: Usage | None = None  # set on the stream's last chunk only
 
 
 class ModelInfo(_Result):
@@ -342,6 +375,17 @@ class _Base:
         return items
 
     @staticmethod
+    def _chat_body(messages: str | Sequence[dict[str, Any]], options: dict[str, Any], stream: bool) -> dict[str, Any]:
+        turns = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        options = {k: v for k, v in options.items() if v is not None}
+        if "max_tokens" in options:
+            options["max_completion_tokens"] = options.pop("max_tokens")
+        body = {"messages": turns, **options}
+        if stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        return body
+
+    @staticmethod
     def _options(**kwargs: Any) -> dict[str, Any]:
         return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -387,6 +431,38 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
 
 def _sse_data(line: str) -> str | None:
     return line[5:].strip() if line.startswith("data:") else None
+
+
+class _ChatChunker:
+    """chat.completion.chunk events -> ChatChunk: content deltas as they come, each choice's finish, and the
+    usage on the last chunk (the finish held back until the usage event that follows it)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response, self.held = response, None
+
+    def feed(self, data: str) -> list[ChatChunk]:
+        event = json.loads(data)
+        if "error" in event:
+            raise _stream_error(event["error"], self.response)
+        out, held = [], self.held
+        if not event.get("choices"):
+            self.held = None
+            usage = Usage.model_validate(event["usage"]) if event.get("usage") else None
+            return [held.model_copy(update={"usage": usage})] if held else [ChatChunk(usage=usage)]
+        if held is not None:
+            out.append(held)
+            self.held = None
+        for choice in event["choices"]:
+            chunk = ChatChunk(index=choice["index"], text=choice.get("delta", {}).get("content") or "",
+                              finish_reason=choice.get("finish_reason"))
+            if chunk.finish_reason is not None:
+                self.held = chunk
+            elif chunk.text:
+                out.append(chunk)
+        return out
+
+    def end(self) -> list[ChatChunk]:
+        return [self.held] if self.held is not None else []
 
 
 # ---- sync ------------------------------------------------------------------------------------------------
@@ -476,6 +552,31 @@ class Client(_Base):
                 if "error" in event:
                     raise _stream_error(event["error"], response)
                 yield GenerationChunk.model_validate(event)
+        except httpx.TransportError as exc:  # the connection broke mid-stream
+            raise _transport_error(exc) from exc
+        finally:
+            response.close()
+
+    def chat(self, messages: str | Sequence[dict[str, Any]], **options: Any) -> ChatCompletion:
+        """The model's answer to a conversation (`/v1/chat/completions`), rendered with its chat template.
+        `messages`: [{"role": "system" | "user" | "assistant", "content": ...}, ...], or one user message.
+        Options: max_tokens, temperature (default 1; 0 = greedy), top_p, seed, stop, n, model."""
+        return ChatCompletion.model_validate(self._post("/v1/chat/completions", self._chat_body(messages, options, False)))
+
+    def chat_stream(self, messages: str | Sequence[dict[str, Any]], **options: Any) -> Iterator[ChatChunk]:
+        """As `chat`, as the text is made: chunks with `index` (the choice) and `text`; each choice's last has
+        its `finish_reason`, the stream's last the `usage`."""
+        response = self._send("POST", "/v1/chat/completions", self._chat_body(messages, options, True), stream=True)
+        chunker = _ChatChunker(response)
+        try:
+            for line in response.iter_lines():
+                data = _sse_data(line)
+                if not data:
+                    continue
+                if data == "[DONE]":
+                    break
+                yield from chunker.feed(data)
+            yield from chunker.end()
         except httpx.TransportError as exc:  # the connection broke mid-stream
             raise _transport_error(exc) from exc
         finally:
@@ -610,6 +711,30 @@ class AsyncClient(_Base):
                 if "error" in event:
                     raise _stream_error(event["error"], response)
                 yield GenerationChunk.model_validate(event)
+        except httpx.TransportError as exc:  # the connection broke mid-stream
+            raise _transport_error(exc) from exc
+        finally:
+            await response.aclose()
+
+    async def chat(self, messages: str | Sequence[dict[str, Any]], **options: Any) -> ChatCompletion:
+        body = self._chat_body(messages, options, False)
+        return ChatCompletion.model_validate(await self._post("/v1/chat/completions", body))
+
+    async def chat_stream(self, messages: str | Sequence[dict[str, Any]], **options: Any) -> AsyncIterator[ChatChunk]:
+        body = self._chat_body(messages, options, True)
+        response = await self._send("POST", "/v1/chat/completions", body, stream=True)
+        chunker = _ChatChunker(response)
+        try:
+            async for line in response.aiter_lines():
+                data = _sse_data(line)
+                if not data:
+                    continue
+                if data == "[DONE]":
+                    break
+                for chunk in chunker.feed(data):
+                    yield chunk
+            for chunk in chunker.end():
+                yield chunk
         except httpx.TransportError as exc:  # the connection broke mid-stream
             raise _transport_error(exc) from exc
         finally:

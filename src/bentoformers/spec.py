@@ -61,6 +61,10 @@ class ModelSpec(BaseModel):
     pooling: Literal["auto", "mean", "cls"] = Field("auto", description="embeddings only")
     normalize: bool | None = Field(None, description="embeddings only; None: as the checkpoint's sentence-transformers config says.")
     max_length: int | None = Field(None, ge=8, description="Token limit (generation: the context, prompt plus new tokens).")
+    chat_template: str | None = Field(
+        None, description="generation only: the chat template for /v1/chat/completions, for checkpoints without "
+        "one (or to replace theirs): a built-in name (dialogpt, chatml), a .jinja file, or the Jinja text.",
+    )
     variants: list[VariantSpec] = Field(min_length=1)
 
     @field_validator("variants")
@@ -78,6 +82,12 @@ class ModelSpec(BaseModel):
             unknown = set(variant.gates or {}) - known
             if unknown:
                 raise ValueError(f"{self.task} gates are {sorted(known)}; unknown: {sorted(unknown)}")
+        return self
+
+    @model_validator(mode="after")
+    def _chat_template_for_generation(self) -> ModelSpec:
+        if self.chat_template is not None and self.task != "generation":
+            raise ValueError("chat_template is for generation models only")
         return self
 
     def gates(self, variant: VariantSpec) -> dict[str, float]:

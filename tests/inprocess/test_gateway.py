@@ -56,11 +56,12 @@ def test_models_lists_every_served_model_with_task_precision_and_device(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list"
     entries = {e["id"]: e for e in body["data"]}
-    assert list(entries) == ["minilm", "sentiment", "gpt2"]
+    assert list(entries) == ["minilm", "sentiment", "gpt2", "chat"]
     assert {e["task"] for e in entries.values()} == {"embeddings", "classification", "generation"}
     assert all(e["device"] == "cpu" and e["object"] == "model" for e in entries.values())
     # int8 on CPU by default; the tests serve gpt2 in fp32 through BENTOFORMERS_MODEL_PRECISIONS (conftest).
-    assert {name: e["precision"] for name, e in entries.items()} == {"minilm": "int8", "sentiment": "int8", "gpt2": "fp32"}
+    assert {name: e["precision"] for name, e in entries.items()} == {"minilm": "int8", "sentiment": "int8", "gpt2": "fp32",
+                                                                     "chat": "fp32"}
     assert entries["minilm"]["dimensions"] == 384
     assert entries["sentiment"]["labels"] == ["negative", "positive"] and entries["sentiment"]["multi_label"] is False
     assert entries["gpt2"]["context_length"] == 128

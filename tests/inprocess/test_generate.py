@@ -205,8 +205,11 @@ BAD = [
     ("/generate", {"prompt": "hi", "model": "nope"}, 404, "not_found_error", "model"),
     ("/generate", {"prompt": "word " * 200}, 413, "request_too_large", "prompt"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 100_000}, 422, "validation_error", "max_tokens"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 422, "validation_error", "prompt"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, 422, "validation_error", "n"),
+    ("/v1/completions", {"prompt": []}, 422, "validation_error", "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * 17}, 422, "validation_error", "prompt"),
+    ("/v1/completions", {"prompt": ["a", "word " * 200]}, 413, "request_too_large", "prompt.1"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 422, "validation_error", "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, 422, "validation_error", "n"),
     ("/v1/completions", {"prompt": "hi", "model": "sentiment"}, 400, "invalid_request_error", "model"),
 ]
 

@@ -12,6 +12,7 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Match, Route
 from starlette.types import Scope
 
+from bentoformers.api.chat import chat_completions
 from bentoformers.api.classification import classify
 from bentoformers.api.embeddings import embed, openai_embeddings
 from bentoformers.api.gateway import gateway_of, json_response
@@ -77,7 +78,7 @@ class _Fallback(Route):
 
 
 HANDLERS = {f.__name__: f for f in (
-    embed, openai_embeddings, classify, generate, generate_text, openai_completions, list_models,
+    embed, openai_embeddings, classify, generate, generate_text, openai_completions, chat_completions, list_models,
 )}
 
 

@@ -7,7 +7,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from bentoml.exceptions import BentoMLException
 
 from bentoformers.errors import ApiError, ErrorType
 from bentoformers.runtime.card import ModelCard
+from bentoformers.runtime.chat import ChatTemplate
 from bentoformers.runtime.tokenizer import InputTooLong, TextTokenizer
 from bentoformers.serving.batcher import Coalescer
 from bentoformers.serving.health import ModelHealth
@@ -66,6 +67,7 @@ class ModelEndpoint:
         self.card = ModelCard.load(model_folder)
         self.name, self.task = self.card.name, self.card.task
         self.tokenizer = TextTokenizer(model_folder, self.card.max_length)
+        self.chat = ChatTemplate.load(model_folder, self.card.chat_template) if self.card.chat_template else None
         self.coalescer = None
         if call is not None:
             self.coalescer = Coalescer(
@@ -128,7 +130,7 @@ class ModelEndpoint:
             logger.warning("model service unavailable (%s): %s: %s", self.name, type(exc).__name__, exc)
             raise self.unavailable() from None
 
-    async def prompt_ids(self, prompt: str, param: str) -> list[int]:
+    async def prompt_ids(self, prompt: str, param: str, add_special_tokens: bool = True) -> list[int]:
         if blank(prompt):
             raise ApiError(ErrorType.VALIDATION, f"{param} is empty (or only invisible characters)", param=param)
         if len(prompt) > self.settings.max_chars_per_item:
@@ -137,9 +139,9 @@ class ModelEndpoint:
                 param=param,
             )
         if len(prompt) > INLINE_TOKENIZE_CHARS:
-            ids = await asyncio.to_thread(self.tokenizer.ids, prompt)
+            ids = await asyncio.to_thread(self.tokenizer.ids, prompt, add_special_tokens)
         else:
-            ids = self.tokenizer.ids(prompt)
+            ids = self.tokenizer.ids(prompt, add_special_tokens)
         if len(ids) >= self.card.max_length:
             raise ApiError(
                 ErrorType.TOO_LARGE,
@@ -149,9 +151,9 @@ class ModelEndpoint:
             )
         return ids
 
-    def check_generation_capacity(self) -> None:
+    def check_generation_capacity(self, sequences: int = 1) -> None:
         limit = self.settings.max_active_sequences + self.settings.max_waiting_sequences
-        if self.generating >= limit:
+        if self.generating + sequences > limit:
             raise ApiError(
                 ErrorType.OVERLOADED,
                 f"the server is at capacity ({self.generating} generations in flight); "
@@ -159,18 +161,23 @@ class ModelEndpoint:
                 headers={"Retry-After": str(self.settings.retry_after_seconds)},
             )
 
-    async def generate(self, prompt: list[int], max_new_tokens: int, sampling: dict[str, Any]) -> AsyncIterator[int | str]:
-        """New token ids from the model service, then the finish reason ("stop" or "length")."""
+    async def generate(
+        self, prompt: list[int], max_new_tokens: int, sampling: dict[str, Any], n: int = 1
+    ) -> AsyncGenerator[tuple[int, int | str], int | None]:
+        """(choice, new token id) from the model service, then (choice, finish reason: "stop" or "length") once
+        per choice; the `n` choices decode together. `asend(i)` after a choice's event stops choice i early
+        (a stop string): it is cancelled in the model service while the others go on."""
         assert self._stream is not None
         if self.health.down:
             raise self.unavailable()
-        self.check_generation_capacity()
-        self.generating += 1
+        self.check_generation_capacity(n)
+        self.generating += n
         key = uuid.uuid4().hex
         lines = self._stream(
-            prompt, max_new_tokens, sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["seed"], key
+            prompt, max_new_tokens, sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["seed"], key,
+            n,
         )
-        buffer, finished = "", False
+        buffer, open_choices = "", set(range(n))
         idle = self.settings.stream_idle_timeout_seconds
         try:
             while True:
@@ -187,30 +194,47 @@ class ModelEndpoint:
                 buffer += chunk
                 *complete, buffer = buffer.split("\n")
                 for line in complete:
-                    if line.isdigit():
-                        yield int(line)
-                    elif line.startswith("error"):  # the model service logged it, with its traceback
+                    index_text, _, value = line.partition(" ")
+                    index = int(index_text)
+                    if index not in open_choices:
+                        continue  # stopped early here: its last tokens were already on their way
+                    if value.isdigit():
+                        stop = yield index, int(value)
+                    elif value.startswith("error"):
+                        # The model service logged it, with its traceback.
                         raise ApiError(ErrorType.SERVER, "the generation failed; see the server log")
                     else:
-                        finished = True
-                        yield line
+                        open_choices.discard(index)
+                        stop = yield index, value
+                    while stop is not None:  # asend(choice): stop that choice now
+                        open_choices.discard(stop)
+                        await self._cancel_quietly(f"{key}:{stop}")
+                        stop = yield -1, ""  # asend's own answer; the caller ignores it
+                    if not open_choices:
                         return
             raise RuntimeError("the model service ended the stream without a finish reason")
         finally:
-            self.generating -= 1
-            # Stopped early (a stop string, a client gone, an error): tell the model service to stop too.
-            # Closing the stream alone does not reach it in time across processes. Shielded: this often
-            # runs while the request's task is being cancelled.
-            # Bounded: a hung model service must not hold this task (and its slot) forever either.
+            self.generating -= n
+            # Stopped early (a client gone, an error): tell the model service to stop too. Closing the stream
+            # alone does not reach it in time across processes. Shielded: this often runs while the
+            # request's task is being cancelled. Bounded: a hung model service must not hold this task (and
+            # its slot) forever either.
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_SECONDS) as bounded:
                 await lines.aclose()
-                if not finished and self._cancel is not None:
-                    try:
-                        await self._cancel(key)
-                    except Exception:
-                        logger.warning("could not cancel a generation in %s", self.name, exc_info=True)
+                if open_choices:
+                    await self._cancel_quietly(key)
             if bounded.cancelled_caught:
                 logger.warning("closing a generation in %s took over %gs; left it", self.name, CLOSE_SECONDS)
+
+    async def _cancel_quietly(self, key: str) -> None:
+        if self._cancel is None:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(CLOSE_SECONDS):
+                    await self._cancel(key)
+            except Exception:
+                logger.warning("could not cancel a generation in %s", self.name, exc_info=True)
 
     def unavailable(self) -> ApiError:
         return ApiError(
@@ -283,5 +307,6 @@ class ModelEndpoint:
         if card.task != "generation":
             entry["max_items_per_request"] = self.settings.max_items_per_request
         else:
-            entry |= {"context_length": card.max_length, "max_new_tokens": self.settings.max_new_tokens}
+            entry |= {"context_length": card.max_length, "max_new_tokens": self.settings.max_new_tokens,
+                      "chat_template": self.chat is not None}
         return entry

@@ -87,10 +87,12 @@ def gateway_of(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-async def account(request: Request, endpoint: ModelEndpoint, tokens: int) -> None:
+async def account(request: Request, endpoint: ModelEndpoint, tokens: int, reserve: int = 0) -> None:
     """After tokenizing, before the model call: the caller's token budget (429 when over it), the model and
-    tokens for the access log, the token metric. Every model route calls it."""
+    tokens for the access log, the token metric. Every model route calls it. Generation also charges
+    `reserve`, the new tokens it may generate (security/ratelimit.py)."""
     request.state.model = endpoint.name
-    await charge_tokens(request, tokens)
+    what = f"tokens: {tokens} in the prompt and up to {reserve} new" if reserve else "input tokens"
+    await charge_tokens(request, tokens + reserve, what)
     request.state.tokens = tokens
     metrics.tokens.labels(endpoint.name, endpoint.task).inc(tokens)

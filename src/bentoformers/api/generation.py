@@ -1,7 +1,13 @@
-"""Generation: `POST /generate` and the OpenAI shape, `POST /v1/completions`, whole or streamed."""
+"""Generation: `POST /generate` and the OpenAI shape, `POST /v1/completions`, whole or streamed.
+
+The parts the chat route shares: a request becomes plans (one per prompt, each with `n` choices that decode
+together), starts (capacity, then the token budget: the prompt and every new token it may generate), and
+its choices' text arrives as pieces, whole or as server-sent events.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -24,22 +30,37 @@ logger = logging.getLogger("bentoformers.gateway")
 
 
 MAX_STOPS = 4
+MAX_PROMPTS = 16  # prompts per /v1/completions request
 
 
 @dataclass
 class _Plan:
-    """A validated generation request: prompt ids, token budget, sampling, stop strings."""
+    """A validated generation request for one prompt: its ids, token budget, sampling, stop strings, and its
+    `n` choices, numbered from `first`."""
 
     ids: list[int]
     max_new_tokens: int
     sampling: dict[str, Any]
     stops: list[str]
+    n: int = 1
+    first: int = 0
+
+
+@dataclass
+class Piece:
+    """New text of one choice; `finish` ("stop" | "length") on its last piece, `tokens`: its new tokens so far."""
+
+    index: int
+    text: str
+    finish: str | None
+    tokens: int
 
 
 async def _plan(
-    endpoint: ModelEndpoint, prompt: str, max_new_tokens: int | None, max_param: str, sampling: dict[str, Any],
-    stop: str | list[str] | None,
+    endpoint: ModelEndpoint, prompt: str | list[int], max_new_tokens: int | None, max_param: str,
+    sampling: dict[str, Any], stop: str | list[str] | None, n: int = 1, first: int = 0, param: str = "prompt",
 ) -> _Plan:
+    """`prompt`: text, or token ids already checked against the context (a rendered chat)."""
     limit = endpoint.settings.max_new_tokens
     if max_new_tokens is not None and max_new_tokens > limit:
         raise ApiError(
@@ -48,45 +69,87 @@ async def _plan(
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOPS or any(not s for s in stops):
         raise ApiError(ErrorType.VALIDATION, f"stop takes up to {MAX_STOPS} non-empty strings", param="stop")
-    ids = await endpoint.prompt_ids(prompt, "prompt")
+    ids = await endpoint.prompt_ids(prompt, param) if isinstance(prompt, str) else prompt
     wanted = min(max_new_tokens or endpoint.settings.default_max_new_tokens, limit)
     # The context holds prompt and new tokens; past it the generation ends with finish_reason "length".
-    return _Plan(ids, min(wanted, endpoint.card.max_length - len(ids)), sampling, stops)
+    return _Plan(ids, min(wanted, endpoint.card.max_length - len(ids)), sampling, stops, n, first)
 
 
-async def _text_events(endpoint: ModelEndpoint, plan: _Plan) -> AsyncIterator[tuple[str, str | None, int]]:
-    """(new text, finish reason or None, completion tokens so far). Text that might begin a stop string is
-    held back until it is known not to; a stop string ends the generation and is not returned."""
-    decoder = endpoint.tokenizer.decode_stream()
+async def _pieces(endpoint: ModelEndpoint, plan: _Plan) -> AsyncIterator[Piece]:
+    """The pieces of one prompt's choices, as their tokens arrive. Text that might begin a stop string is held
+    back until it is known not to; a stop string ends its choice and is not returned."""
     hold = max((len(s) for s in plan.stops), default=1) - 1
-    text, sent, tokens, finish = "", 0, 0, "length"
-    async with aclosing(endpoint.generate(plan.ids, plan.max_new_tokens, plan.sampling)) as items:
-        async for item in items:
+    decoders = [endpoint.tokenizer.decode_stream() for _ in range(plan.n)]
+    text, sent, tokens = [""] * plan.n, [0] * plan.n, [0] * plan.n
+    open_choices = plan.n
+    async with aclosing(endpoint.generate(plan.ids, plan.max_new_tokens, plan.sampling, plan.n)) as items:
+        async for i, item in items:
+            index = plan.first + i
             if isinstance(item, str):
-                finish = item
-                break
-            tokens += 1
-            text += decoder.step(item)
-            found = [i for i in (text.find(s, max(0, sent - hold)) for s in plan.stops) if i >= 0]
+                open_choices -= 1
+                yield Piece(index, text[i][sent[i]:], item, tokens[i])
+                continue
+            tokens[i] += 1
+            text[i] += decoders[i].step(item)
+            found = [f for f in (text[i].find(s, max(0, sent[i] - hold)) for s in plan.stops) if f >= 0]
             if found:
-                yield text[sent : min(found)], "stop", tokens
-                return
-            ready = len(text) - hold
-            if ready > sent:
-                yield text[sent:ready], None, tokens
-                sent = ready
-    yield text[sent:], finish, tokens
+                yield Piece(index, text[i][sent[i] : min(found)], "stop", tokens[i])
+                open_choices -= 1
+                if not open_choices:
+                    return
+                await items.asend(i)  # the other choices go on
+                continue
+            ready = len(text[i]) - hold
+            if ready > sent[i]:
+                yield Piece(index, text[i][sent[i]:ready], None, tokens[i])
+                sent[i] = ready
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
+async def _merged(sources: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
+    """The pieces of several prompts as they come; closing it closes them all."""
+    if len(sources) == 1:
+        async with aclosing(sources[0]) as only:
+            async for piece in only:
+                yield piece
+        return
+    queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
+
+    async def pump(source: AsyncIterator[Piece]) -> None:
+        try:
+            async with aclosing(source) as items:
+                async for piece in items:
+                    queue.put_nowait(piece)
+            queue.put_nowait(None)
+        except Exception as exc:
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.create_task(pump(s)) for s in sources]
+    try:
+        for _ in sources:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _start(request: Request, endpoint: ModelEndpoint, plan: _Plan) -> tuple[AsyncIterator[tuple[str, str | None, int]], tuple[str, str | None, int]]:
-    """Starts the generation and waits for its first text, so a failure to start is still a plain HTTP error."""
-    endpoint.check_generation_capacity()  # before the tokens are charged: a refused request costs nothing
-    await account(request, endpoint, len(plan.ids))
-    events = _text_events(endpoint, plan)
+async def _start(request: Request, endpoint: ModelEndpoint, plans: list[_Plan]) -> tuple[AsyncIterator[Piece], Piece]:
+    """Starts the generation and waits for its first piece, so a failure to start is still a plain HTTP error.
+
+    Charges the prompt tokens and every new token the request may generate (each choice's `max_tokens`): a
+    generation can never cost more than the caller's budget held when it started."""
+    # Before the tokens are charged: a refused request costs nothing.
+    endpoint.check_generation_capacity(sum(p.n for p in plans))
+    await account(request, endpoint, sum(len(p.ids) for p in plans), sum(p.n * p.max_new_tokens for p in plans))
+    events = _merged([_pieces(endpoint, p) for p in plans])
     try:
         first = await anext(events)
     except ApiError:
@@ -99,25 +162,31 @@ async def _start(request: Request, endpoint: ModelEndpoint, plan: _Plan) -> tupl
     return events, first
 
 
-async def _collect(
-    request: Request, events: AsyncIterator[tuple[str, str | None, int]], first: tuple[str, str | None, int]
-) -> tuple[str, str, int]:
-    parts, (delta, finish, tokens) = [first[0]], first
+async def _collect(request: Request, events: AsyncIterator[Piece], first: Piece) -> dict[int, Piece]:
+    """Every choice whole: index -> its text, finish reason and new tokens."""
+    whole: dict[int, Piece] = {}
+    piece: Piece | None = first
     try:
-        while finish is None:
-            delta, finish, tokens = await anext(events)
-            parts.append(delta)
+        while piece is not None:
+            got = whole.setdefault(piece.index, Piece(piece.index, "", None, 0))
+            got.text, got.finish, got.tokens = got.text + piece.text, piece.finish, piece.tokens
+            piece = await anext(events, None)
     except ApiError:
         raise
     except Exception:
         logger.exception("generation failed")
         raise ApiError(ErrorType.SERVER, "the generation failed; see the server log") from None
     finally:
-        # A stop string ends the events early: close them now, which frees the slot and cancels the rest.
+        # A stop string ends the events early: close them now, which frees the slots and cancels the rest.
         with anyio.CancelScope(shield=True):
             await events.aclose()
-    request.state.tokens = request.state.tokens + tokens
-    return "".join(parts), finish, tokens
+    request.state.tokens = request.state.tokens + sum(p.tokens for p in whole.values())
+    return dict(sorted(whole.items()))
+
+
+def _seeded(seed: int | None, offset: int) -> int | None:
+    """Prompt k's choices sample with seed + k·n + i (the model service adds i): reproducible, and distinct."""
+    return None if seed is None else seed + offset
 
 
 async def _start_native(request: Request, model: type[GenerateRequest]):
@@ -125,7 +194,7 @@ async def _start_native(request: Request, model: type[GenerateRequest]):
     endpoint = gateway_of(request).pick(body.model, "generation")
     sampling = {"temperature": body.temperature or 0.0, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed}
     plan = await _plan(endpoint, body.prompt, body.max_new_tokens, "max_new_tokens", sampling, body.stop)
-    events, first = await _start(request, endpoint, plan)
+    events, first = await _start(request, endpoint, [plan])
     return body, endpoint, len(plan.ids), events, first
 
 
@@ -134,15 +203,26 @@ async def generate(request: Request) -> Response:
     "stream"?, "model"?}; greedy unless a temperature is given."""
     body, endpoint, prompt_tokens, events, first = await _start_native(request, GenerateRequest)
     if body.stream:
-        def chunk(delta: str, finish: str | None, tokens: int) -> list[Any]:
-            out: list[Any] = [{"text": delta}] if delta else []
-            if finish is not None:
-                out.append({"text": "", "finish_reason": finish, "usage": _usage(prompt_tokens, tokens)})
+        def chunk(piece: Piece) -> list[Any]:
+            out: list[Any] = [{"text": piece.text}] if piece.text else []
+            if piece.finish is not None:
+                out.append({"text": "", "finish_reason": piece.finish, "usage": usage(prompt_tokens, piece.tokens)})
             return out
 
         return event_stream(request, events, first, chunk)
-    text, finish, tokens = await _collect(request, events, first)
-    return json_response({"model": endpoint.name, "text": text, "finish_reason": finish, "usage": _usage(prompt_tokens, tokens)})
+    (whole,) = (await _collect(request, events, first)).values()
+    return json_response(
+        {"model": endpoint.name, "text": whole.text, "finish_reason": whole.finish, "usage": usage(prompt_tokens, whole.tokens)}
+    )
+
+
+def openai_head(request: Request, prefix: str, kind: str, model: str) -> dict[str, Any]:
+    return {
+        "id": f"{prefix}-{request.scope.get('state', {}).get('request_id') or uuid.uuid4().hex}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+    }
 
 
 async def generate_text(request: Request) -> Response:
@@ -153,38 +233,43 @@ async def generate_text(request: Request) -> Response:
 
 
 async def openai_completions(request: Request) -> Response:
-    """POST /v1/completions in the OpenAI shape (one prompt, one choice), streaming too."""
+    """POST /v1/completions in the OpenAI shape: a prompt or a list of them, `n` choices each (choice
+    k·n + i is prompt k's i-th), streaming too."""
     body = parse_body(CompletionRequest, await request.body())
     endpoint = gateway_of(request).pick(body.model, "generation")
-    prompt = body.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise ApiError(ErrorType.VALIDATION, "prompt: one prompt per request is served here", param="prompt")
-        prompt = prompt[0]
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts or len(prompts) > MAX_PROMPTS:
+        raise ApiError(ErrorType.VALIDATION, f"prompt: 1 to {MAX_PROMPTS} prompts per request", param="prompt")
     temperature = 1.0 if body.temperature is None else body.temperature  # the OpenAI default
-    sampling = {"temperature": temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed}
-    plan = await _plan(endpoint, prompt, body.max_tokens, "max_tokens", sampling, body.stop)
-    events, first = await _start(request, endpoint, plan)
-    prompt_tokens = len(plan.ids)
-    head = {
-        "id": f"cmpl-{request.scope.get('state', {}).get('request_id') or uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": endpoint.name,
-    }
+    plans = []
+    for k, prompt in enumerate(prompts):
+        sampling = {"temperature": temperature, "top_p": body.top_p, "top_k": body.top_k,
+                    "seed": _seeded(body.seed, k * body.n)}
+        param = "prompt" if isinstance(body.prompt, str) else f"prompt.{k}"
+        plans.append(await _plan(endpoint, prompt, body.max_tokens, "max_tokens", sampling, body.stop, body.n,
+                                 k * body.n, param))
+    events, first = await _start(request, endpoint, plans)
+    prompt_tokens = sum(len(p.ids) for p in plans)
+    head = openai_head(request, "cmpl", "text_completion", endpoint.name)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
+        completion = {"tokens": 0, "open": len(plans) * body.n}
 
-        def chunk(delta: str, finish: str | None, tokens: int) -> list[Any]:
+        def chunk(piece: Piece) -> list[Any]:
             out: list[Any] = []
-            if delta or finish is not None:
-                choice = {"text": delta, "index": 0, "logprobs": None, "finish_reason": finish}
+            if piece.text or piece.finish is not None:
+                choice = {"text": piece.text, "index": piece.index, "logprobs": None, "finish_reason": piece.finish}
                 out.append({**head, "choices": [choice]})
-            if finish is not None and include_usage:
-                out.append({**head, "choices": [], "usage": _usage(prompt_tokens, tokens)})
+            if piece.finish is not None:
+                completion["tokens"] += piece.tokens
+                completion["open"] -= 1
+                if include_usage and not completion["open"]:
+                    out.append({**head, "choices": [], "usage": usage(prompt_tokens, completion["tokens"])})
             return out
 
         return event_stream(request, events, first, chunk)
-    text, finish, tokens = await _collect(request, events, first)
-    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-    return json_response({**head, "choices": [choice], "usage": _usage(prompt_tokens, tokens)})
+    whole = await _collect(request, events, first)
+    choices = [{"text": p.text, "index": i, "logprobs": None, "finish_reason": p.finish} for i, p in whole.items()]
+    return json_response(
+        {**head, "choices": choices, "usage": usage(prompt_tokens, sum(p.tokens for p in whole.values()))}
+    )

@@ -41,6 +41,8 @@ ROUTES = (
               client_method="generate", stream="text/plain", summary="Generate text as a stream of plain text"),
     RouteSpec("/v1/completions", "POST", "generation", "openai_completions", schemas.CompletionRequest,
               schemas.CompletionResponse, stream=SSE, summary="Complete a prompt (OpenAI)"),
+    RouteSpec("/v1/chat/completions", "POST", "generation", "chat_completions", schemas.ChatCompletionRequest,
+              schemas.ChatCompletionResponse, stream=SSE, summary="Chat (OpenAI)"),
     RouteSpec("/v1/models", "GET", None, "list_models", response=schemas.ModelList, summary="List the served models"),
 )
 # Route -> task (the scope it needs). Any other path needs a valid identity and no particular scope.

@@ -41,6 +41,7 @@ class ClassifyRequest(BaseModel):
 
 
 Stop = StrictStr | list[StrictStr] | None
+MAX_CHOICES = 16  # `n`
 
 
 SEED_MAX = 2**63 - 1  # what the model service's int64 takes
@@ -71,15 +72,46 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    """POST /v1/completions, as the OpenAI API defines it (one prompt, one choice; `user` etc. ignored)."""
+    """POST /v1/completions, as the OpenAI API defines it (a prompt or a list, `n` choices each; `user` etc. ignored)."""
 
     model_config = ConfigDict(extra="ignore")
     prompt: StrictStr | list[StrictStr]
     max_tokens: StrictInt | None = Field(16, ge=1)
     stop: Stop = None
-    n: StrictInt = Field(1, ge=1, le=1)
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES, description="Choices per prompt, decoded together.")
     echo: Literal[False] = False
     logprobs: None = None
+    stream_options: StreamOptions | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    """A turn: system (or OpenAI's newer `developer`, rendered as system), user or assistant."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart]
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions, as the OpenAI API defines it (`user`, `metadata`, `store` etc. ignored;
+    fields this server cannot honour are refused by name: api/chat.py)."""
+
+    model_config = ConfigDict(extra="ignore")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(None, ge=1, description="Deprecated by OpenAI for max_completion_tokens.")
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    stop: Stop = None
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES, description="Choices, decoded together.")
     stream_options: StreamOptions | None = None
 
 
@@ -152,6 +184,27 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: GenerationUsage | None = None
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
     usage: GenerationUsage | None = None
 
 

@@ -20,23 +20,19 @@ def sse_event(data: Any) -> bytes:
     return b"data: " + (data if isinstance(data, bytes) else orjson.dumps(data)) + b"\n\n"
 
 
-def event_stream(
-    request: Request,
-    events: AsyncIterator[tuple[str, str | None, int]],
-    first: tuple[str, str | None, int],
-    chunk: Callable[[str, str | None, int], list[Any]],
-) -> StreamingResponse:
-    """Server-sent events: chunk(text, finish, tokens) gives the data of each event; then [DONE]."""
+def event_stream(request: Request, events: AsyncIterator[Any], first: Any, chunk: Callable[[Any], list[Any]]) -> StreamingResponse:
+    """Server-sent events: chunk(piece) gives the data of each event, for every piece of every choice (a
+    generation.Piece); then [DONE]."""
 
     async def body() -> AsyncIterator[bytes]:
-        delta, finish, tokens = first
+        piece, tokens = first, 0
         try:
-            while True:
-                for data in chunk(delta, finish, tokens):
+            while piece is not None:
+                for data in chunk(piece):
                     yield sse_event(data)
-                if finish is not None:
-                    break
-                delta, finish, tokens = await anext(events)
+                if piece.finish is not None:
+                    tokens += piece.tokens
+                piece = await anext(events, None)
             request.state.tokens = request.state.tokens + tokens
             yield sse_event(b"[DONE]")
         except ApiError as exc:  # the status line has gone out: the error travels as an event
@@ -55,23 +51,21 @@ def event_stream(
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
-def text_stream(
-    request: Request, events: AsyncIterator[tuple[str, str | None, int]], first: tuple[str, str | None, int]
-) -> StreamingResponse:
-    """The new text as plain UTF-8 pieces. Plain text has no room for an error, so a failure after the start
-    cuts the stream off (the exception reaches OverloadMiddleware, which logs it): the client sees an
-    incomplete body rather than a text that looks whole."""
+def text_stream(request: Request, events: AsyncIterator[Any], first: Any) -> StreamingResponse:
+    """One choice's new text as plain UTF-8 pieces (generation.Piece events). Plain text has no room for an
+    error, so a failure after the start cuts the stream off (the exception reaches OverloadMiddleware, which
+    logs it): the client sees an incomplete body rather than a text that looks whole."""
 
     async def body() -> AsyncIterator[bytes]:
-        delta, finish, tokens = first
+        piece = first
         try:
-            while True:
-                if delta:
-                    yield delta.encode()
-                if finish is not None:
+            while piece is not None:
+                if piece.text:
+                    yield piece.text.encode()
+                if piece.finish is not None:
+                    request.state.tokens = request.state.tokens + piece.tokens
                     break
-                delta, finish, tokens = await anext(events)
-            request.state.tokens = request.state.tokens + tokens
+                piece = await anext(events, None)
         finally:
             with anyio.CancelScope(shield=True):
                 await events.aclose()

@@ -30,6 +30,7 @@ from bentoformers.build.export import (
 from bentoformers.build.quantize import SCHEMES, quantize_decoder_int8, quantize_encoder_int8
 from bentoformers.runtime import cpu, selfcheck
 from bentoformers.runtime.card import ONNX_FILE, ModelCard
+from bentoformers.runtime.chat import resolve_template
 from bentoformers.runtime.encoder import label_scores
 from bentoformers.runtime.fidelity import (
     generation_prompts,
@@ -74,7 +75,7 @@ def build_model(spec: ModelSpec, *, force: bool = False, report: Report = print)
     todo: list[tuple[VariantSpec, str]] = []
     results: list[VariantResult] = []
     for variant in spec.variants:
-        tag = f"{store_name(spec.name, variant.precision)}:{_version(spec, variant, revision)}"
+        tag = f"{store_name(spec.name, variant.precision)}:{_version(spec, variant, revision, card.chat_template)}"
         if not force and _exists(tag):
             results.append(VariantResult(tag, variant.precision, "up to date"))
             report(f"  {tag}: up to date")
@@ -251,7 +252,7 @@ def _card(spec: ModelSpec, folder: Path) -> ModelCard:
         eos_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
         return ModelCard(
             name=spec.name, task=spec.task, precision="fp32", max_length=int(min(spec.max_length or context, context)),
-            eos_token_ids=eos_ids,
+            eos_token_ids=eos_ids, chat_template=resolve_template(folder, spec.source, spec.chat_template),
         )
     found = sentence_transformers_config(folder)
     pooling = spec.pooling if spec.pooling != "auto" else str(found.get("pooling", "mean"))
@@ -268,12 +269,13 @@ def _card(spec: ModelSpec, folder: Path) -> ModelCard:
     )
 
 
-def _version(spec: ModelSpec, variant: VariantSpec, revision: str) -> str:
+def _version(spec: ModelSpec, variant: VariantSpec, revision: str, chat_template: str = "") -> str:
     """Everything that shapes the artefact; the same inputs give the same store version."""
     key = json.dumps(
         [
-            spec.model_dump(exclude={"variants"}), variant.model_dump(), spec.gates(variant), revision, __version__,
-            SCHEMES[spec.task] if variant.precision == "int8" else None,
+            spec.model_dump(exclude={"variants", "chat_template"}), variant.model_dump(), spec.gates(variant), revision,
+            __version__, SCHEMES[spec.task] if variant.precision == "int8" else None,
+            *([chat_template] if chat_template else []),  # the template's text: a .jinja file can change
         ],
         sort_keys=True,
     )

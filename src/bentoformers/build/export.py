@@ -19,7 +19,8 @@ from bentoformers.runtime.card import ONNX_FILE, ModelCard
 from bentoformers.runtime.encoder import l2_normalize, pool
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json", "generation_config.json"
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json", "generation_config.json",
+    "chat_template.jinja",
 )
 
 
@@ -53,7 +54,7 @@ def content_hash(folder: Path) -> str:
     """A short hash of the weights and configs, so a changed local checkpoint is rebuilt."""
     digest = hashlib.sha256()
     for f in sorted(folder.iterdir()):
-        if f.is_file() and f.suffix in {".safetensors", ".bin", ".json", ".txt", ".model"}:
+        if f.is_file() and f.suffix in {".safetensors", ".bin", ".json", ".txt", ".model", ".jinja"}:
             digest.update(f.name.encode())
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -61,6 +61,14 @@ inference_seconds = Histogram(
     "inference_seconds", "Model service time per batch, by model, precision and device.",
     ["model", "precision", "device"], namespace=NAMESPACE, buckets=LATENCY_BUCKETS,
 )
+generated_tokens = Counter(
+    "generated_tokens", "New tokens decoded, by model: every choice's, also those of a sequence stopped early.",
+    ["model"], namespace=NAMESPACE,
+)
+generation_sequences = Gauge(
+    "generation_sequences", "Sequences decoding in the model service (freed when they end or their client leaves).",
+    ["model"], namespace=NAMESPACE, multiprocess_mode="livesum",
+)
 selfcheck_refusals = Counter(
     "selfcheck_refusals", "Variants passed over at start-up: their stored check set missed its gate on this CPU.",
     ["model", "precision"], namespace=NAMESPACE,

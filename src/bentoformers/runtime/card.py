@@ -28,6 +28,7 @@ class ModelCard:
     multi_label: bool = False
     # generation: the tokens that end a sequence
     eos_token_ids: tuple[int, ...] = ()
+    chat_template: str = ""  # Jinja (runtime/chat.py); "" when the checkpoint and the model list give none
 
     @classmethod
     def load(cls, folder: str | Path) -> ModelCard:

@@ -75,13 +75,15 @@ class _Sequence:
 
 class Scheduler:
     def __init__(
-        self, decoder: OnnxDecoder, eos_token_ids: tuple[int, ...], context: int, max_active: int, step_seconds=None
+        self, decoder: OnnxDecoder, eos_token_ids: tuple[int, ...], context: int, max_active: int, step_seconds=None,
+        on_step=None,
     ) -> None:
         self.decoder = decoder
         self.eos = set(eos_token_ids)
         self.context = context
         self.max_active = max_active
         self.step_seconds = step_seconds  # a histogram (metrics.inference_seconds) of each step's time
+        self.on_step = on_step  # on_step(active sequences, new tokens) after each step, for metrics
         self._waiting: deque[_Sequence] = deque()
         self._active: list[_Sequence] = []
         self._batch: DecodeBatch | None = None
@@ -89,6 +91,7 @@ class Scheduler:
         self._by_key: dict[str, _Sequence] = {}
         self.steps = 0  # decoding steps run, and the rows they held: a batching figure for tests and metrics
         self.rows_stepped = 0
+        self.prefills = 0
 
     async def generate(
         self, prompt: list[int], max_new_tokens: int, sampling: Sampling, key: str = ""
@@ -114,14 +117,38 @@ class Scheduler:
             seq.gone = True
             self._by_key.pop(key, None)
 
+    async def generate_n(
+        self, prompt: list[int], max_new_tokens: int, samplings: list[Sampling], key: str = ""
+    ) -> AsyncIterator[tuple[int, str, int | str]]:
+        """`len(samplings)` choices of one prompt, decoding together: (choice, kind, value) events, each
+        choice's as generate() gives them. Their sequences are queued at once, so they are admitted in one
+        step and share the prompt's prefill. Choice i's key is f"{key}:{i}"; cancel(key) stops them all."""
+        merged: asyncio.Queue[tuple[int, str, int | str]] = asyncio.Queue()
+
+        async def pump(index: int, sampling: Sampling) -> None:
+            async for kind, value in self.generate(prompt, max_new_tokens, sampling, f"{key}:{index}" if key else ""):
+                merged.put_nowait((index, kind, value))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(samplings)]
+        try:
+            for _ in samplings:
+                while True:
+                    index, kind, value = await merged.get()
+                    yield index, kind, value
+                    if kind != "token":
+                        break
+        finally:
+            for task in tasks:
+                task.cancel()  # their generators' cleanup marks each sequence gone
+
     def cancel(self, key: str) -> bool:
-        """Stops a sequence at the next step; False if it is unknown (never started, or already over)."""
-        seq = self._by_key.pop(key, None)
-        if seq is None:
-            return False
-        seq.gone = True
-        seq.events.put_nowait(("finish", "cancelled"))  # ends the stream now, if anyone still reads it
-        return True
+        """Stops a sequence (or all choices of a generate_n call) at the next step; False if unknown (never
+        started, or already over)."""
+        keys = [k for k in self._by_key if k == key or k.startswith(f"{key}:")]
+        for seq in [self._by_key.pop(k) for k in keys]:
+            seq.gone = True
+            seq.events.put_nowait(("finish", "cancelled"))  # ends the stream now, if anyone still reads it
+        return bool(keys)
 
     async def _loop(self) -> None:
         while self._waiting or self._active:
@@ -138,9 +165,14 @@ class Scheduler:
                 for seq in [*self._active, *admitted]:
                     seq.events.put_nowait(("error", f"decoding failed: {exc.__class__.__name__}"))
                 self._active, self._batch = [], None
+                if self.on_step is not None:
+                    self.on_step(0, 0)
                 continue
             if self.step_seconds is not None:
                 self.step_seconds.observe(time.perf_counter() - started)
+            if self.on_step is not None:
+                running = sum(1 for seq in self._active if seq.finish is None and not seq.gone)
+                self.on_step(running, sum(1 for _, kind, _ in events if kind == "token"))
             for seq, kind, value in events:
                 seq.events.put_nowait((kind, value))
 
@@ -162,9 +194,15 @@ class Scheduler:
             for row, seq in enumerate(self._active):
                 with self._alone(seq, events):
                     self._emit(seq, sample(logits[row], seq.sampling, seq.rng), int(self._batch.positions[row]), events)
+        prefills: dict[tuple[int, ...], tuple[np.ndarray, DecodeBatch]] = {}
         for seq in admitted:
             with self._alone(seq, events):
-                logits, one = self.decoder.prefill(seq.prompt)
+                # The same prompt admitted together (a request's n choices) is prefilled once.
+                key = tuple(seq.prompt)
+                if key not in prefills:
+                    prefills[key] = self.decoder.prefill(seq.prompt)
+                    self.prefills += 1
+                logits, one = prefills[key]
                 self._emit(seq, sample(logits, seq.sampling, seq.rng), len(seq.prompt), events)
                 if seq.finish is None:
                     self._batch = DecodeBatch.join(self._batch, one)

@@ -36,9 +36,10 @@ class TextTokenizer:
         return ids
 
 
-    def ids(self, text: str) -> list[int]:
-        """One text, whole (a prompt: the caller checks it against the context)."""
-        return self._whole.encode(text).ids
+    def ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """One text, whole (a prompt: the caller checks it against the context). A rendered chat template
+        holds its special tokens already: add_special_tokens=False, as Transformers tokenizes it."""
+        return self._whole.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode_stream(self) -> TextStream:
         return TextStream(self._whole)

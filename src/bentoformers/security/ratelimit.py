@@ -1,4 +1,8 @@
-"""Per-identity rate limits: requests and input tokens per window, per tier, with the `limits` library.
+"""Per-identity rate limits: requests and tokens per window, per tier, with the `limits` library.
+
+A request is charged its tokens when admitted: its input tokens, and for generation its prompt plus every
+new token it may generate (its `max_tokens` for each choice), so no generation can cost more than its
+caller's budget held when it started.
 
 Sliding window counters (the `limits` strategy that weighs the previous window): no double burst at a
 window edge, O(1) storage however large a token charge is, and a refused hit takes nothing. With
@@ -172,7 +176,7 @@ class Budget:
     key: str
     tier: Tier
 
-    async def charge(self, tokens: int) -> None:
+    async def charge(self, tokens: int, what: str = "input tokens") -> None:
         item = self.tier.tokens
         if item is None or tokens <= 0:
             return
@@ -180,7 +184,7 @@ class Budget:
             metrics.count_rejection("request_too_large")
             raise ApiError(
                 ErrorType.TOO_LARGE,
-                f"this request holds {tokens} input tokens; your tier allows {item.amount} per {window(item)}",
+                f"this request holds {tokens} {what}; your tier allows {item.amount} per {window(item)}",
             )
         try:
             verdict = await self.limiter.hit(item, f"{self.key}:tokens", cost=tokens)
@@ -195,16 +199,16 @@ class Budget:
             raise ApiError(
                 ErrorType.RATE_LIMITED,
                 f"input token budget exhausted: {item.amount} tokens per {window(item)}, {verdict.remaining} left, "
-                f"this request needs {tokens}; retry after {verdict.reset_seconds}s",
+                f"this request needs {tokens} ({what}); retry after {verdict.reset_seconds}s",
                 headers=verdict.headers(),
             )
 
 
-async def charge_tokens(request: Request, tokens: int) -> None:
-    """Counts a request's input tokens against its caller's budget; 429 beyond it. No-op when limits are off."""
+async def charge_tokens(request: Request, tokens: int, what: str = "input tokens") -> None:
+    """Counts a request's tokens against its caller's budget; 429 beyond it. No-op when limits are off."""
     budget = request.scope.get("state", {}).get("rate_limit")
     if isinstance(budget, Budget):
-        await budget.charge(tokens)
+        await budget.charge(tokens, what)
 
 
 def window(item: RateLimitItem) -> str:

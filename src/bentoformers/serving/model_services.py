@@ -125,8 +125,16 @@ class GenerationModel(_ModelService):
     def __init__(self) -> None:
         decoder = self._load()
         card = ModelCard.load(getattr(self, f"model_{self.precision}").path)
+        sequences = metrics.generation_sequences.labels(self.stored.name)
+        tokens = metrics.generated_tokens.labels(self.stored.name)
+
+        def on_step(active: int, new_tokens: int) -> None:
+            sequences.set(active)
+            tokens.inc(new_tokens)
+
         self.scheduler = Scheduler(
-            decoder, card.eos_token_ids, card.max_length, self.settings.max_active_sequences, self.inference_seconds
+            decoder, card.eos_token_ids, card.max_length, self.settings.max_active_sequences, self.inference_seconds,
+            on_step,
         )
         self._loaded()
 
@@ -143,15 +151,18 @@ class GenerationModel(_ModelService):
         top_k: int,
         seed: int | None,
         key: str,
+        n: int = 1,
     ) -> AsyncGenerator[str, None]:
-        """New token ids as text lines, then one line with the finish reason (or "error: ...").
+        """`n` choices decoding together: lines "<choice> <token id>", then one "<choice> <finish reason>" (or
+        "<choice> error: ...") per choice. Choice i samples with seed + i, so a seeded request is reproducible
+        and its choices differ.
 
         Lines, because the stream reaches the gateway in chunks that need not match the yields.
         """
-        sampling = Sampling(temperature, top_p, top_k, seed)
+        samplings = [Sampling(temperature, top_p, top_k, None if seed is None else seed + i) for i in range(n)]
         with self.drain.busy():
-            async for kind, value in self.scheduler.generate(token_ids, max_new_tokens, sampling, key):
-                yield f"{value}\n" if kind != "error" else f"error: {value}\n"
+            async for index, kind, value in self.scheduler.generate_n(token_ids, max_new_tokens, samplings, key):
+                yield f"{index} {value}\n" if kind != "error" else f"{index} error: {value}\n"
 
     @bentoml.api
     async def cancel(self, key: str) -> bool:

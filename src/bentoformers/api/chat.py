@@ -1,0 +1,145 @@
+"""`POST /v1/chat/completions` in the OpenAI shape: the model's chat template renders the conversation, then
+it generates as /v1/completions does (n choices decoding together, stop strings, streaming)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bentoformers.api.endpoint import ModelEndpoint
+from bentoformers.api.gateway import Gateway, gateway_of, json_response, parse_body
+from bentoformers.api.generation import Piece, _collect, _plan, _seeded, _start, openai_head, usage
+from bentoformers.api.schemas import ChatCompletionRequest
+from bentoformers.api.sse import event_stream
+from bentoformers.errors import ApiError, ErrorType
+from bentoformers.runtime.chat import ChatTemplateError
+
+# OpenAI fields this server cannot honour, with the values that ask for nothing: any other value is a 400
+# that names the field, never a silent ignore.
+UNSUPPORTED = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": None, "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,), "response_format": (None, {"type": "text"}),
+    "web_search_options": (None,), "reasoning_effort": (None,),
+}
+
+
+def refuse_unsupported(data: Any) -> None:
+    """400 naming the first field, message part or role this server does not support."""
+    if not isinstance(data, dict):
+        return
+    for name, harmless in UNSUPPORTED.items():
+        if harmless is not None and name in data and data[name] not in harmless:
+            raise ApiError(
+                ErrorType.INVALID_REQUEST, f"{name} is not supported by this server; remove it from the request",
+                param=name,
+            )
+    messages = data.get("messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        if not isinstance(message, dict):
+            continue
+        for name in ("tool_calls", "function_call", "audio"):
+            if message.get(name):
+                raise ApiError(ErrorType.INVALID_REQUEST, f"messages[{i}].{name} is not supported by this server",
+                               param=f"messages.{i}.{name}")
+        if message.get("role") in ("tool", "function"):
+            raise ApiError(ErrorType.INVALID_REQUEST,
+                           f"messages[{i}].role {message['role']!r} is not supported: tools are not served here",
+                           param=f"messages.{i}.role")
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if isinstance(part, dict) and part.get("type") != "text":
+                raise ApiError(
+                    ErrorType.INVALID_REQUEST,
+                    f"messages[{i}].content[{j}] is of type {part.get('type')!r}; only text parts are supported",
+                    param=f"messages.{i}.content.{j}.type",
+                )
+
+
+def _pick(gateway: Gateway, requested: str | None) -> ModelEndpoint:
+    """Without `model`: the default model if it chats, else the first served model with a chat template."""
+    if requested is None:
+        chatting = [e for e in gateway.models.values() if e.task == "generation" and e.chat is not None]
+        default = gateway.models.get(gateway.settings.default_model)
+        if chatting:
+            return default if default in chatting else chatting[0]
+    return gateway.pick(requested, "generation")
+
+
+async def chat_completions(request: Request) -> Response:
+    """POST /v1/chat/completions: {"messages", "max_completion_tokens"? (or "max_tokens"), "temperature"?,
+    "top_p"?, "seed"?, "stop"?, "n"?, "stream"?, "stream_options"?, "model"?}."""
+    raw = await request.body()
+    try:
+        refuse_unsupported(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        pass  # parse_body answers it
+    body = parse_body(ChatCompletionRequest, raw)
+    endpoint = _pick(gateway_of(request), body.model)
+    if endpoint.chat is None:
+        raise ApiError(
+            ErrorType.INVALID_REQUEST,
+            f"model {endpoint.name!r} has no chat template. Add one to its entry in the model list "
+            "(chat_template: a built-in name such as chatml or dialogpt, a .jinja file, or the Jinja text) and "
+            f"rebuild it (bentoformers build --only {endpoint.name}), or send a plain prompt to /v1/completions",
+            param="model",
+        )
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        rendered = endpoint.chat.render(messages, add_generation_prompt=True)
+    except ChatTemplateError as exc:
+        raise ApiError(ErrorType.INVALID_REQUEST, f"the model's chat template refused the messages: {exc}",
+                       param="messages") from None
+    ids = await endpoint.prompt_ids(rendered, "messages", add_special_tokens=False)
+    max_new, max_param = body.max_completion_tokens, "max_completion_tokens"
+    if max_new is None:
+        max_new, max_param = body.max_tokens, "max_tokens"
+    temperature = 1.0 if body.temperature is None else body.temperature  # the OpenAI default
+    sampling = {"temperature": temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": _seeded(body.seed, 0)}
+    plan = await _plan(endpoint, ids, max_new, max_param, sampling, body.stop, body.n)
+    events, first = await _start(request, endpoint, [plan])
+    head = openai_head(request, "chatcmpl", "chat.completion", endpoint.name)
+    prompt_tokens = len(ids)
+    if body.stream:
+        return _stream(request, events, first, {**head, "object": "chat.completion.chunk"}, body, prompt_tokens)
+    whole = await _collect(request, events, first)
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": p.text}, "logprobs": None, "finish_reason": p.finish}
+        for i, p in whole.items()
+    ]
+    return json_response({**head, "choices": choices, "usage": usage(prompt_tokens, sum(p.tokens for p in whole.values()))})
+
+
+def _stream(request: Request, events, first: Piece, head: dict[str, Any], body: ChatCompletionRequest,
+            prompt_tokens: int) -> Response:
+    """chat.completion.chunk events: each choice's first delta carries the role, its last the finish reason;
+    with stream_options.include_usage a last chunk without choices carries the usage."""
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    started: set[int] = set()
+    completion = {"tokens": 0, "open": body.n}
+
+    def chunk(piece: Piece) -> list[Any]:
+        out: list[Any] = []
+
+        def choice(delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+            item = {"index": piece.index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**head, "choices": [item]}
+
+        if piece.index not in started:
+            started.add(piece.index)
+            out.append(choice({"role": "assistant", "content": ""}))
+        if piece.text:
+            out.append(choice({"content": piece.text}))
+        if piece.finish is not None:
+            out.append(choice({}, piece.finish))
+            completion["tokens"] += piece.tokens
+            completion["open"] -= 1
+            if include_usage and not completion["open"]:
+                out.append({**head, "choices": [], "usage": usage(prompt_tokens, completion["tokens"])})
+        return out
+
+    return event_stream(request, events, first, chunk)
