@@ -65,7 +65,7 @@ def make_tiny_gpt2(
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=1000, special_tokens=["<|endoftext|>", *chat_tokens],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     bpe.train_from_iterator(shipped_sentences(), trainer)
     end = "<|endoftext|>"

@@ -124,4 +124,4 @@ def test_bench_generation_builds_its_model_serves_it_and_times_decoding_alone(mi
     alone = report["alone_in_process"]
     assert alone["streams"] > 0 and alone["tokens_per_s"] > 0
     assert re.search(r"^concurrency 2: \d+\.\d\d× the tokens/s of concurrency 1; TTFT p99 = ", out.stdout, re.M)
-    assert re.search(r"^ alone .* <- one sequence at a time, in process", out.stdout, re.M)
+    assert re.search(r"^alone .* <- one sequence at a time, in process", out.stdout, re.M)
