@@ -66,7 +66,8 @@ def test_auth_is_enforced_through_bentoml_and_public_paths_stay_open(secured):
     assert r.json()["error"]["type"] == "authentication_error" and r.headers["x-request-id"]
     assert httpx.post(f"{url}/embed", json=body, headers=_auth(keys["classifier"])).status_code == 403
     assert httpx.post(f"{url}/embed", json=body, headers=_auth(keys["bulk"])).status_code == 200
-    token = jwt.encode({"sub": "svc", "exp": int(time.time()) + 60, "scope": "embeddings"}, JWT_SECRET, "HS256")
+    claims = {"sub": "svc", "exp": int(time.time()) + 60, "scope": "embeddings", "tier": "bulk"}  # no "default" tier
+    token = jwt.encode(claims, JWT_SECRET, "HS256")
     assert httpx.post(f"{url}/embed", json={"inputs": "hi"}, headers=_auth(token)).status_code == 200
     for path in ["/livez", "/readyz", "/metrics"]:
         assert httpx.get(f"{url}{path}").status_code == 200, path

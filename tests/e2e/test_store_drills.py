@@ -147,7 +147,7 @@ def test_an_unknown_tier_without_a_default_is_refused_and_says_so(drilled):
     assert "'platinum' is not configured" in r.json()["error"]["message"]
     token = jwt.encode({"sub": "t", "exp": int(time.time()) + 600, "scope": "embeddings"}, JWT_SECRET, "HS256")
     assert httpx.post(f"{url}/embed", json={"inputs": "hi"}, headers=_auth(token)).status_code == 403  # no tier claim
-    assert "no 'default' rate-limit tier" in drilled["log"].read_text()
+    assert "'platinum' is not configured and there is no 'default' tier" in drilled["log"].read_text()
 
 
 def test_workers_agree_on_the_keys_when_the_file_breaks_after_a_revocation(drilled):

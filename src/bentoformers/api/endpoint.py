@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import httpx
 import numpy as np
@@ -45,8 +46,8 @@ def blank(text: str) -> bool:
 
 def unavailable_error(exc: BaseException) -> bool:
     """The model service could not be reached, or shed the call (BentoML's batcher under load), as opposed to
-    failing on it: only then is an answer worth retrying."""
-    if isinstance(exc, httpx.TransportError):
+    failing on it: only then is an answer worth retrying. (BentoML calls a dependency with aiohttp.)"""
+    if isinstance(exc, (aiohttp.ClientError, httpx.TransportError, ConnectionError, TimeoutError)):
         return True
     return isinstance(exc, BentoMLException) and int(exc.error_code) in RETRYABLE_STATUSES
 
@@ -119,7 +120,10 @@ class ModelEndpoint:
         would bury everything else); anything else is a bug, a 500 with its traceback."""
         assert self._call is not None
         try:
-            return await self._call(ids)
+            try:
+                return await self._call(ids)
+            except aiohttp.ClientConnectionError:  # once more (see _reopened): it reached no model service
+                return await self._call(ids)
         except ApiError:
             raise
         except Exception as exc:
@@ -132,7 +136,7 @@ class ModelEndpoint:
 
     async def prompt_ids(self, prompt: str, param: str, add_special_tokens: bool = True) -> list[int]:
         if blank(prompt):
-            raise ApiError(ErrorType.VALIDATION, f"{param} is empty (or only invisible characters)", param=param)
+            raise ApiError(ErrorType.VALIDATION, f"{param} is empty", param=param)
         if len(prompt) > self.settings.max_chars_per_item:
             raise ApiError(
                 ErrorType.TOO_LARGE, f"{param} has {len(prompt)} characters; at most {self.settings.max_chars_per_item}",
@@ -173,10 +177,9 @@ class ModelEndpoint:
         self.check_generation_capacity(n)
         self.generating += n
         key = uuid.uuid4().hex
-        lines = self._stream(
-            prompt, max_new_tokens, sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["seed"], key,
-            n,
-        )
+        args = (prompt, max_new_tokens, sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["seed"],
+                key, n)
+        lines = _reopened(lambda: self._stream(*args))
         buffer, open_choices = "", set(range(n))
         idle = self.settings.stream_idle_timeout_seconds
         try:
@@ -256,8 +259,7 @@ class ModelEndpoint:
         total = 0
         for i, text in enumerate(texts):
             if blank(text):
-                raise ApiError(ErrorType.VALIDATION, f"{param}[{i}] is empty (or only invisible characters)",
-                               param=f"{param}.{i}")
+                raise ApiError(ErrorType.VALIDATION, f"{param}[{i}] is empty", param=f"{param}.{i}")
             if len(text) > limits.max_chars_per_item:
                 raise ApiError(
                     ErrorType.TOO_LARGE,
@@ -310,3 +312,27 @@ class ModelEndpoint:
             entry |= {"context_length": card.max_length, "max_new_tokens": self.settings.max_new_tokens,
                       "chat_template": self.chat is not None}
         return entry
+
+
+async def _reopened(open_stream: Callable[[], AsyncIterator[str]]) -> AsyncIterator[str]:
+    """A model service stream, opened once more when its connection fails before the first chunk: BentoML's
+    dependency client replaces its HTTP session every 100 calls and closes the old one under the calls still
+    on it ("Connector is closed"), which reach no model service."""
+    lines = open_stream()
+    try:
+        first = await anext(lines)
+    except StopAsyncIteration:
+        return
+    except aiohttp.ClientConnectionError:
+        await lines.aclose()
+        lines = open_stream()
+        try:
+            first = await anext(lines)
+        except StopAsyncIteration:
+            return
+    try:
+        yield first
+        async for chunk in lines:
+            yield chunk
+    finally:
+        await lines.aclose()

@@ -104,6 +104,7 @@ class RateLimiter:
         storage = storage_from_string(f"async+{storage_uri}", wrap_exceptions=True, **options)
         self.strategy = SlidingWindowCounterRateLimiter(storage)
         self._skip_store_until = 0.0
+        self._unknown_tiers: set[str] = set()
         self.storage_label = storage_uri.split("@")[-1]  # never log a password in the URL
 
     @classmethod
@@ -121,9 +122,6 @@ class RateLimiter:
         )
         if not announce:
             return limiter
-        if DEFAULT_TIER not in tiers:
-            logger.warning("no %r rate-limit tier: a caller whose tier is not one of %s is refused (403)",
-                           DEFAULT_TIER, ", ".join(sorted(tiers)))
         if limiter.shared:
             logger.info("rate limits shared across workers and replicas in %s (on store error: %s)",
                         limiter.storage_label, settings.rate_limit_on_store_error)
@@ -133,7 +131,14 @@ class RateLimiter:
         return limiter
 
     def tier_of(self, identity: Identity) -> Tier | None:
-        return self.tiers.get(identity.tier) or self.tiers.get(DEFAULT_TIER)
+        """The caller's tier, else `default`; None (refuse) when neither is configured, said once per tier in the
+        log (not at start: a warning logged at import leaves BentoML's worker log lines without their name)."""
+        tier = self.tiers.get(identity.tier) or self.tiers.get(DEFAULT_TIER)
+        if tier is None and identity.tier not in self._unknown_tiers:
+            self._unknown_tiers.add(identity.tier)
+            logger.warning("rate-limit tier %r is not configured and there is no %r tier: its callers are refused "
+                           "(403); tiers: %s", identity.tier, DEFAULT_TIER, ", ".join(sorted(self.tiers)))
+        return tier
 
     async def hit(self, item: RateLimitItem, key: str, cost: int = 1) -> Verdict:
         """Counts `cost` against `item` for `key`. Raises StoreUnavailable when the store fails."""
