@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from bentoformers.errors import ErrorType
 
@@ -26,7 +26,7 @@ class OpenAIEmbeddingRequest(BaseModel):
     input: StrictStr | list[StrictStr]
     model: StrictStr | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: StrictInt | None = Field(None, ge=1)
     truncate: StrictBool = False
 
 
@@ -44,8 +44,9 @@ Stop = StrictStr | list[StrictStr] | None
 
 
 class _Sampling(BaseModel):
-    temperature: float | None = Field(None, ge=0, le=2, description="0: greedy.")
-    top_p: float = Field(1.0, gt=0, le=1)
+    # Strict: a boolean or a numeric string is a wrong type, not a number (integers are numbers).
+    temperature: StrictFloat | None = Field(None, ge=0, le=2, description="0: greedy.")
+    top_p: StrictFloat = Field(1.0, gt=0, le=1)
     top_k: StrictInt = Field(0, ge=0, description="0: no limit.")
     seed: StrictInt | None = Field(None, ge=0)
     stream: StrictBool = False
