@@ -26,7 +26,7 @@ EXAMPLES = 50  # per operation and phase
 REQUEST_TIMEOUT = 30  # seconds: an answer slower than this is a hang
 
 
-def test_every_operation_answers_as_documented(server):
+def test_every_operation_answers_as_documented(server, tmp_path):
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("st")
     assert st, "schemathesis is in the test extra"
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.e2e.schemathesis_hooks", "PYTHONPATH": os.pathsep.join(
@@ -34,7 +34,7 @@ def test_every_operation_answers_as_documented(server):
     out = subprocess.run(
         [st, "run", f"{server}/openapi.json", "--checks", ",".join(CHECKS), "--max-examples", str(EXAMPLES),
          "--request-timeout", str(REQUEST_TIMEOUT), "--seed", "1", "--no-color"],
-        capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=1200, cwd=tmp_path, env=env,  # its cache goes to the cwd
     )
     report = out.stdout + out.stderr
     counts = re.search(r"Test cases:\s*\n\s*(\d+) generated, (\d+) passed", report)
