@@ -79,3 +79,9 @@ def test_openapi_and_docs_are_served_offline(server):
         assert r.status_code == 200 and len(r.content) > 10_000 and asset in page.text
     schema = httpx.get(f"{server}/schema.json").json()
     assert {r["name"] for r in schema["routes"]} >= {"embed", "classify", "generate"}
+
+
+def test_the_credentials_warning_is_said_once_per_start(server, tmp_path_factory):
+    """By BentoML's arbiter, not again by the gateway worker and each model service's worker."""
+    (log,) = tmp_path_factory.getbasetemp().glob("serve0/serve.log")  # the `server` fixture's log
+    assert log.read_text(errors="replace").count("NO CREDENTIALS CONFIGURED") == 1

@@ -100,3 +100,25 @@ def test_the_document_names_the_served_models_per_task():
     assert "none" in schemas["ClassifyRequest"]["properties"]["model"]["description"]
     # Built per call: one document's served models never leak into another's.
     assert "enum" not in str(openapi_document(secured=False)["components"]["schemas"]["EmbedRequest"])
+
+
+@pytest.mark.parametrize("field,value", [("temperature", True), ("top_p", "0.5"), ("seed", 1.5), ("stream", 1)])
+def test_a_wrong_type_the_document_forbids_is_refused(field, value):
+    """What the published schema calls invalid, validation refuses (pydantic's lax mode would coerce these)."""
+    from pydantic import ValidationError
+
+    from bentoformers.api.schemas import CompletionRequest, GenerateRequest
+
+    for model in (GenerateRequest, CompletionRequest):
+        with pytest.raises(ValidationError):
+            model.model_validate({"prompt": "x", field: value})
+        model.model_validate({"prompt": "x", "temperature": 1, "top_p": 0.5})  # integers are numbers
+
+
+def test_dimensions_must_be_an_integer():
+    from pydantic import ValidationError
+
+    from bentoformers.api.schemas import OpenAIEmbeddingRequest
+
+    with pytest.raises(ValidationError):
+        OpenAIEmbeddingRequest.model_validate({"input": "x", "dimensions": "384"})

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from bentoformers._version import __version__
-from bentoformers.api.routes import ROUTES, RouteSpec
+from bentoformers.api.routes import ROUTES, SSE, RouteSpec
 from bentoformers.api.schemas import ErrorBody
 from bentoformers.errors import STATUS, ErrorType
 
@@ -70,7 +70,13 @@ def _operation(route: RouteSpec, secured: bool, refs: dict) -> dict[str, Any]:
     content: dict[str, Any] = {}
     if route.response is not None:
         content[_JSON] = {"schema": refs[route.response, "serialization"]}
-    if route.stream is not None:
+    if route.stream == SSE:  # OpenAPI 3.1: the schema of one event
+        content[SSE] = {"schema": {
+            "type": "object", "required": ["data"],
+            "properties": {"data": {"type": "string", "description": "A JSON chunk of the answer; `[DONE]` last. "
+                                    "An error after the start arrives as a last chunk in the one error body."}},
+        }}
+    elif route.stream is not None:
         content[route.stream] = {"schema": {"type": "string"}}
     ok_headers = _header_refs("X-Request-ID", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
     responses: dict[str, Any] = {"200": {"description": "OK", "headers": ok_headers, "content": content}}

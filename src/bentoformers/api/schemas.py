@@ -26,7 +26,7 @@ class OpenAIEmbeddingRequest(BaseModel):
     input: StrictStr | list[StrictStr]
     model: StrictStr | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: StrictInt | None = Field(None, ge=1)
     truncate: StrictBool = False
 
 
