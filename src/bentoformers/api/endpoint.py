@@ -17,7 +17,7 @@ from bentoformers.errors import ApiError, ErrorType
 from bentoformers.runtime.card import ModelCard
 from bentoformers.runtime.tokenizer import InputTooLong, TextTokenizer
 from bentoformers.serving.batcher import Coalescer
-from bentoformers.serving.health import ModelHealth
+from bentoformers.serving.health import ModelDown, ModelHealth
 from bentoformers.settings import Settings
 
 logger = logging.getLogger("bentoformers.gateway")
@@ -81,9 +81,11 @@ class ModelEndpoint:
         if self.health.down:  # a dead model service's calls would wait for its restart
             raise self.unavailable()
         try:
-            return await self.coalescer.submit(ids)
+            return await self.health.unless_down(self.coalescer.submit(ids))
         except ApiError:
             raise
+        except ModelDown:
+            raise self.unavailable() from None
         except Exception as exc:
             self.health.failed(exc)
             # An honest 503, quietly: the model service logs its own failures, and a traceback per shed

@@ -15,12 +15,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Literal, TypeVar
 
 import aiohttp
 
 logger = logging.getLogger("bentoformers.health")
 State = Literal["unknown", "up", "down"]
+T = TypeVar("T")
+
+
+class ModelDown(Exception):
+    """The model service went down while a call to it waited."""
 
 
 class ModelHealth:
@@ -31,6 +36,7 @@ class ModelHealth:
         self.state: State = "unknown"
         self._since = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        self._went_down = asyncio.Event()  # set while down; a new one each time it is back
 
     def watch(self) -> None:
         """Starts the watcher on the running loop (once; the first probe or request calls it)."""
@@ -45,6 +51,20 @@ class ModelHealth:
         """A call failed: if it failed as a dead service fails (no connection), the service is down now."""
         if is_connection_failure(exc):
             self._set("down", f"{type(exc).__name__}: {exc}")
+
+    async def unless_down(self, awaitable: Awaitable[T]) -> T:
+        """The call's result, or ModelDown as soon as the service is known down (the call is then cancelled):
+        a killed service's calls would otherwise wait for its restart."""
+        call = asyncio.ensure_future(awaitable)
+        went_down = asyncio.ensure_future(self._went_down.wait())
+        try:
+            await asyncio.wait({call, went_down}, return_when=asyncio.FIRST_COMPLETED)
+            if call.done():
+                return call.result()
+            raise ModelDown(self.name)
+        finally:
+            went_down.cancel()
+            call.cancel()  # nothing when it is done
 
     async def _watch(self) -> None:
         while True:
@@ -64,8 +84,10 @@ class ModelHealth:
             return
         now = time.monotonic()
         if state == "down":
+            self._went_down.set()
             logger.warning("model service %s is not answering (%s): not ready, its requests get 503", self.name, reason)
         elif self.state == "down":
+            self._went_down = asyncio.Event()
             logger.warning("model service %s answers again after %.1fs", self.name, now - self._since)
         self.state, self._since = state, now
 
