@@ -62,6 +62,7 @@ async def _drill(url: str, act, until) -> tuple[list[tuple], list[tuple], float]
                     status = "hang"
                 readiness.append((sent, time.monotonic(), status))
                 if until(readiness) or sent - acted > RECOVERY_BOUND:
+                    await asyncio.sleep(2)  # and load on after it
                     stop.set()
                 await asyncio.sleep(0.2)
 

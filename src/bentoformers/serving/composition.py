@@ -40,7 +40,7 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     app = create_app()
     token = internal_token(settings)
     attrs: dict[str, object] = {
-        "_served": served, "_settings": settings, "_asgi": app, "_token": token, "_drain": ShutdownDrain(),
+        "_served": served, "_settings": settings, "_asgi": app, "_token": token, "_drain": ShutdownDrain(grace_seconds=2.0),
         "__module__": "service",
     }
     for stored in served:
@@ -114,7 +114,7 @@ class _Gateway:
 
     async def __is_ready__(self) -> bool:
         """BentoML's /readyz hook: ready once every model service answers a real call (liveness stays BentoML's)."""
-        return self._asgi.state.gateway.ready()
+        return await self._asgi.state.gateway.ready()
 
 
 def _send_token(service: object, token: str) -> None:

@@ -37,11 +37,24 @@ class ModelHealth:
         self._since = time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._went_down = asyncio.Event()  # set while down; a new one each time it is back
+        self._decided = asyncio.Event()  # set at the first answer or failure
 
     def watch(self) -> None:
         """Starts the watcher on the running loop (once; the first probe or request calls it)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._watch(), name=f"health {self.name}")
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:  # (a test's new loop)
+            self._went_down, self._decided = asyncio.Event(), asyncio.Event()
+            if self.down:
+                self._went_down.set()
+            self._task = loop.create_task(self._watch(), name=f"health {self.name}")
+
+    async def first_decided(self) -> None:
+        """Waits (at most one call's timeout) for the first answer or failure, so the first probe can be true."""
+        try:
+            async with asyncio.timeout(self.timeout + 0.5):
+                await self._decided.wait()
+        except TimeoutError:
+            pass
 
     @property
     def down(self) -> bool:
@@ -80,6 +93,7 @@ class ModelHealth:
             await asyncio.sleep(self.interval)
 
     def _set(self, state: State, reason: str = "") -> None:
+        self._decided.set()
         if state == self.state:
             return
         now = time.monotonic()
