@@ -64,8 +64,9 @@ class _ModelService:
         self.gpu_memory = metrics.GpuMemory() if self.device == "cuda" else None
         if self.settings.metrics_port:
             serve_metrics(self.settings.metrics_port)
-        # On SIGTERM, keep answering while the gateway finishes its requests in flight.
-        self.drain = ShutdownDrain()
+        # On SIGTERM, keep answering while the gateway finishes its requests in flight: at least 3 s, past the
+        # gateway's own 2 s grace for what its clients had sent (middleware/shutdown.py).
+        self.drain = ShutdownDrain(grace_seconds=3.0)
         self.drain.install()
         return self.proof.engine
 
