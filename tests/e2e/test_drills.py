@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import statistics
@@ -63,6 +62,7 @@ async def _drill(url: str, act, until) -> tuple[list[tuple], list[tuple], float]
                     status = "hang"
                 readiness.append((sent, time.monotonic(), status))
                 if until(readiness) or sent - acted > RECOVERY_BOUND:
+                    await asyncio.sleep(2)  # and load on after it
                     stop.set()
                 await asyncio.sleep(0.2)
 
@@ -116,30 +116,30 @@ def test_sigkill_of_the_model_worker_gets_fast_503s_and_recovers_without_the_gat
     assert "Traceback" not in drilled.log.read_text()
 
 
-def test_a_stopped_model_service_ends_its_streams_and_readiness_until_it_continues(drilled):
+def test_a_stopped_model_service_ends_its_generations_and_readiness_until_it_continues(drilled):
+    """SIGSTOP (a hung model service): a generation waiting on it ends with a clean error, not a held slot
+    (the tiny test model finishes a whole stream before a signal lands, so the stop comes first here), /readyz
+    turns 503 and new generations get 503 at once; after SIGCONT it is ready and generates again."""
     url, proc = drilled.url, drilled.proc
     (worker,) = _workers(proc, "model-gpt2")
-    body = {"model": "gpt2", "prompt": "The cat sat on", "max_new_tokens": 400, "stream": True}
-    events, started = [], time.monotonic()
-    with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as stream:
-        assert stream.status_code == 200
-        lines = stream.iter_lines()
-        events.append(next(line for line in lines if line.startswith("data:")))
-        worker.suspend()  # SIGSTOP mid-stream
-        try:
-            events += [line for line in lines if line.startswith("data:")]
-            ended = time.monotonic()
-            deadline = time.monotonic() + 30
-            while httpx.get(f"{url}/readyz", timeout=5).status_code == 200 and time.monotonic() < deadline:
-                time.sleep(0.2)
-            not_ready = httpx.get(f"{url}/readyz", timeout=5).status_code
-            refused = httpx.post(f"{url}/generate", json={"model": "gpt2", "prompt": "hi"}, timeout=30)
-        finally:
-            worker.resume()
-    last = json.loads(events[-1].removeprefix("data:"))
-    print(f"\nSIGSTOP of the model-gpt2 worker mid-stream: the stream ended {ended - started:.1f}s after it began "
-          f"with {last}; /readyz {not_ready}; a new generation got {refused.status_code}")
-    assert last["error"]["type"] == "timeout_error"
+    body = {"model": "gpt2", "prompt": "The cat sat on", "max_new_tokens": 100, "stream": True}
+    worker.suspend()
+    try:
+        started = time.monotonic()
+        stalled = httpx.post(f"{url}/generate", json=body, timeout=60)
+        ended = time.monotonic() - started
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/readyz", timeout=5).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        not_ready = httpx.get(f"{url}/readyz", timeout=5).status_code
+        refused = httpx.post(f"{url}/generate", json={"model": "gpt2", "prompt": "hi"}, timeout=30)
+    finally:
+        worker.resume()
+    print(f"\nSIGSTOP of the model-gpt2 worker: a generation waiting on it got {stalled.status_code} "
+          f"{stalled.json()['error']['type']} after {ended:.1f}s; /readyz {not_ready}; a new generation got "
+          f"{refused.status_code}")
+    assert stalled.status_code in (503, 504) and stalled.json()["error"]["type"] in ("overloaded_error", "timeout_error")
+    assert stalled.headers["x-request-id"]
     assert not_ready == 503
     assert refused.status_code == 503 and refused.headers["retry-after"]
     deadline = time.monotonic() + RECOVERY_BOUND

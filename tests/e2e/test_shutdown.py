@@ -15,6 +15,14 @@ from conftest import running_server
 pytestmark = pytest.mark.slow
 
 
+def _value(page: str, sample: str) -> float:
+    """A sample's value in a metrics page (0 when absent)."""
+    for line in page.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 @pytest.mark.parametrize("model_process", ["gateway", "separate"])
 def test_sigterm_finishes_the_requests_in_flight(minilm_path, sentences, tmp_path, model_process):
     serve = [sys.executable, "-m", "bentoml", "serve", "service:Gateway"]
@@ -24,7 +32,15 @@ def test_sigterm_finishes_the_requests_in_flight(minilm_path, sentences, tmp_pat
         body = {"inputs": (sentences * 2)[:256], "truncate": True}  # a few hundred ms of model work each
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(httpx.post, f"{url}/embed", json=body, timeout=60) for _ in range(6)]
-            time.sleep(0.3)  # in flight now
+            # In flight now: all six in the gateway and the first model call started (a fixed sleep is not enough
+            # on a busy machine; a request not yet begun when SIGTERM lands is a new one, answered 503).
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                page = httpx.get(f"{url}/metrics").text
+                if _value(page, "bentoformers_requests_in_progress") >= 7 and _value(
+                        page, 'bentoformers_batch_items_count{model="minilm"}') >= 1:
+                    break
+                time.sleep(0.05)
             sent = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             codes = [f.result().status_code for f in futures]

@@ -22,7 +22,7 @@ from bentoformers.runtime.card import ModelCard
 from bentoformers.runtime.chat import ChatTemplate
 from bentoformers.runtime.tokenizer import InputTooLong, TextTokenizer
 from bentoformers.serving.batcher import Coalescer
-from bentoformers.serving.health import ModelHealth
+from bentoformers.serving.health import ModelDown, ModelHealth
 from bentoformers.settings import Settings
 
 logger = logging.getLogger("bentoformers.gateway")
@@ -121,11 +121,13 @@ class ModelEndpoint:
         assert self._call is not None
         try:
             try:
-                return await self._call(ids)
+                return await self.health.unless_down(self._call(ids))
             except aiohttp.ClientConnectionError:  # once more (see _reopened): it reached no model service
-                return await self._call(ids)
+                return await self.health.unless_down(self._call(ids))
         except ApiError:
             raise
+        except ModelDown:
+            raise self.unavailable() from None
         except Exception as exc:
             if not unavailable_error(exc):
                 logger.exception("model service call failed (%s)", self.name)

@@ -27,10 +27,14 @@ class Gateway:
         if settings.default_model and settings.default_model not in self.models:
             raise RuntimeError(f"default_model {settings.default_model!r} is not served; served: {', '.join(self.models)}")
 
-    def ready(self) -> bool:
-        """Every model service answered its last health call (serving/health.py); never waits."""
+    async def ready(self) -> bool:
+        """Every model service answered its last health call (serving/health.py). Waits only for a first call,
+        bounded by its timeout: it never waits on a model service after that."""
         for endpoint in self.models.values():
             endpoint.health.watch()
+        for endpoint in self.models.values():
+            if endpoint.health.state == "unknown":
+                await endpoint.health.first_decided()
         return all(e.health.state == "up" for e in self.models.values())
 
     def pick(self, requested: str | None, task: str) -> ModelEndpoint:

@@ -1,13 +1,14 @@
 """On SIGTERM the gateway finishes what it has and refuses what comes (serving/drain.py holds the signal).
 
-Until its requests in flight are done (and it has been idle for a moment), a draining gateway worker
-answers every new request at once with 503, `Retry-After` and `Connection: close`: a keep-alive client is
-told to go elsewhere instead of losing its next request to a connection closed under it.
+For a short grace after the signal it still serves what its clients had sent (each answer with
+`Connection: close`); after it, until its requests in flight are done and it has been idle for a moment,
+it answers every new request at once with 503, `Retry-After` and `Connection: close`: a keep-alive client
+is told to go elsewhere instead of losing its next request to a connection closed under it.
 """
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bentoformers.api.routes import PROBE_PATHS
 from bentoformers.errors import ApiError, ErrorType, error_response
@@ -23,7 +24,9 @@ class ShutdownMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if self.drain.draining and (path not in PROBE_PATHS or path == "/readyz"):  # not ready while draining
+        if self.drain.draining and path == "/readyz":
+            await error_response(ApiError(ErrorType.OVERLOADED, "shutting down"))(scope, receive, send)
+        elif self.drain.refusing and path not in PROBE_PATHS:
             error = ApiError(
                 ErrorType.OVERLOADED, "the server is shutting down; retry on another replica",
                 headers={"Retry-After": str(self.retry_after), "Connection": "close"},
@@ -33,4 +36,14 @@ class ShutdownMiddleware:
             await self.app(scope, receive, send)
         else:
             with self.drain.busy():
-                await self.app(scope, receive, send)
+                await self.app(scope, receive, self._closing(send))
+
+    def _closing(self, send: Send) -> Send:
+        """While draining (its grace), each answer tells the client to close its connection."""
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.drain.draining:
+                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
+            await send(message)
+
+        return send_closing

@@ -51,7 +51,7 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     local: dict[str, bentoml.Service] = {}
     attrs: dict[str, object] = {
         "_served": served, "_settings": settings, "_asgi": app, "_local": local, "_token": token,
-        "_drain": ShutdownDrain(), "__module__": "service",
+        "_drain": ShutdownDrain(grace_seconds=2.0), "__module__": "service",
     }
     for stored in served:
         service = model_service(stored, settings, token, own_process=not in_gateway)
@@ -143,7 +143,7 @@ class _Gateway:
 
     async def __is_ready__(self) -> bool:
         """BentoML's /readyz hook: ready once every model service answers a real call (liveness stays BentoML's)."""
-        return self._asgi.state.gateway.ready()
+        return await self._asgi.state.gateway.ready()
 
 
 def _send_token(service: object, token: str) -> None:

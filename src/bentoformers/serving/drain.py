@@ -21,10 +21,10 @@ class ShutdownDrain:
     after `max_seconds` (below the supervisor's 30 s before it kills). A second signal stops at once.
     """
 
-    def __init__(self, idle_seconds: float = 1.0, max_seconds: float = 20.0) -> None:
-        self.idle_seconds, self.max_seconds = idle_seconds, max_seconds
+    def __init__(self, idle_seconds: float = 1.0, max_seconds: float = 20.0, grace_seconds: float = 0.0) -> None:
+        self.idle_seconds, self.max_seconds, self.grace_seconds = idle_seconds, max_seconds, grace_seconds
         self.active, self.last_call = 0, time.monotonic()
-        self._draining = False
+        self._draining, self._signalled = False, 0.0
 
     @contextmanager
     def busy(self) -> Iterator[None]:
@@ -39,6 +39,11 @@ class ShutdownDrain:
     def draining(self) -> bool:
         return self._draining
 
+    @property
+    def refusing(self) -> bool:
+        """Draining, and past the grace for requests its clients had sent before the signal."""
+        return self._draining and time.monotonic() - self._signalled >= self.grace_seconds
+
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread (e.g. not under a test client)
@@ -52,13 +57,15 @@ class ShutdownDrain:
             if self._draining:
                 previous(sig, frame)
                 return
-            self._draining = True
+            self._draining, self._signalled = True, time.monotonic()
             threading.Thread(target=self._wait_then, args=(previous, sig), daemon=True).start()
 
         return on_signal
 
     def _wait_then(self, previous: Callable[[int, FrameType | None], Any], sig: int) -> None:
         deadline = time.monotonic() + self.max_seconds
-        while time.monotonic() < deadline and (self.active or time.monotonic() - self.last_call < self.idle_seconds):
+        while time.monotonic() < deadline and (
+            not self.refusing or self.active or time.monotonic() - self.last_call < self.idle_seconds
+        ):
             time.sleep(0.05)
         previous(sig, None)

@@ -15,12 +15,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Literal, TypeVar
 
 import aiohttp
 
 logger = logging.getLogger("bentoformers.health")
 State = Literal["unknown", "up", "down"]
+T = TypeVar("T")
+
+
+class ModelDown(Exception):
+    """The model service went down while a call to it waited."""
 
 
 class ModelHealth:
@@ -31,11 +36,25 @@ class ModelHealth:
         self.state: State = "unknown"
         self._since = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        self._went_down = asyncio.Event()  # set while down; a new one each time it is back
+        self._decided = asyncio.Event()  # set at the first answer or failure
 
     def watch(self) -> None:
         """Starts the watcher on the running loop (once; the first probe or request calls it)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._watch(), name=f"health {self.name}")
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:  # (a test's new loop)
+            self._went_down, self._decided = asyncio.Event(), asyncio.Event()
+            if self.down:
+                self._went_down.set()
+            self._task = loop.create_task(self._watch(), name=f"health {self.name}")
+
+    async def first_decided(self) -> None:
+        """Waits (at most one call's timeout) for the first answer or failure, so the first probe can be true."""
+        try:
+            async with asyncio.timeout(self.timeout + 0.5):
+                await self._decided.wait()
+        except TimeoutError:
+            pass
 
     @property
     def down(self) -> bool:
@@ -45,6 +64,20 @@ class ModelHealth:
         """A call failed: if it failed as a dead service fails (no connection), the service is down now."""
         if is_connection_failure(exc):
             self._set("down", f"{type(exc).__name__}: {exc}")
+
+    async def unless_down(self, awaitable: Awaitable[T]) -> T:
+        """The call's result, or ModelDown as soon as the service is known down (the call is then cancelled):
+        a killed service's calls would otherwise wait for its restart."""
+        call = asyncio.ensure_future(awaitable)
+        went_down = asyncio.ensure_future(self._went_down.wait())
+        try:
+            await asyncio.wait({call, went_down}, return_when=asyncio.FIRST_COMPLETED)
+            if call.done():
+                return call.result()
+            raise ModelDown(self.name)
+        finally:
+            went_down.cancel()
+            call.cancel()  # nothing when it is done
 
     async def _watch(self) -> None:
         while True:
@@ -60,12 +93,15 @@ class ModelHealth:
             await asyncio.sleep(self.interval)
 
     def _set(self, state: State, reason: str = "") -> None:
+        self._decided.set()
         if state == self.state:
             return
         now = time.monotonic()
         if state == "down":
+            self._went_down.set()
             logger.warning("model service %s is not answering (%s): not ready, its requests get 503", self.name, reason)
         elif self.state == "down":
+            self._went_down = asyncio.Event()
             logger.warning("model service %s answers again after %.1fs", self.name, now - self._since)
         self.state, self._since = state, now
 

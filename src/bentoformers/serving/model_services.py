@@ -66,9 +66,10 @@ class _ModelService:
         self.gpu_memory = metrics.GpuMemory() if self.device == "cuda" else None
         if self.own_process and self.settings.metrics_port:
             serve_metrics(self.settings.metrics_port)
-        # On SIGTERM, keep answering while the gateway finishes its requests in flight (in the gateway's own
-        # process, the gateway's drain does).
-        self.drain = ShutdownDrain()
+        # On SIGTERM, keep answering while the gateway finishes its requests in flight: at least 3 s, past the
+        # gateway's own 2 s grace for what its clients had sent (middleware/shutdown.py). In the gateway's own
+        # process the gateway's drain does it.
+        self.drain = ShutdownDrain(grace_seconds=3.0)
         if self.own_process:
             self.drain.install()
         return self.proof.engine
