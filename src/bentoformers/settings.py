@@ -43,9 +43,10 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(16_384, ge=1, description="Token budget per call to the model service.")
     max_queued_items: int = Field(4096, ge=1, description="Beyond this the gateway answers 503.")
     max_queue_seconds: float = Field(
-        2.0, gt=0, le=3600, allow_inf_nan=False,
+        30.0, gt=0, le=3600, allow_inf_nan=False,
         description="A request that would wait longer than this behind the queued work (at the model's recent "
-        "tokens/s) gets 503 + Retry-After at once.",
+        "tokens/s), and so likely miss its request timeout, gets 503 + Retry-After at once; lower it for "
+        "latency-sensitive traffic.",
     )
     retry_after_seconds: int = Field(1, ge=1)
     access_log: bool = Field(True, description="One JSON line per gateway request on stdout.")

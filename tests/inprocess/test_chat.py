@@ -28,7 +28,7 @@ def chat_folder(served_build):
 def scheduler(client):
     import service
 
-    return service.Gateway.inner.model_chat._resolved.scheduler
+    return service.Gateway.inner._asgi.state.models["chat"].scheduler
 
 
 def post(client, path, body):

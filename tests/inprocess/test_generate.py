@@ -24,7 +24,7 @@ PROMPTS = ["The cat sat on", "Rain fell over the", "She opened the door and", "A
 def scheduler(client):
     import service
 
-    return getattr(service.Gateway.inner, "model_gpt2")._resolved.scheduler
+    return service.Gateway.inner._asgi.state.models["gpt2"].scheduler
 
 
 def post(client, path, body):

@@ -96,7 +96,7 @@ def test_only_an_unavailable_model_service_is_a_retryable_503(client, gateway, m
 def test_a_sequence_whose_prefill_fails_ends_alone(client, monkeypatch):
     import service
 
-    scheduler = service.Gateway.inner.model_gpt2._resolved.scheduler
+    scheduler = service.Gateway.inner._asgi.state.models["gpt2"].scheduler
     prefill = scheduler.decoder.prefill
     poison = None
 

@@ -25,7 +25,9 @@ _JSON = "application/json"
 _EVERY_REQUEST = (ErrorType.AUTHENTICATION, ErrorType.PERMISSION, ErrorType.RATE_LIMITED, ErrorType.TOO_LARGE,
                   ErrorType.OVERLOADED, ErrorType.TIMEOUT, ErrorType.SERVER, ErrorType.NOT_FOUND,
                   ErrorType.METHOD_NOT_ALLOWED)
-_WITH_BODY = (ErrorType.INVALID_REQUEST, ErrorType.VALIDATION)
+_WITH_BODY = (ErrorType.INVALID_REQUEST, ErrorType.UNSUPPORTED_MEDIA_TYPE, ErrorType.VALIDATION)
+# Statuses answered with another type's body: a body not in within the time (408), headers over the bounds (431).
+_OTHER_STATUSES = {408: ErrorType.TIMEOUT, 431: ErrorType.TOO_LARGE}
 _ERROR_HEADERS = {
     ErrorType.AUTHENTICATION: {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}},
     ErrorType.RATE_LIMITED: {"Retry-After": {"$ref": "#/components/headers/Retry-After"}},
@@ -81,8 +83,9 @@ def _operation(route: RouteSpec, secured: bool, refs: dict) -> dict[str, Any]:
     ok_headers = _header_refs("X-Request-ID", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
     responses: dict[str, Any] = {"200": {"description": "OK", "headers": ok_headers, "content": content}}
     errors = _EVERY_REQUEST + (_WITH_BODY if route.request is not None else ())
-    for kind in sorted(errors, key=lambda k: STATUS[k]):
-        responses[str(STATUS[kind])] = {"$ref": f"#/components/responses/{kind}"}
+    statuses = {STATUS[kind]: kind for kind in errors} | _OTHER_STATUSES
+    for status in sorted(statuses):
+        responses[str(status)] = {"$ref": f"#/components/responses/{statuses[status]}"}
     operation: dict[str, Any] = {
         "operationId": route.handler,
         "summary": route.summary,

@@ -24,7 +24,9 @@ class OnnxEncoder:
     running them one after another, with no second copy of the weights). A text's result never depends on
     its batch: padding is masked, and int8 graphs quantize each token's activations on their own
     (build/quantize.py), so no scale is shared between rows. The tests check it with `np.array_equal`, at
-    one and at several threads.
+    one and at several threads. A sub-batch holds at most `max_batch_tokens` padded tokens: ONNX Runtime's
+    memory arena keeps the largest activations it has seen, so this bounds the memory of a long-running
+    service (at 16k tokens per sub-batch, MiniLM's attention alone took over 200 MB).
     """
 
     def __init__(
@@ -32,12 +34,13 @@ class OnnxEncoder:
         folder: str | Path,
         device: str = "cpu",
         threads: int | None = None,
-        max_batch_tokens: int = 8192,
+        max_batch_tokens: int | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.card = ModelCard.load(folder)
         self.device = device
-        self.max_batch_tokens = max_batch_tokens
+        # On a GPU, bigger sub-batches keep it busy; its memory is the CUDA arena's, sized by the card.
+        self.max_batch_tokens = max_batch_tokens or (16_384 if device == "cuda" else 2048)
         intra_op = 0 if device == "cuda" else (threads or usable_cores())
         self.session = open_session(self.folder / ONNX_FILE, device, intra_op_threads=intra_op, inter_op_threads=1)
         self._pool = ThreadPoolExecutor(max(1, intra_op), thread_name_prefix="onnx")

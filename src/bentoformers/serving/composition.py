@@ -119,12 +119,14 @@ class _Gateway:
 
     def __init__(self) -> None:
         endpoints = []
+        models: dict[str, object] = {}  # name -> its model service: the instance in this process, or the client
         for stored in self._served:
             # A model in this process is an instance of its service class (BentoML runs its sync methods
             # in a thread for `to_async`, as for any local dependency); otherwise, the dependency's client.
             local = self._local.get(stored.name)
             service = local() if local is not None else getattr(self, stored.attribute)
             _send_token(service, self._token)
+            models[stored.name] = service
             folder = getattr(self, stored.files_attribute).path
             call = stream = cancel = None
             if stored.task == "generation":
@@ -138,6 +140,7 @@ class _Gateway:
                 )
             )
         self._asgi.state.gateway = ModelChooser(self._settings, endpoints)
+        self._asgi.state.models = models
         # On SIGTERM: finish the requests in flight, refuse new ones (middleware/shutdown.py), then stop.
         self._drain.install()
 

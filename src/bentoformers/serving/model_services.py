@@ -106,7 +106,7 @@ class _EncoderService(_ModelService):
         self._loaded()
 
     def _open(self, folder) -> OnnxEncoder:
-        return OnnxEncoder(folder, device=self.device, threads=self.settings.threads(), max_batch_tokens=self.settings.max_batch_tokens)
+        return OnnxEncoder(folder, device=self.device, threads=self.settings.threads())
 
 
 class EmbeddingModel(_EncoderService):
