@@ -37,6 +37,12 @@ class _Touch:
         return (Path.touch, (Path(self.path),))
 
 
+def _logs(name: str) -> str:
+    """A container's output: BentoML writes its log to stderr."""
+    out = _podman("logs", name)
+    return f"== {name}\n{out.stdout}{out.stderr}"
+
+
 def _wait_ready(url: str, seconds: float, alive=lambda: True) -> float:
     start = time.monotonic()
     while time.monotonic() - start < seconds:
@@ -184,7 +190,7 @@ def test_gpu_split_runs_with_the_manifests_args_on_cpu(image, api_key, tmp_path)
             run = _podman("run", "-d", "--rm", "--name", names[-1], "--network", "host", *flags, image, *args)
             assert run.returncode == 0, run.stderr
         url = f"http://127.0.0.1:{gateway_port}"
-        assert _wait_ready(url, 180) >= 0, _podman("logs", names[0]).stdout[-2000:] + _podman("logs", names[-1]).stdout[-2000:]
+        assert _wait_ready(url, 180) >= 0, "\n".join(_logs(name)[-3000:] for name in names)
         r = httpx.post(f"{url}/embed", json={"inputs": ["split services"]},
                        headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert r.status_code == 200 and len(r.json()["embeddings"][0]) == 384

@@ -111,7 +111,15 @@ def _tree_rss(pid: int) -> dict[int, int]:
 
 
 def _soak_requests(rng: random.Random, sentences: list[str]):
-    """Mixed traffic: every route, one to 64 texts, short to over-the-limit texts, and some bad requests."""
+    """Mixed traffic: every route, one to 64 texts, short to over-the-limit texts, and some bad requests.
+
+    It opens with the largest requests of the mix, so the warm-up reaches the working set the mix can need
+    (ONNX Runtime's memory arena keeps the largest activations it has seen; the models run in the server's
+    own process): growth after that is a leak, not a first big request."""
+    longest = max(sentences, key=len) * 40
+    yield "/embed", {"inputs": [longest] * 64, "truncate": True}
+    yield "/classify", {"inputs": [longest] * 16, "truncate": True, "top_k": 1}
+    yield "/generate", {"prompt": longest[:200], "max_new_tokens": 32}
     while True:
         kind = rng.random()
         texts = [rng.choice(sentences) * rng.choice([1, 1, 2, 8, 40]) for _ in range(rng.choice([1, 1, 4, 16, 64]))]

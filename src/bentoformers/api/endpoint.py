@@ -122,8 +122,10 @@ class ModelEndpoint:
         try:
             try:
                 return await self.health.unless_down(self._call(ids))
-            except aiohttp.ClientConnectionError:  # once more (see _reopened): it reached no model service
-                return await self.health.unless_down(self._call(ids))
+            except aiohttp.ClientConnectionError as exc:
+                if not closed_under_us(exc):
+                    raise  # a dead model service: health hears of it below, and every waiter gets 503 at once
+                return await self.health.unless_down(self._call(ids))  # once more: it reached no model service
         except ApiError:
             raise
         except ModelDown:
@@ -316,6 +318,13 @@ class ModelEndpoint:
         return entry
 
 
+def closed_under_us(exc: aiohttp.ClientConnectionError) -> bool:
+    """BentoML's client closed its own session under this call (see _reopened), as opposed to a model service
+    that went away: only aiohttp's words tell them apart. Retrying a dead one would wait on its socket, which
+    BentoML's supervisor keeps open, until the health watcher notices."""
+    return any(words in str(exc) for words in ("Connector is closed", "Can not write request body"))
+
+
 async def _reopened(open_stream: Callable[[], AsyncIterator[str]]) -> AsyncIterator[str]:
     """A model service stream, opened once more when its connection fails before the first chunk: BentoML's
     dependency client replaces its HTTP session every 100 calls and closes the old one under the calls still
@@ -325,7 +334,9 @@ async def _reopened(open_stream: Callable[[], AsyncIterator[str]]) -> AsyncItera
         first = await anext(lines)
     except StopAsyncIteration:
         return
-    except aiohttp.ClientConnectionError:
+    except aiohttp.ClientConnectionError as exc:
+        if not closed_under_us(exc):
+            raise
         await lines.aclose()
         lines = open_stream()
         try:
