@@ -103,7 +103,10 @@ fi
 
 # 4. Bento, then image.
 step "bentoml build"
-BENTO=$(cd "$ROOT" && bentoml build -f "$WORK/bentofile.yaml" --output tag . 2>"$WORK/bentoml-build.log" | tail -1) \
+# The bento lists every service the image can start: composed with the models in processes of their own, as the
+# gpu component runs them (`start-http-server --service-name=model-…`). At run time the CPU default is still the
+# models in the gateway's process: the service is composed again from the runtime settings.
+BENTO=$(cd "$ROOT" && BENTOFORMERS_MODEL_PROCESS=separate bentoml build -f "$WORK/bentofile.yaml" --output tag . 2>"$WORK/bentoml-build.log" | tail -1) \
   || { cat "$WORK/bentoml-build.log" >&2; exit 1; }
 BENTO=${BENTO#__tag__:}
 step "containerize $BENTO as $TAG"
