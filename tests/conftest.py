@@ -50,13 +50,20 @@ def minilm_build():
 
 @pytest.fixture(scope="session")
 def served_build(minilm_build):
-    """The model list the services serve: MiniLM, `sentiment` (tiny classifier), `gpt2` (tiny GPT-2), all built,
-    named as the README's examples name them, and `chat` (a tiny GPT-2 with a chat template, fp32, with a
-    512-token context so a generation lasts long enough to leave it midway)."""
+    """The model list the services serve: MiniLM, `sentiment` (tiny classifier), `gpt2` (tiny GPT-2), the trained
+    tiny `rerank` (cross-encoder), `ner` (token classifier) and `nli` (zero-shot classifier), all built, named as
+    the README's examples name them, and `chat` (a tiny GPT-2 with a chat template, fp32, with a 512-token
+    context so a generation lasts long enough to leave it midway)."""
     import yaml
 
     from bentoformers.build.builder import build_model
-    from bentoformers.gpucheck import make_tiny_classifier, make_tiny_gpt2
+    from bentoformers.tiny_models import (
+        make_tiny_classifier,
+        make_tiny_gpt2,
+        make_tiny_nli,
+        make_tiny_reranker,
+        make_tiny_token_classifier,
+    )
     from bentoformers.spec import load_model_list
 
     folders = _RUN_DIR / "checkpoints"
@@ -66,6 +73,12 @@ def served_build(minilm_build):
         {"name": "sentiment", "source": str(make_tiny_classifier(folders / "sentiment", ["negative", "positive"])),
          "task": "classification", "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
         {"name": "gpt2", "source": str(make_tiny_gpt2(folders / "gpt2")), "task": "generation",
+         "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
+        {"name": "rerank", "source": str(make_tiny_reranker(folders / "rerank")), "task": "rerank",
+         "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
+        {"name": "ner", "source": str(make_tiny_token_classifier(folders / "ner")), "task": "token-classification",
+         "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
+        {"name": "nli", "source": str(make_tiny_nli(folders / "nli")), "task": "classification",
          "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
         {"name": "chat", "task": "generation", "variants": [{"precision": "fp32"}],
          "source": str(make_tiny_gpt2(folders / "chat", CHAT_TEMPLATE, ("<|im_start|>", "<|im_end|>"), 512))},
@@ -84,8 +97,13 @@ def served_build(minilm_build):
     # and the tiny model's greedy near-ties do not survive that on every CPU class (README, "int8 on every
     # CPU"): where it is refused the build says on which class, and the tests that need it skip saying so.
     for name, precision in [("minilm", "fp32"), ("minilm", "int8"), ("sentiment", "fp32"), ("sentiment", "int8"),
-                            ("gpt2", "fp32"), ("chat", "fp32")]:
+                            ("gpt2", "fp32"), ("chat", "fp32"), ("rerank", "fp32"), ("ner", "fp32"), ("nli", "fp32")]:
         assert results[name][precision].ok, f"{name} {precision}: {results[name][precision].reason}"
+    # The trained tiny encoders' int8 passed its gates on both CPU classes here; elsewhere a refusal must
+    # at least name the class it failed on (the service then serves fp32).
+    for name in ("rerank", "ner", "nli"):
+        result = results[name]["int8"]
+        assert result.ok or "below its gate on " in result.reason, f"{name} int8: {result.reason}"
     gpt2_int8 = results["gpt2"]["int8"]
     assert gpt2_int8.ok or " on avx2" in gpt2_int8.reason or " on sse" in gpt2_int8.reason, gpt2_int8.reason
     return results

@@ -75,7 +75,7 @@ def build_bench_model() -> tuple[Path, Path]:
     import yaml
 
     from bentoformers.build.builder import build_model
-    from bentoformers.gpucheck import make_tiny_gpt2
+    from bentoformers.tiny_models import make_tiny_gpt2
     from bentoformers.spec import load_model_list, store_name
 
     work = Path(tempfile.gettempdir()) / "bentoformers-bench-model"

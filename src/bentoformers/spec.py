@@ -10,11 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from bentoformers.settings import Precision
 
-Task = Literal["embeddings", "classification", "generation"]
+Task = Literal["embeddings", "classification", "rerank", "token-classification", "generation"]
 
 # Fidelity gates against the fp32 PyTorch reference; a variant below them is not saved.
 # embeddings: cosine and nearest-neighbour overlap on the shipped sentences;
-# classification: top-label agreement and the largest probability difference on the shipped sentences;
+# classification: top-label agreement and the largest probability difference on the shipped sentences
+#   (premise/hypothesis pairs for an NLI model, the zero-shot classifier);
+# rerank: per query, the top document and Kendall's tau of the order, on the shipped query/document sets,
+#   and the largest difference of a relevance score (the sigmoid of the logit);
+# token-classification: each real token's top label, and the largest probability difference;
 # generation: greedy tokens that agree (up to each prompt's first divergence) on fixed prompts.
 DEFAULT_GATES: dict[str, dict[str, dict[str, float]]] = {
     "embeddings": {
@@ -27,6 +31,16 @@ DEFAULT_GATES: dict[str, dict[str, dict[str, float]]] = {
         "fp16": {"label_agreement": 0.99, "max_prob_diff": 0.01},
         "int8": {"label_agreement": 0.99, "max_prob_diff": 0.1},
     },
+    "rerank": {
+        "fp32": {"top1_agreement": 1.0, "kendall_tau": 0.999, "max_score_diff": 1e-4},
+        "fp16": {"top1_agreement": 0.99, "kendall_tau": 0.95, "max_score_diff": 0.01},
+        "int8": {"top1_agreement": 0.99, "kendall_tau": 0.95, "max_score_diff": 0.1},
+    },
+    "token-classification": {
+        "fp32": {"label_agreement": 1.0, "max_prob_diff": 1e-4},
+        "fp16": {"label_agreement": 0.99, "max_prob_diff": 0.01},
+        "int8": {"label_agreement": 0.99, "max_prob_diff": 0.1},
+    },
     "generation": {
         "fp32": {"token_agreement": 1.0},
         "fp16": {"token_agreement": 0.9},
@@ -34,7 +48,7 @@ DEFAULT_GATES: dict[str, dict[str, dict[str, float]]] = {
     },
 }
 # Figures that must stay at or below their gate; every other figure must reach it.
-UPPER_BOUNDS = frozenset({"max_prob_diff"})
+UPPER_BOUNDS = frozenset({"max_prob_diff", "max_score_diff"})
 
 
 def gate_failures(figures: dict[str, float], gates: dict[str, float]) -> list[str]:

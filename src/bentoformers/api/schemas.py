@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from bentoformers.errors import ErrorType
+from bentoformers.spec import Task
 
 
 class EmbedRequest(BaseModel):
@@ -214,7 +215,7 @@ class ModelInfo(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
-    task: Literal["embeddings", "classification", "generation"]
+    task: Task
     precision: str | None
     device: str | None
 

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The tokens of a pair's second text (a reranker's document, an NLI hypothesis) cross to the model service as
+# id + SECOND_SEGMENT: its batched call takes one list of ids per sequence (BentoML's batchable methods take
+# a single argument), and the encoder rebuilds the token type ids from them (runtime/encoder.py, `feed`).
+SECOND_SEGMENT = 1 << 24  # above any vocabulary
+
+
 
 class InputTooLong(ValueError):
     def __init__(self, index: int, tokens: int, limit: int) -> None:
@@ -24,6 +30,7 @@ class TextTokenizer:
         self._truncating = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
         self._truncating.no_padding()
         self._truncating.enable_truncation(max_length)
+        self._pair_truncating: dict[str, object] = {}  # by strategy, made when first asked for
 
     def encode(self, texts: list[str], truncate: bool) -> list[list[int]]:
         tokenizer = self._truncating if truncate else self._whole
@@ -35,6 +42,40 @@ class TextTokenizer:
                     raise InputTooLong(i, len(seq), self.max_length)
         return ids
 
+
+    def encode_pairs(self, pairs: list[tuple[str, str]], truncate: bool, strategy: str = "longest_first") -> list[list[int]]:
+        """Pairs as one sequence each, with the model's separators and token types, exactly as Transformers
+        encodes `tokenizer(first, second)`. With truncate, `strategy` says which text loses tokens: the longer
+        one first (a reranker's query and document, as sentence-transformers' CrossEncoder truncates), or
+        `only_first` (a zero-shot premise, as Transformers' pipeline truncates it)."""
+        tokenizer = self._whole
+        if truncate:
+            tokenizer = self._pair_truncating.get(strategy)
+            if tokenizer is None:
+                tokenizer = self._pair_truncating[strategy] = self._truncating_copy(strategy)
+        try:
+            encodings = [tokenizer.encode(*pairs[0])] if len(pairs) == 1 else tokenizer.encode_batch(pairs)
+        except Exception:  # the Rust tokenizer's truncation error: `only_first` with a second text too long alone
+            for i, pair in enumerate(pairs):
+                try:
+                    tokenizer.encode(*pair)
+                except Exception:
+                    raise InputTooLong(i, len(self._whole.encode(*pair).ids), self.max_length) from None
+            raise
+        out = []
+        for i, encoding in enumerate(encodings):
+            if not truncate and len(encoding.ids) > self.max_length:
+                raise InputTooLong(i, len(encoding.ids), self.max_length)
+            out.append([t + SECOND_SEGMENT * s for t, s in zip(encoding.ids, encoding.type_ids)])
+        return out
+
+    def _truncating_copy(self, strategy: str):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(self._whole.to_str())
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(self.max_length, strategy=strategy)
+        return tokenizer
 
     def ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """One text, whole (a prompt: the caller checks it against the context). A rendered chat template

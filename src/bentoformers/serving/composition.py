@@ -32,7 +32,7 @@ from bentoformers.runtime.session import cuda_likely
 from bentoformers.security.authenticator import Authenticator, startup_authenticator
 from bentoformers.security.ratelimit import RateLimiter
 from bentoformers.serving.drain import ShutdownDrain
-from bentoformers.serving.model_services import SERVICE_CLASSES
+from bentoformers.serving.model_services import BATCHED_METHODS, SERVICE_CLASSES
 from bentoformers.serving.store import StoredModel, check_attributes_unique, served_models
 from bentoformers.settings import Settings
 
@@ -132,7 +132,7 @@ class _Gateway:
             if stored.task == "generation":
                 stream, cancel = _streamer(service), _caller(service, "cancel")
             else:
-                call = _caller(service, "embed" if stored.task == "embeddings" else "classify")
+                call = _caller(service, BATCHED_METHODS[stored.task])
             endpoints.append(
                 ModelEndpoint(
                     self._settings, folder, describe=_caller(service, "describe"), call=call, stream=stream,
