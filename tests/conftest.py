@@ -57,6 +57,7 @@ def served_build(minilm_build):
     import yaml
 
     from bentoformers.build.builder import build_model
+    from bentoformers.spec import load_model_list
     from bentoformers.tiny_models import (
         make_tiny_classifier,
         make_tiny_gpt2,
@@ -64,7 +65,6 @@ def served_build(minilm_build):
         make_tiny_reranker,
         make_tiny_token_classifier,
     )
-    from bentoformers.spec import load_model_list
 
     folders = _RUN_DIR / "checkpoints"
     entries = [

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bentoformers import __version__
 import numpy as np
 
+from bentoformers import __version__
 from bentoformers.build.export import (
     copy_tokenizer,
     export_onnx,
