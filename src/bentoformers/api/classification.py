@@ -6,7 +6,7 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bentoformers.api.gateway import account, gateway_of, json_response, parse_body
+from bentoformers.api.gateway import gateway_of, infer_charged, json_response, parse_body
 from bentoformers.api.schemas import ClassifyRequest
 from bentoformers.runtime.encoder import label_scores
 
@@ -17,9 +17,8 @@ async def classify(request: Request) -> Response:
     endpoint = gateway_of(request).pick(body.model, "classification")
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     ids = await endpoint.tokenize(texts, body.truncate, "inputs")
-    tokens = sum(map(len, ids))
-    await account(request, endpoint, tokens)
-    scores = label_scores(await endpoint.infer(ids), endpoint.card.multi_label)
+    logits, tokens = await infer_charged(request, endpoint, ids)
+    scores = label_scores(logits, endpoint.card.multi_label)
     labels = endpoint.card.labels
     top_k = len(labels) if body.top_k is None else min(body.top_k, len(labels))
     results = []

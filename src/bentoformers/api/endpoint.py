@@ -94,7 +94,7 @@ class ModelEndpoint:
             # Only the first tokens are kept: do not tokenize (nor count) far past them.
             keep = self.card.max_length * TRUNCATE_CHARS_PER_TOKEN
             texts = [text[:keep] for text in texts]
-        self._check_texts(texts, param)
+        self.check_texts(texts, param)
         try:
             if sum(map(len, texts)) > INLINE_TOKENIZE_CHARS:
                 return await asyncio.to_thread(self.tokenizer.encode, texts, truncate)
@@ -105,6 +105,29 @@ class ModelEndpoint:
                 f"{param}[{exc.index}] has {exc.tokens} tokens, over the model's limit of {exc.limit}; "
                 "shorten it or send truncate: true",
                 param=f"{param}.{exc.index}",
+            ) from None
+
+    async def tokenize_pairs(
+        self, pairs: list[tuple[str, str]], truncate: bool, params: tuple[str, str], strategy: str = "longest_first"
+    ) -> list[list[int]]:
+        """Pairs of texts (query and document, premise and hypothesis) as one sequence each; the caller checks
+        its texts (check_texts). `params` name the two texts' fields for errors (the second indexed per pair)."""
+        if len(pairs) > self.settings.max_items_per_request:
+            raise ApiError(
+                ErrorType.TOO_LARGE,
+                f"the request makes {len(pairs)} pairs for the model; at most {self.settings.max_items_per_request}",
+                param=params[1],
+            )
+        try:
+            if sum(len(a) + len(b) for a, b in pairs) > INLINE_TOKENIZE_CHARS:
+                return await asyncio.to_thread(self.tokenizer.encode_pairs, pairs, truncate, strategy)
+            return self.tokenizer.encode_pairs(pairs, truncate, strategy)
+        except InputTooLong as exc:
+            raise ApiError(
+                ErrorType.TOO_LARGE,
+                f"{params[1]}[{exc.index}] with its {params[0]} has {exc.tokens} tokens, over the model's limit of "
+                f"{exc.limit}; shorten it or send truncate: true",
+                param=f"{params[1]}.{exc.index}",
             ) from None
 
     async def infer(self, ids: list[list[int]]) -> np.ndarray:
@@ -250,7 +273,7 @@ class ModelEndpoint:
             headers={"Retry-After": str(self.settings.retry_after_seconds)},
         )
 
-    def _check_texts(self, texts: list[str], param: str) -> None:
+    def check_texts(self, texts: list[str], param: str) -> None:
         limits = self.settings
         if not texts:
             raise ApiError(ErrorType.VALIDATION, f"{param} must hold at least one text", param=param)
@@ -309,7 +332,12 @@ class ModelEndpoint:
         if card.task == "embeddings":
             entry |= {"dimensions": card.dimensions, "max_input_tokens": card.max_length}
         elif card.task == "classification":
-            entry |= {"labels": list(card.labels), "multi_label": card.multi_label, "max_input_tokens": card.max_length}
+            entry |= {"labels": list(card.labels), "multi_label": card.multi_label, "max_input_tokens": card.max_length,
+                      "zero_shot": card.entailment_index >= 0}
+        elif card.task == "token-classification":
+            entry |= {"labels": list(card.labels), "max_input_tokens": card.max_length}
+        elif card.task == "rerank":
+            entry["max_input_tokens"] = card.max_length  # a query and a document together
         if card.task != "generation":
             entry["max_items_per_request"] = self.settings.max_items_per_request
         else:

@@ -91,6 +91,14 @@ def gateway_of(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
+async def infer_charged(request: Request, endpoint: ModelEndpoint, ids: list[list[int]]) -> tuple[Any, int]:
+    """The shared last steps of every encoder route: charge the tokens (account), then the batched model call.
+    Returns the rows and the token count."""
+    tokens = sum(map(len, ids))
+    await account(request, endpoint, tokens)
+    return await endpoint.infer(ids), tokens
+
+
 async def account(request: Request, endpoint: ModelEndpoint, tokens: int, reserve: int = 0) -> None:
     """After tokenizing, before the model call: the caller's token budget (429 when over it), the model and
     tokens for the access log, the token metric. Every model route calls it. Generation also charges
