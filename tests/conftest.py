@@ -50,8 +50,8 @@ def minilm_build():
 
 @pytest.fixture(scope="session")
 def served_build(minilm_build):
-    """The model list the services serve: MiniLM, `sentiment` (tiny classifier), `gpt2` (tiny GPT-2), the trained
-    tiny `rerank` (cross-encoder), `ner` (token classifier) and `nli` (zero-shot classifier), all built, named as
+    """The model list the services serve: MiniLM, `sentiment` (tiny classifier), `gpt2` (tiny GPT-2), tiny
+    `rerank` (cross-encoder), `ner` (token classifier) and `nli` (zero-shot classifier), all built, named as
     the README's examples name them, and `chat` (a tiny GPT-2 with a chat template, fp32, with a 512-token
     context so a generation lasts long enough to leave it midway)."""
     import yaml
@@ -89,7 +89,8 @@ def served_build(minilm_build):
     os.environ["BENTOFORMERS_MODEL_LIST"] = str(path)
     # gpt2 in fp32: the precision whose greedy tokens do not depend on batch neighbours (README,
     # "Generation and batching"), so the tests can check that concurrent requests get what they get alone.
-    os.environ["BENTOFORMERS_MODEL_PRECISIONS"] = '{"gpt2": "fp32"}'
+    # nli in fp32 too: the zero-shot tests compare it with Transformers' pipeline on the same checkpoint.
+    os.environ["BENTOFORMERS_MODEL_PRECISIONS"] = '{"gpt2": "fp32", "nli": "fp32"}'
     results = {}
     for spec in load_model_list(path):
         results[spec.name] = {r.precision: r for r in build_model(spec)}
@@ -99,14 +100,20 @@ def served_build(minilm_build):
     for name, precision in [("minilm", "fp32"), ("minilm", "int8"), ("sentiment", "fp32"), ("sentiment", "int8"),
                             ("gpt2", "fp32"), ("chat", "fp32"), ("rerank", "fp32"), ("ner", "fp32"), ("nli", "fp32")]:
         assert results[name][precision].ok, f"{name} {precision}: {results[name][precision].reason}"
-    # The trained tiny encoders' int8 passed its gates on both CPU classes here; elsewhere a refusal must
-    # at least name the class it failed on (the service then serves fp32).
+    # The tiny random encoders' int8 may be refused (their outputs are near-ties); a refusal must name the CPU
+    # class it failed on, and the service then serves fp32.
     for name in ("rerank", "ner", "nli"):
         result = results[name]["int8"]
         assert result.ok or "below its gate on " in result.reason, f"{name} int8: {result.reason}"
     gpt2_int8 = results["gpt2"]["int8"]
     assert gpt2_int8.ok or " on avx2" in gpt2_int8.reason or " on sse" in gpt2_int8.reason, gpt2_int8.reason
     return results
+
+
+@pytest.fixture(scope="session")
+def checkpoints(served_build) -> Path:
+    """The folder of the PyTorch checkpoints that served_build made (one folder per model name)."""
+    return _RUN_DIR / "checkpoints"
 
 
 @pytest.fixture(scope="session")

@@ -108,26 +108,33 @@ class ModelEndpoint:
             ) from None
 
     async def tokenize_pairs(
-        self, pairs: list[tuple[str, str]], truncate: bool, params: tuple[str, str], strategy: str = "longest_first"
+        self,
+        pairs: list[tuple[str, str]],
+        truncate: bool,
+        param: str,
+        item_of: Callable[[int], int] = lambda pair: pair,
+        strategy: str = "longest_first",
     ) -> list[list[int]]:
         """Pairs of texts (query and document, premise and hypothesis) as one sequence each; the caller checks
-        its texts (check_texts). `params` name the two texts' fields for errors (the second indexed per pair)."""
+        its texts (check_texts). A pair over the limit is named `param.<item_of(pair)>`: the item of the
+        request it came from."""
         if len(pairs) > self.settings.max_items_per_request:
             raise ApiError(
                 ErrorType.TOO_LARGE,
                 f"the request makes {len(pairs)} pairs for the model; at most {self.settings.max_items_per_request}",
-                param=params[1],
+                param=param,
             )
         try:
             if sum(len(a) + len(b) for a, b in pairs) > INLINE_TOKENIZE_CHARS:
                 return await asyncio.to_thread(self.tokenizer.encode_pairs, pairs, truncate, strategy)
             return self.tokenizer.encode_pairs(pairs, truncate, strategy)
         except InputTooLong as exc:
+            item = f"{param}.{item_of(exc.index)}"
             raise ApiError(
                 ErrorType.TOO_LARGE,
-                f"{params[1]}[{exc.index}] with its {params[0]} has {exc.tokens} tokens, over the model's limit of "
-                f"{exc.limit}; shorten it or send truncate: true",
-                param=f"{params[1]}.{exc.index}",
+                f"{item} makes a pair of {exc.tokens} tokens, over the model's limit of {exc.limit}; shorten it"
+                + ("" if truncate else " or send truncate: true"),
+                param=item,
             ) from None
 
     async def infer(self, ids: list[list[int]]) -> np.ndarray:

@@ -31,14 +31,29 @@ class OpenAIEmbeddingRequest(BaseModel):
     truncate: StrictBool = False
 
 
+MAX_CANDIDATE_LABELS = 64
+
+
 class ClassifyRequest(BaseModel):
-    """POST /classify (native)."""
+    """POST /classify (native). With `candidate_labels`, zero-shot classification on an NLI model: each text
+    is the premise, and each label in the template the hypothesis, as Transformers' zero-shot pipeline does."""
 
     model_config = ConfigDict(extra="forbid")
     inputs: StrictStr | list[StrictStr]
     top_k: StrictInt | None = Field(None, ge=1, description="Labels per text, best first; null or absent: all labels.")
     truncate: StrictBool = Field(False, description="Cut texts over the model's token limit instead of refusing them.")
     model: StrictStr | None = None
+    candidate_labels: list[StrictStr] | None = Field(
+        None, min_length=1, max_length=MAX_CANDIDATE_LABELS,
+        description="Zero-shot: the labels to score, on a model served as zero-shot (an NLI model).",
+    )
+    hypothesis_template: StrictStr = Field(
+        "This example is {}.", description="Zero-shot: the hypothesis for a label, which replaces its one {}."
+    )
+    multi_label: StrictBool = Field(
+        False, description="Zero-shot: score each label on its own (entailment against contradiction) instead of "
+        "the labels against each other.",
+    )
 
 
 Stop = StrictStr | list[StrictStr] | None
