@@ -36,6 +36,8 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# The served e5 model's prompts, as intfloat/e5 checkpoints name them.
+E5_PROMPTS = {"query": "query: ", "passage": "passage: "}
 
 
 @pytest.fixture(scope="session")
@@ -52,14 +54,16 @@ def minilm_build():
 def served_build(minilm_build):
     """The model list the services serve: MiniLM, `sentiment` (tiny classifier), `gpt2` (tiny GPT-2), tiny
     `rerank` (cross-encoder), `ner` (token classifier) and `nli` (zero-shot classifier), all built, named as
-    the README's examples name them, and `chat` (a tiny GPT-2 with a chat template, fp32, with a 512-token
-    context so a generation lasts long enough to leave it midway)."""
+    the README's examples name them, `chat` (a tiny GPT-2 with a chat template, fp32, with a 512-token
+    context so a generation lasts long enough to leave it midway) and `e5` (a tiny encoder with e5's
+    query/passage prompts and Matryoshka sizes, fp32)."""
     import yaml
 
     from bentoformers.build.builder import build_model
     from bentoformers.spec import load_model_list
     from bentoformers.tiny_models import (
         make_tiny_classifier,
+        make_tiny_encoder,
         make_tiny_gpt2,
         make_tiny_nli,
         make_tiny_reranker,
@@ -82,6 +86,9 @@ def served_build(minilm_build):
          "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
         {"name": "chat", "task": "generation", "variants": [{"precision": "fp32"}],
          "source": str(make_tiny_gpt2(folders / "chat", CHAT_TEMPLATE, ("<|im_start|>", "<|im_end|>"), 512))},
+        {"name": "e5", "task": "embeddings", "variants": [{"precision": "fp32"}], "normalize": True,
+         "matryoshka_dimensions": [16, 8],  # and the full 32
+         "source": str(make_tiny_encoder(folders / "e5", E5_PROMPTS))},
     ]
     path = _RUN_DIR / "models.yaml"
     path.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))
@@ -98,7 +105,8 @@ def served_build(minilm_build):
     # and the tiny model's greedy near-ties do not survive that on every CPU class (README, "int8 on every
     # CPU"): where it is refused the build says on which class, and the tests that need it skip saying so.
     for name, precision in [("minilm", "fp32"), ("minilm", "int8"), ("sentiment", "fp32"), ("sentiment", "int8"),
-                            ("gpt2", "fp32"), ("chat", "fp32"), ("rerank", "fp32"), ("ner", "fp32"), ("nli", "fp32")]:
+                            ("gpt2", "fp32"), ("chat", "fp32"), ("e5", "fp32"), ("rerank", "fp32"), ("ner", "fp32"),
+                            ("nli", "fp32")]:
         assert results[name][precision].ok, f"{name} {precision}: {results[name][precision].reason}"
     # The tiny random encoders' int8 may be refused (their outputs are near-ties); a refusal must name the CPU
     # class it failed on, and the service then serves fp32.

@@ -66,6 +66,7 @@ __all__ = [
     "RateLimitError",
     "RequestTooLargeError",
     "ServerError",
+    "Token",
     "Usage",
 ]
 
@@ -91,6 +92,15 @@ class Embeddings(_Result):
     model: str
     embeddings: list[list[float]]
     usage: Usage
+
+
+class Token(_Result):
+    id: int
+    text: str
+    special: bool
+    start: int | None  # character offsets into the input; None for a special token or one of the prompt's
+    stop: int | None
+    prompt: bool = False  # a token of the prompt put before the input
 
 
 class Label(_Result):
@@ -158,6 +168,10 @@ class ModelInfo(_Result):
     device: str | None = None
     cpu: str | None = None  # the serving CPU's instruction-set class
     refused_variants: list[dict[str, str]] = []  # variants whose start-up check failed on that CPU
+    # embeddings: the sizes `dimensions` may ask for (a Matryoshka model), the prompts `prompt_name` may name
+    matryoshka_dimensions: list[int] = []
+    prompts: dict[str, str] = {}
+    default_prompt_name: str | None = None
 
 
 # ---- errors ----------------------------------------------------------------------------------------------
@@ -505,14 +519,39 @@ class Client(_Base):
         normalize: bool | None = None,
         truncate: bool | None = None,
         model: str | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
+        truncation_direction: str | None = None,
     ) -> Embeddings:
-        """Vectors for the texts, in order; `normalize` defaults to how the model was trained."""
-        options = self._options(normalize=normalize, truncate=truncate, model=model)
+        """Vectors for the texts, in order; `normalize` defaults to how the model was trained. `prompt_name`
+        (one of the model's prompts) or `prompt` (any text; "" for none) goes before each text, `dimensions`
+        cuts a Matryoshka model's vectors (then normalised), `truncation_direction` "left" keeps the ends."""
+        options = self._options(normalize=normalize, truncate=truncate, model=model, prompt_name=prompt_name,
+                                prompt=prompt, dimensions=dimensions, truncation_direction=truncation_direction)
         parts = [
             Embeddings.model_validate(self._post("/embed", {"inputs": chunk, **options}))
             for chunk in self._split(self._items(inputs))
         ]
         return self._join_embeddings(parts)
+
+    def tokenize(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        add_special_tokens: bool | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        model: str | None = None,
+    ) -> list[list[Token]]:
+        """Per text, the tokens the model sees (`POST /tokenize`), with character offsets into the text."""
+        options = self._options(add_special_tokens=add_special_tokens, prompt_name=prompt_name, prompt=prompt,
+                                model=model)
+        return [
+            [Token.model_validate(t) for t in tokens]
+            for chunk in self._split(self._items(inputs))
+            for tokens in self._post("/tokenize", {"inputs": chunk, **options})
+        ]
 
     def classify(
         self,
@@ -668,13 +707,35 @@ class AsyncClient(_Base):
         normalize: bool | None = None,
         truncate: bool | None = None,
         model: str | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
+        truncation_direction: str | None = None,
     ) -> Embeddings:
-        options = self._options(normalize=normalize, truncate=truncate, model=model)
+        options = self._options(normalize=normalize, truncate=truncate, model=model, prompt_name=prompt_name,
+                                prompt=prompt, dimensions=dimensions, truncation_direction=truncation_direction)
         parts = [
             Embeddings.model_validate(await self._post("/embed", {"inputs": chunk, **options}))
             for chunk in await self._split(self._items(inputs))
         ]
         return self._join_embeddings(parts)
+
+    async def tokenize(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        add_special_tokens: bool | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        model: str | None = None,
+    ) -> list[list[Token]]:
+        options = self._options(add_special_tokens=add_special_tokens, prompt_name=prompt_name, prompt=prompt,
+                                model=model)
+        return [
+            [Token.model_validate(t) for t in tokens]
+            for chunk in await self._split(self._items(inputs))
+            for tokens in await self._post("/tokenize", {"inputs": chunk, **options})
+        ]
 
     async def classify(
         self,

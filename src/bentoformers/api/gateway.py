@@ -42,6 +42,16 @@ class Gateway:
         endpoint.health.watch()
         return endpoint
 
+    def pick_any(self, requested: str | None) -> ModelEndpoint:
+        """The model a request names, whatever its task; absent: the default model, else the first served."""
+        if requested is None:
+            return self.models.get(self.settings.default_model) or next(iter(self.models.values()))
+        if requested not in self.models:
+            raise ApiError(
+                ErrorType.NOT_FOUND, f"model {requested!r} is not served here; available: {self._listing()}", param="model"
+            )
+        return self.models[requested]
+
     def _pick(self, requested: str | None, task: str) -> ModelEndpoint:
         if requested is None:
             default = self.models.get(self.settings.default_model)

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, StrictStr
 
 from bentoformers.errors import ErrorType
 from bentoformers.spec import Task
+
+# Which end of a text over the limit is cut: "right" keeps its start, "left" its end (TEI spells them Right, Left).
+TruncationDirection = Literal["right", "left", "Right", "Left"]
+PROMPT_NAME = Field(None, description="One of the model's prompts (GET /v1/models), put before each text; "
+                    "absent: the model's default prompt, if it has one.")
+DIMENSIONS = Field(None, ge=1, description="Cut each vector to its first `dimensions` values and L2-normalise it: "
+                   "the model's full size, or one of its Matryoshka sizes (GET /v1/models).")
+TRUNCATION_DIRECTION = Field("right", description="With truncate: right keeps each text's first tokens, left its last.")
 
 
 class EmbedRequest(BaseModel):
@@ -18,6 +26,11 @@ class EmbedRequest(BaseModel):
     normalize: StrictBool | None = Field(None, description="Default: as the model was trained.")
     truncate: StrictBool = Field(False, description="Cut texts over the model's token limit instead of refusing them.")
     model: StrictStr | None = None
+    prompt_name: StrictStr | None = PROMPT_NAME
+    prompt: StrictStr | None = Field(None, description="Text put before each text, in place of a named prompt; "
+                                     '"" for none (not even the default).')
+    dimensions: StrictInt | None = DIMENSIONS
+    truncation_direction: TruncationDirection = TRUNCATION_DIRECTION
 
 
 class OpenAIEmbeddingRequest(BaseModel):
@@ -27,8 +40,27 @@ class OpenAIEmbeddingRequest(BaseModel):
     input: StrictStr | list[StrictStr]
     model: StrictStr | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: StrictInt | None = Field(None, ge=1)
+    dimensions: StrictInt | None = DIMENSIONS
     truncate: StrictBool = False
+    input_type: StrictStr | None = Field(
+        None, description="As Voyage, Cohere and NVIDIA NIM take it: query or search_query picks the model's query "
+        "prompt; document, passage or search_document its document prompt; or a prompt's name. A model without "
+        "such a prompt embeds the text as it is.",
+    )
+    prompt_name: StrictStr | None = PROMPT_NAME
+    truncation_direction: TruncationDirection = TRUNCATION_DIRECTION
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (TEI's shape): the tokens a model sees, without running it."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: StrictStr | list[StrictStr]
+    add_special_tokens: StrictBool = True
+    prompt_name: StrictStr | None = Field(None, description="As on /embed: the prompt's tokens come first, marked "
+                                          "`prompt`; absent: an embeddings model's default prompt, if any.")
+    prompt: StrictStr | None = Field(None, description='As on /embed: a text put before each input; "" for none.')
+    model: StrictStr | None = Field(None, description="Any served model; absent: the default.")
 
 
 MAX_CANDIDATE_LABELS = 64
@@ -167,6 +199,20 @@ class OpenAIEmbeddingResponse(BaseModel):
     data: list[OpenAIEmbedding]
     model: str
     usage: Usage
+
+
+class Token(BaseModel):
+    id: int
+    text: str = Field(description="The token's surface in the input (a special token: its own text).")
+    special: bool
+    start: int | None = Field(description="Character offset into the input where the token starts; null for a "
+                              "special token or one of the prompt's.")
+    stop: int | None = Field(description="Character offset just past its end.")
+    prompt: bool = Field(description="A token of the prompt put before the input.")
+
+
+class TokenizeResponse(RootModel[list[list[Token]]]):
+    """Per input, its tokens in order."""
 
 
 class LabelScore(BaseModel):

@@ -297,6 +297,18 @@ def _card(spec: ModelSpec, folder: Path) -> ModelCard:
     pooling = spec.pooling if spec.pooling != "auto" else str(found.get("pooling", "mean"))
     normalize = spec.normalize if spec.normalize is not None else bool(found.get("normalize", False))
     max_length = spec.max_length or found.get("max_length") or config.get("max_position_embeddings", 512)
+    hidden = int(config["hidden_size"])
+    too_large = [size for size in spec.matryoshka_dimensions or [] if size > hidden]
+    if too_large:
+        raise ValueError(f"{spec.name}: matryoshka_dimensions {too_large} exceed the model's hidden size, {hidden}")
+    prompts: dict[str, str] = found.get("prompts", {}) if spec.prompts is None else spec.prompts  # type: ignore[assignment]
+    default_prompt = str(found.get("default_prompt_name", ""))
+    if default_prompt not in prompts:
+        if spec.prompts is None and default_prompt:  # as sentence-transformers refuses it
+            raise ValueError(f"{spec.name}: the checkpoint's default_prompt_name {default_prompt!r} is not one of "
+                             f"its prompts ({', '.join(prompts) or 'none'})")
+        default_prompt = ""
+    sizes = tuple(sorted({*spec.matryoshka_dimensions, hidden}, reverse=True)) if spec.matryoshka_dimensions else ()
     return ModelCard(
         name=spec.name,
         task=spec.task,
@@ -304,7 +316,10 @@ def _card(spec: ModelSpec, folder: Path) -> ModelCard:
         pooling=pooling,  # type: ignore[arg-type]
         normalize=normalize,
         max_length=int(min(int(max_length), config.get("max_position_embeddings", 1 << 30))),  # type: ignore[arg-type]
-        dimensions=int(config["hidden_size"]),
+        dimensions=hidden,
+        matryoshka_dimensions=sizes,
+        prompts=dict(prompts),
+        default_prompt_name=default_prompt,
     )
 
 
@@ -382,4 +397,9 @@ def _task_line(card: ModelCard) -> str:
         return f"a label per token; labels: {', '.join(card.labels)}"
     if card.task == "generation":
         return f"causal LM with KV cache; greedy-validated on {GREEDY_TOKENS} new tokens per prompt"
-    return f"{card.pooling} pooling; normalised: {card.normalize}; {card.dimensions} dimensions"
+    line = f"{card.pooling} pooling; normalised: {card.normalize}; {card.dimensions} dimensions"
+    if card.matryoshka_dimensions:
+        line += f" (Matryoshka: {', '.join(map(str, card.matryoshka_dimensions))})"
+    if card.prompts:
+        line += f"; prompts: {', '.join(card.prompts)}"
+    return line + (f" (default: {card.default_prompt_name})" if card.default_prompt_name else "")

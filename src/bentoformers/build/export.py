@@ -63,7 +63,7 @@ def content_hash(folder: Path) -> str:
 
 
 def sentence_transformers_config(folder: Path) -> dict[str, object]:
-    """Pooling, normalisation and max length as the checkpoint's sentence-transformers files say."""
+    """Pooling, normalisation, max length and prompts as the checkpoint's sentence-transformers files say."""
     found: dict[str, object] = {}
     modules = folder / "modules.json"
     if modules.is_file():
@@ -78,6 +78,11 @@ def sentence_transformers_config(folder: Path) -> dict[str, object]:
     st_config = folder / "sentence_bert_config.json"
     if st_config.is_file():
         found["max_length"] = json.loads(st_config.read_text()).get("max_seq_length")
+    model_config = folder / "config_sentence_transformers.json"
+    if model_config.is_file():
+        config = json.loads(model_config.read_text())
+        found["prompts"] = dict(config.get("prompts") or {})
+        found["default_prompt_name"] = config.get("default_prompt_name") or ""
     return found
 
 

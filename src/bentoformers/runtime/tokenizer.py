@@ -31,16 +31,41 @@ class TextTokenizer:
         self._truncating.no_padding()
         self._truncating.enable_truncation(max_length)
         self._pair_truncating: dict[str, object] = {}  # by strategy, made when first asked for
+        # Keeps a text's last tokens; the post-processor still puts the special tokens at both ends.
+        self._truncating_left = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+        self._truncating_left.no_padding()
+        self._truncating_left.enable_truncation(max_length, direction="left")
 
-    def encode(self, texts: list[str], truncate: bool) -> list[list[int]]:
-        tokenizer = self._truncating if truncate else self._whole
-        # encode_batch hands work to a thread pool: worth it for many texts, pure overhead for one.
-        ids = [tokenizer.encode(texts[0]).ids] if len(texts) == 1 else [e.ids for e in tokenizer.encode_batch(texts)]
+    def encode(self, texts: list[str], truncate: bool, direction: str = "right", prompt: str = "") -> list[list[int]]:
+        """Token ids per text, `prompt` put before each (as sentence-transformers does). With `truncate`, a
+        text over the limit keeps its first tokens (`direction` right) or its last (left; after the prompt's,
+        which left truncation never cuts)."""
+        if prompt:
+            texts = [prompt + text for text in texts]
+        if truncate and direction == "left" and prompt:
+            return [self._cut_after_prompt(e, len(prompt)) for e in _encodings(self._whole, texts)]
+        tokenizer = (self._truncating_left if direction == "left" else self._truncating) if truncate else self._whole
+        ids = [e.ids for e in _encodings(tokenizer, texts)]
         if not truncate:
             for i, seq in enumerate(ids):
                 if len(seq) > self.max_length:
                     raise InputTooLong(i, len(seq), self.max_length)
         return ids
+
+    def _cut_after_prompt(self, encoding, prompt_chars: int) -> list[int]:
+        """Left truncation that keeps the prompt: the special tokens at both ends, the prompt's tokens, and as
+        many of the text's last tokens as fit."""
+        ids, special, offsets = encoding.ids, encoding.special_tokens_mask, encoding.offsets
+        if len(ids) <= self.max_length:
+            return ids
+        head = 0
+        while head < len(ids) and (special[head] or offsets[head][1] <= prompt_chars):
+            head += 1
+        end = len(ids)
+        while end > head and special[end - 1]:
+            end -= 1
+        room = max(0, self.max_length - head - (len(ids) - end))
+        return ids[:head] + ids[end - room : end] + ids[end:]
 
 
     def encode_pairs(self, pairs: list[tuple[str, str]], truncate: bool, strategy: str = "longest_first") -> list[list[int]]:
@@ -82,8 +107,24 @@ class TextTokenizer:
         holds its special tokens already: add_special_tokens=False, as Transformers tokenizes it."""
         return self._whole.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def tokens(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, str, bool, int, int]]:
+        """(id, token, special, start, stop) for each token of one whole text; start and stop are character
+        offsets into `text` (0, 0 for a special token)."""
+        encoding = self._whole.encode(text, add_special_tokens=add_special_tokens)
+        return [
+            (token_id, token, bool(special), start, stop)
+            for token_id, token, special, (start, stop) in zip(
+                encoding.ids, encoding.tokens, encoding.special_tokens_mask, encoding.offsets, strict=True
+            )
+        ]
+
     def decode_stream(self) -> TextStream:
         return TextStream(self._whole)
+
+
+def _encodings(tokenizer, texts: list[str]) -> list:
+    # encode_batch hands work to a thread pool: worth it for many texts, pure overhead for one.
+    return [tokenizer.encode(texts[0])] if len(texts) == 1 else tokenizer.encode_batch(texts)
 
 
 class TextStream:
