@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from bentoformers.api.endpoint import ModelEndpoint
-from bentoformers.api.gateway import account, gateway_of, json_response, parse_body
+from bentoformers.api.gateway import gateway_of, infer_charged, json_response, parse_body
 from bentoformers.api.schemas import EmbedRequest, OpenAIEmbeddingRequest
 from bentoformers.errors import ApiError, ErrorType
 from bentoformers.runtime.encoder import l2_normalize
@@ -76,9 +76,7 @@ async def _embed(
     normalize: bool | None, dimensions: int | None, param: str,
 ) -> tuple[np.ndarray, int]:
     ids = await endpoint.tokenize(texts, truncate, param, direction, prompt)
-    tokens = sum(map(len, ids))
-    await account(request, endpoint, tokens)
-    vectors = await endpoint.infer(ids)
+    vectors, tokens = await infer_charged(request, endpoint, ids)
     unit = endpoint.card.normalize if normalize is None else normalize
     if dimensions is not None and dimensions < vectors.shape[1]:
         # A cut vector is no longer unit length, even from a normalising model: normalised again unless the
