@@ -561,14 +561,22 @@ class Client(_Base):
         all_labels: bool = False,
         truncate: bool | None = None,
         model: str | None = None,
+        candidate_labels: Sequence[str] | None = None,
+        hypothesis_template: str | None = None,
+        multi_label: bool | None = None,
     ) -> Classification:
-        """Labels with scores per text, best first: the server's default count, `top_k`, or `all_labels`."""
-        options = self._options(top_k=top_k, truncate=truncate, model=model)
+        """Labels with scores per text, best first: the server's default count, `top_k`, or `all_labels`. With
+        `candidate_labels`, zero-shot on an NLI model: the labels you name (`hypothesis_template`, `multi_label`)."""
+        options = self._options(
+            top_k=top_k, truncate=truncate, model=model, hypothesis_template=hypothesis_template,
+            multi_label=multi_label, candidate_labels=None if candidate_labels is None else list(candidate_labels),
+        )
         if all_labels:
             options["top_k"] = None
+        pairs_per_text = 1 if candidate_labels is None else max(1, len(candidate_labels))
         parts = [
             Classification.model_validate(self._post("/classify", {"inputs": chunk, **options}))
-            for chunk in self._split(self._items(inputs))
+            for chunk in self._split(self._items(inputs), pairs_per_text)
         ]
         return self._join_classifications(parts)
 
@@ -634,8 +642,9 @@ class Client(_Base):
                 self._max_items = DEFAULT_MAX_ITEMS
         return self._max_items
 
-    def _split(self, items: list[str]) -> list[list[str]]:
-        return [items] if len(items) == 1 else _chunks(items, self.max_items_per_request())
+    def _split(self, items: list[str], sequences_per_item: int = 1) -> list[list[str]]:
+        """Requests within the server's limit of sequences (a zero-shot text is one per label)."""
+        return [items] if len(items) == 1 else _chunks(items, max(1, self.max_items_per_request() // sequences_per_item))
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
         return self._send("POST", path, body).json()
@@ -745,13 +754,20 @@ class AsyncClient(_Base):
         all_labels: bool = False,
         truncate: bool | None = None,
         model: str | None = None,
+        candidate_labels: Sequence[str] | None = None,
+        hypothesis_template: str | None = None,
+        multi_label: bool | None = None,
     ) -> Classification:
-        options = self._options(top_k=top_k, truncate=truncate, model=model)
+        options = self._options(
+            top_k=top_k, truncate=truncate, model=model, hypothesis_template=hypothesis_template,
+            multi_label=multi_label, candidate_labels=None if candidate_labels is None else list(candidate_labels),
+        )
         if all_labels:
             options["top_k"] = None
+        pairs_per_text = 1 if candidate_labels is None else max(1, len(candidate_labels))
         parts = [
             Classification.model_validate(await self._post("/classify", {"inputs": chunk, **options}))
-            for chunk in await self._split(self._items(inputs))
+            for chunk in await self._split(self._items(inputs), pairs_per_text)
         ]
         return self._join_classifications(parts)
 
@@ -813,8 +829,9 @@ class AsyncClient(_Base):
                 self._max_items = DEFAULT_MAX_ITEMS
         return self._max_items
 
-    async def _split(self, items: list[str]) -> list[list[str]]:
-        return [items] if len(items) == 1 else _chunks(items, await self.max_items_per_request())
+    async def _split(self, items: list[str], sequences_per_item: int = 1) -> list[list[str]]:
+        limit = await self.max_items_per_request()
+        return [items] if len(items) == 1 else _chunks(items, max(1, limit // sequences_per_item))
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
         return (await self._send("POST", path, body)).json()

@@ -103,3 +103,15 @@ def test_bad_zero_shot_requests_get_the_error_body(client, body, status, param):
     r = classify(client, **{"inputs": "a text", **body})
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_the_client_splits_a_zero_shot_list_by_pairs_and_joins_it(app):
+    from bentoformers.client import Client
+
+    many = [f"{TEXTS[i % 3]} ({i})" for i in range(70)]  # 70 texts x 4 labels: 280 pairs, over the 256 a call takes
+    with TestClient(app) as http, Client("http://testserver", http_client=http) as client:
+        result = client.classify(many, candidate_labels=LABELS, model="nli")
+        one = client.classify(many[69], candidate_labels=LABELS, model="nli")
+    assert len(result.results) == 70
+    assert [x.label for x in result.results[69]] == [x.label for x in one.results[0]]
+    np.testing.assert_allclose([x.score for x in result.results[69]], [x.score for x in one.results[0]], atol=1e-6)
