@@ -101,9 +101,11 @@ def model_service(stored: StoredModel, settings: Settings, token: str, own_proce
     for precision, tag in stored.variants.items():
         attrs[f"model_{precision}"] = bentoml.models.BentoModel(tag)
     cls = type(stored.attribute, (SERVICE_CLASSES[stored.task],), attrs)
-    # Internal service: its per-call access log would only repeat the gateway's, at a real CPU cost.
+    # Internal service: its per-call access log would only repeat the gateway's, at a real CPU cost; its HTTP
+    # metrics too, and they label calls by raw path (unbounded, as on the gateway: observability/scrape.py).
     service = bentoml.service(
-        name=f"model-{stored.name}", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}}
+        name=f"model-{stored.name}", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}},
+        metrics={"enabled": False},
     )(cls)
     service.add_asgi_middleware(InternalCallerMiddleware, token=token)
     return service
