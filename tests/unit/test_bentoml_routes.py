@@ -20,7 +20,7 @@ def _client() -> TestClient:
 
 def test_schema_json_lists_the_client_methods():
     body = _client().get("/schema.json").json()
-    assert [r["name"] for r in body["routes"]] == ["embed", "classify", "generate"]
+    assert [r["name"] for r in body["routes"]] == ["embed", "classify", "generate", "rerank"]
     assert body["routes"][2]["route"] == "/generate/stream"
 
 
