@@ -431,12 +431,15 @@ class _Base:
 
     @staticmethod
     def _join_rankings(parts: list[list[dict[str, Any]]], top_n: int | None) -> list[RerankResult]:
+        if top_n is not None and top_n < 1:
+            raise ValueError("top_n must be at least 1")
         # A document's score does not depend on the others sent with it: the parts merge exactly.
         results, offset = [], 0
         for part in parts:
             results += [RerankResult.model_validate(r | {"index": r["index"] + offset}) for r in part]
             offset += len(part)
-        results.sort(key=lambda r: (-r.score, r.index))
+        if len(parts) > 1:
+            results.sort(key=lambda r: (-r.score, r.index))
         return results[:top_n]
 
 

@@ -75,3 +75,24 @@ def test_eight_clients_at_once_get_what_they_get_alone(server, sentences):
         assert together == alone * 2
     else:  # fp32 (int8 refused on this CPU): within rounding
         np.testing.assert_allclose(np.array(together), np.array(alone * 2), rtol=1e-5)
+
+
+def test_bench_rerank_gives_pairs_per_second_beside_the_model_in_process(server, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-m", "bentoformers.cli", "bench", "--rerank", server, "-c", "1,2", "-n", "8",
+         "--duration", "0.3", "--warmup", "0", "--json", str(tmp_path / "b.json")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["target"]["route"] == "/rerank" and report["target"]["model"] == "rerank"
+    assert [(p["documents"], p["concurrency"]) for p in report["points"]] == [(8, 1), (8, 2)]
+    assert all(p["ok"] > 0 and p["errors"] == {} and p["pairs_per_s"] > 0 for p in report["points"])
+    assert f"{report['served_precision']}, 8 pairs/call" in report["in_process"]
+    assert "pairs/s" in out.stdout and f"of the {report['served_precision']} ceiling" in out.stdout

@@ -166,6 +166,12 @@ def test_rerank_splits_long_lists_and_merges_them_best_first():
     assert [b["texts"] for b in bodies] == [["0.1", "0.9"], ["0.5", "0.7"], ["0.3"]]
     assert all(b["query"] == "q" and b["raw_scores"] is True and "return_text" not in b for b in bodies)
 
+    async def main():
+        async with bf.AsyncClient("http://s", transport=httpx.MockTransport(handler), max_items_per_request=2) as c:
+            return await c.rerank("q", ["0.1", "0.9", "0.5"])
+
+    assert [r.index for r in asyncio.run(main())] == [1, 2, 0]
+
 
 SSE = (
     'data: {"text": "Hel"}\n\n'
