@@ -57,7 +57,7 @@ async def rank(
         # Only the first tokens are kept: do not tokenize (nor count) far past them.
         keep = endpoint.card.max_length * TRUNCATE_CHARS_PER_TOKEN
         query, documents = query[:keep], [d[:keep] for d in documents]
-    _check_query(endpoint, query, params[0])
+    await _check_query(endpoint, query, params[0], truncate)
     endpoint.check_texts(documents, params[1])
     if max_tokens_per_doc is not None:
         documents = await _cut(endpoint, documents, max_tokens_per_doc)
@@ -69,7 +69,7 @@ async def rank(
     return Ranking(endpoint.name, order, logits, tokens)
 
 
-def _check_query(endpoint: ModelEndpoint, query: str, param: str) -> None:
+async def _check_query(endpoint: ModelEndpoint, query: str, param: str, truncate: bool) -> None:
     if blank(query):
         raise ApiError(ErrorType.VALIDATION, f"{param} is empty", param=param)
     if len(query) > endpoint.settings.max_chars_per_item:
@@ -77,6 +77,19 @@ def _check_query(endpoint: ModelEndpoint, query: str, param: str) -> None:
             ErrorType.TOO_LARGE, f"{param} has {len(query)} characters; at most {endpoint.settings.max_chars_per_item}",
             param=param,
         )
+    if not truncate:
+        # Once, before it is tokenized again with every document: a query that leaves no room for one.
+        if len(query) > INLINE_TOKENIZE_CHARS:
+            tokens = len(await asyncio.to_thread(endpoint.tokenizer.ids, query))
+        else:
+            tokens = len(endpoint.tokenizer.ids(query))
+        if tokens >= endpoint.card.max_length:
+            raise ApiError(
+                ErrorType.TOO_LARGE,
+                f"{param} has {tokens} tokens, leaving no room for a document in the model's limit of "
+                f"{endpoint.card.max_length}; shorten it or send truncate: true",
+                param=param,
+            )
 
 
 async def _cut(endpoint: ModelEndpoint, documents: list[str], count: int) -> list[str]:
