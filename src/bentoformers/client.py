@@ -65,6 +65,7 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "RequestTooLargeError",
+    "RerankResult",
     "ServerError",
     "Token",
     "Usage",
@@ -112,6 +113,12 @@ class Classification(_Result):
     model: str
     results: list[list[Label]]  # per input, sorted by score, highest first
     usage: Usage
+
+
+class RerankResult(_Result):
+    index: int  # the document's position in the request
+    score: float  # the sigmoid of the model's logit for the pair, or the logit with raw_scores
+    text: str | None = None  # with return_text
 
 
 class Generation(_Result):
@@ -431,6 +438,24 @@ class _Base:
             usage=_sum_usage([p.usage for p in parts]),
         )
 
+    @staticmethod
+    def _rerank_options(raw_scores: bool, return_text: bool, truncate: bool | None, model: str | None) -> dict[str, Any]:
+        return _Base._options(raw_scores=raw_scores or None, return_text=return_text or None, truncate=truncate,
+                              model=model)
+
+    @staticmethod
+    def _join_rankings(parts: list[list[dict[str, Any]]], top_n: int | None) -> list[RerankResult]:
+        if top_n is not None and top_n < 1:
+            raise ValueError("top_n must be at least 1")
+        # A document's score does not depend on the others sent with it: the parts merge exactly.
+        results, offset = [], 0
+        for part in parts:
+            results += [RerankResult.model_validate(r | {"index": r["index"] + offset}) for r in part]
+            offset += len(part)
+        if len(parts) > 1:
+            results.sort(key=lambda r: (-r.score, r.index))
+        return results[:top_n]
+
 
 def _sum_usage(usages: list[Usage]) -> Usage:
     return Usage(
@@ -579,6 +604,24 @@ class Client(_Base):
             for chunk in self._split(self._items(inputs), pairs_per_text)
         ]
         return self._join_classifications(parts)
+
+    def rerank(
+        self,
+        query: str,
+        documents: str | Sequence[str],
+        *,
+        top_n: int | None = None,
+        raw_scores: bool = False,
+        return_text: bool = False,
+        truncate: bool | None = None,
+        model: str | None = None,
+    ) -> list[RerankResult]:
+        """The documents by relevance to `query`, best first (the `top_n` best): each one's index and score
+        (the sigmoid of the model's logit; the logit with `raw_scores`), and its text with `return_text`."""
+        options = self._rerank_options(raw_scores, return_text, truncate, model)
+        parts = [self._post("/rerank", {"query": query, "texts": chunk, **options})
+                 for chunk in self._split(self._items(documents))]
+        return self._join_rankings(parts, top_n)
 
     def generate(self, prompt: str, **options: Any) -> Generation:
         """Complete `prompt`. Options: max_new_tokens, temperature (0 = greedy), top_p, top_k, stop, seed, model."""
@@ -770,6 +813,22 @@ class AsyncClient(_Base):
             for chunk in await self._split(self._items(inputs), pairs_per_text)
         ]
         return self._join_classifications(parts)
+
+    async def rerank(
+        self,
+        query: str,
+        documents: str | Sequence[str],
+        *,
+        top_n: int | None = None,
+        raw_scores: bool = False,
+        return_text: bool = False,
+        truncate: bool | None = None,
+        model: str | None = None,
+    ) -> list[RerankResult]:
+        options = self._rerank_options(raw_scores, return_text, truncate, model)
+        parts = [await self._post("/rerank", {"query": query, "texts": chunk, **options})
+                 for chunk in await self._split(self._items(documents))]
+        return self._join_rankings(parts, top_n)
 
     async def generate(self, prompt: str, **options: Any) -> Generation:
         return Generation.model_validate(await self._post("/generate", {"prompt": prompt, **self._options(**options)}))

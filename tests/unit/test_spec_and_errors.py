@@ -73,7 +73,7 @@ def test_the_app_routes_exactly_the_route_table():
         (p, "GET") for p in DOC_PATHS - {"/schema.json"}
     }
     assert set(HANDLERS) == {r.handler for r in ROUTES}
-    assert set(ROUTE_TASKS.values()) == {"embeddings", "classification", "generation"}
+    assert set(ROUTE_TASKS.values()) == {"embeddings", "classification", "generation", "rerank"}
 
 
 def test_the_package_has_no_import_cycle():

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, StrictStr, field_validator
 
 from bentoformers.errors import ErrorType
 from bentoformers.spec import Task
@@ -297,3 +297,100 @@ class ErrorBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     error: ErrorDetail
+
+
+# Rerank (api/rerank.py). A document's relevance score is the sigmoid of the model's logit for the pair.
+
+
+class RerankRequest(BaseModel):
+    """POST /rerank, as Hugging Face's text-embeddings-inference (TEI) defines it; `model` is ours."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: StrictStr
+    texts: list[StrictStr]
+    raw_scores: StrictBool = Field(False, description="The model's logit instead of its sigmoid.")
+    return_text: StrictBool = Field(False, description="Each result with its text.")
+    truncate: StrictBool = Field(False, description="Cut pairs over the model's token limit instead of refusing them.")
+    truncation_direction: Literal["Right", "Left"] = Field(
+        "Right", description="Only Right (the end of the longer text is cut) is supported."
+    )
+    model: StrictStr | None = None
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+# Cohere and Jina take a document as a string or as {"text": ...}.
+_DOCUMENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "object", "properties": {"text": {"type": "string"}},
+                                                   "required": ["text"]}]}
+
+
+class CohereRerankRequest(BaseModel):
+    """POST /v1/rerank (Cohere v1 and Jina) and POST /v2/rerank (Cohere v2). Fields this server cannot honour
+    are refused by name (api/rerank.py); others, such as Cohere's `priority`, are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    query: StrictStr
+    documents: list[StrictStr] = Field(json_schema_extra={"items": _DOCUMENT_SCHEMA})
+    model: StrictStr | None = None
+    top_n: StrictInt | None = Field(None, ge=1, description="The best n results; absent, or more than the documents: all.")
+    return_documents: StrictBool | None = Field(
+        None, description="Each result with its document. Default: true on /v1/rerank (as Jina), false on /v2/rerank "
+        "(as Cohere v2)."
+    )
+    max_tokens_per_doc: StrictInt | None = Field(None, ge=1, description="Cut each document to its first n tokens.")
+    truncate: StrictBool = Field(False, description="Cut pairs over the model's token limit instead of refusing them.")
+
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _text_of_objects(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [v["text"] if isinstance(v, dict) and "text" in v else v for v in value]
+        return value
+
+
+class RerankResult(BaseModel):
+    """One text of /rerank's answer, a JSON list sorted best first."""
+
+    index: int
+    score: float
+    text: str | None = None
+
+
+class RerankResponse(RootModel[list[RerankResult]]):
+    pass
+
+
+class RankedDocument(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class ApiVersion(BaseModel):
+    version: Literal["1", "2"]
+
+
+class BilledUnits(BaseModel):
+    search_units: int = Field(description="One per query and 100 documents, as Cohere counts them.")
+
+
+class MetaTokens(BaseModel):
+    input_tokens: int
+
+
+class RerankMeta(BaseModel):
+    api_version: ApiVersion
+    billed_units: BilledUnits
+    tokens: MetaTokens
+
+
+class CohereRerankResponse(BaseModel):
+    """Cohere's answer (`id`, `results`, `meta`) with Jina's `model` and `usage` beside it."""
+
+    id: str
+    model: str
+    results: list[RankedDocument] = Field(description="Best first.")
+    meta: RerankMeta
+    usage: Usage

@@ -102,6 +102,11 @@ class TextTokenizer:
         tokenizer.enable_truncation(self.max_length, strategy=strategy)
         return tokenizer
 
+    def first_tokens(self, text: str, count: int) -> str:
+        """The text up to the end of its first `count` tokens (a document cut to a token budget)."""
+        offsets = self._whole.encode(text, add_special_tokens=False).offsets
+        return text if len(offsets) <= count else text[: offsets[count - 1][1]]
+
     def ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """One text, whole (a prompt: the caller checks it against the context). A rendered chat template
         holds its special tokens already: add_special_tokens=False, as Transformers tokenizes it."""
