@@ -21,12 +21,6 @@ WORDS = "one two three four five six seven eight nine ten".split()
 
 
 @pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def e5_tokenizer(served_build):
     import bentoml
 

@@ -7,15 +7,8 @@ import base64
 import numpy as np
 import orjson
 import pytest
-from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as c:
-        yield c
 
 
 def post(client, path, body, **kw):

@@ -7,15 +7,9 @@ import concurrent.futures
 
 import orjson
 import pytest
-from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as c:
-        yield c
 
 PROMPTS = ["The cat sat on", "Rain fell over the", "She opened the door and", "A good", "Numbers like 42 and"]
 

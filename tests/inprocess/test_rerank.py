@@ -8,17 +8,10 @@ import os
 import numpy as np
 import orjson
 import pytest
-from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.slow
 
 LONG = "word " * 600  # over the model's token limit, under every character limit
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,6 @@ LABELS = ["shoes", "water", "train", "politics"]
 
 
 @pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def pipeline(checkpoints):
     from transformers import pipeline
 
