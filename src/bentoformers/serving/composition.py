@@ -206,7 +206,6 @@ def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator
     gateway.add_asgi_middleware(
         OverloadMiddleware,
         max_in_flight=settings.max_in_flight,
-        max_body_bytes=settings.max_body_bytes,
         timeout=settings.request_timeout_seconds,
         retry_after=settings.retry_after_seconds,
     )
