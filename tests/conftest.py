@@ -151,6 +151,15 @@ def app(served_build):
     return service.Gateway.to_asgi()
 
 
+@pytest.fixture(scope="module")
+def client(app):
+    """Starlette's TestClient on the app in process, one per module (the in-process tier's way in)."""
+    from starlette.testclient import TestClient
+
+    with TestClient(app) as c:
+        yield c
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -140,8 +140,8 @@ def openapi_document(secured: bool, served: Mapping[str, str] | None = None) -> 
         "info": {
             "title": "bentoformers",
             "version": __version__,
-            "description": "Embeddings, classification and generation from Transformers models, native and "
-            "OpenAI-compatible. Every error has one body: `{\"error\": {\"type\", \"message\", \"param\"}}`.",
+            "description": "Embeddings, classification (zero-shot too), rerank, token classification and generation "
+            "from Transformers models, native and OpenAI-, Cohere- and TEI-compatible. Every error has one body: `{\"error\": {\"type\", \"message\", \"param\"}}`.",
         },
         "paths": paths,
         "components": {
