@@ -4,7 +4,7 @@ the real export, quantize, validate and serve code runs on them, offline and in 
 The classifier-shaped ones (a reranker, a token classifier, an NLI model) are trained for a few seconds on
 tasks made from the shipped sentences, so that they have the margins of a trained model (a random one's
 outputs are near-ties that no int8 scheme keeps) and the tests can check that they work: the reranker ranks
-a query's own sentence first, the token classifier tags capitalised words, the NLI model entails the words
+a query's own sentence first, the token classifier tags dates, places and numbers, the NLI model entails the words
 of its premise.
 """
 
@@ -151,10 +151,24 @@ def make_tiny_nli(folder: Path) -> Path:
 
 
 def make_tiny_token_classifier(folder: Path) -> Path:
-    """A token classifier trained to tag dates, places and numbers (ENTITY_WORDS, entity_of) in BIO labels."""
+    """A token classifier trained to tag dates, places and numbers (ENTITY_WORDS, entity_of) in BIO labels: on the
+    shipped sentences, and on each again with two of them put in at random places (the shipped sentences alone
+    hold too few to learn from: a model trained on them alone tags nothing)."""
+    import random
+
     from bentoformers.runtime.fidelity import shipped_sentences
 
-    return _trained(folder, ENTITY_LABELS, shipped_sentences(), None, kind="token")
+    rng = random.Random(0)
+    names = sorted(ENTITY_WORDS["DATE"] | ENTITY_WORDS["LOC"])
+    sentences = shipped_sentences()
+    with_entities = []
+    for sentence in sentences:
+        words = sentence.split()
+        for _ in range(2):
+            word = rng.choice(names) if rng.random() < 0.7 else rng.choice([str(rng.randrange(1, 10_000)), "10:30", "3.5"])
+            words.insert(rng.randrange(len(words) + 1), word.capitalize() if rng.random() < 0.5 else word)
+        with_entities.append(" ".join(words))
+    return _trained(folder, ENTITY_LABELS, sentences + with_entities, None, kind="token")
 
 
 def _trained(folder: Path, labels: list[str], inputs: list, targets: list | None, kind: str, steps: int = 150) -> Path:

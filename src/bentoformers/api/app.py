@@ -19,6 +19,7 @@ from bentoformers.api.gateway import gateway_of, json_response
 from bentoformers.api.generation import generate, generate_text, openai_completions
 from bentoformers.api.openapi import DOCS_PAGE, SWAGGER_UI, openapi_document
 from bentoformers.api.routes import ROUTES
+from bentoformers.api.token_classification import ner
 from bentoformers.errors import ApiError, ErrorType, error_response
 from bentoformers.observability import scrape
 
@@ -79,6 +80,7 @@ class _Fallback(Route):
 
 HANDLERS = {f.__name__: f for f in (
     embed, openai_embeddings, classify, generate, generate_text, openai_completions, chat_completions, list_models,
+    ner,
 )}
 
 

@@ -43,6 +43,8 @@ ROUTES = (
               schemas.CompletionResponse, stream=SSE, summary="Complete a prompt (OpenAI)"),
     RouteSpec("/v1/chat/completions", "POST", "generation", "chat_completions", schemas.ChatCompletionRequest,
               schemas.ChatCompletionResponse, stream=SSE, summary="Chat (OpenAI)"),
+    RouteSpec("/ner", "POST", "token-classification", "ner", schemas.NerRequest, schemas.NerResponse, "ner",
+              summary="Find entities in texts (token classification)"),
     RouteSpec("/v1/models", "GET", None, "list_models", response=schemas.ModelList, summary="List the served models"),
 )
 # Route -> task (the scope it needs). Any other path needs a valid identity and no particular scope.
