@@ -77,6 +77,13 @@ def fp32_client(served_build):
 
 
 @pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    from bentoformers.runtime.tokenizer import TextTokenizer
+
+    return TextTokenizer(checkpoint, 128)
+
+
+@pytest.fixture(scope="module")
 def reference(checkpoint):
     import warnings
 
@@ -137,7 +144,7 @@ def test_the_served_model_finds_the_entities_and_offsets_slice_the_text(client):
                 assert 0 < e["score"] <= 1
 
 
-def test_a_text_over_the_token_limit_is_read_in_windows_with_offsets_into_it(client, sentences):
+def test_a_text_over_the_token_limit_is_read_in_windows_with_offsets_into_it(client, tokenizer, sentences):
     # About four windows of the model's 128 tokens, an entity in each, Monday near the very end.
     filler = " ".join(s for s in sentences if not any(entity_of(w) for w in re.findall(r"\w+", s)))
     words = filler.split()[:360]
@@ -145,7 +152,7 @@ def test_a_text_over_the_token_limit_is_read_in_windows_with_offsets_into_it(cli
         words.insert(at, word)
     text = " ".join(words) + " and we meet on Monday"
     body = ner(client, {"inputs": [text, TEXTS[0]]})
-    tokens = len(client.app.state.gateway.models["ner"].tokenizer.encode_spans([text])[0].ids)
+    tokens = len(tokenizer.encode_spans([text])[0].ids)
     window = 126  # 128, less [CLS] and [SEP]; consecutive windows share a quarter
     assert body["windows"] == [1 + math.ceil((tokens - 2 - window) / (window - window // 4)), 1]
     assert body["windows"][0] >= 4
