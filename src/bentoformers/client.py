@@ -56,6 +56,8 @@ __all__ = [
     "Classification",
     "Client",
     "Embeddings",
+    "Entities",
+    "Entity",
     "Generation",
     "GenerationChunk",
     "Label",
@@ -119,6 +121,26 @@ class RerankResult(_Result):
     index: int  # the document's position in the request
     score: float  # the sigmoid of the model's logit for the pair, or the logit with raw_scores
     text: str | None = None  # with return_text
+
+
+class Entity(_Result):
+    """An entity, with the keys of Transformers' token-classification pipeline: `entity_group` when grouped;
+    per token (aggregation "none"), `entity` and `index` instead. `text[start:end]` is the entity's text."""
+
+    entity_group: str | None = None
+    entity: str | None = None
+    score: float
+    index: int | None = None
+    word: str
+    start: int
+    end: int
+
+
+class Entities(_Result):
+    model: str
+    results: list[list[Entity]]  # per input, in the text's order
+    windows: list[int]  # per input: the windows of the model's token limit it was read in (1: whole)
+    usage: Usage
 
 
 class Generation(_Result):
@@ -456,6 +478,17 @@ class _Base:
             results.sort(key=lambda r: (-r.score, r.index))
         return results[:top_n]
 
+    @staticmethod
+    def _join_entities(parts: list[Entities]) -> Entities:
+        if len(parts) == 1:
+            return parts[0]
+        return Entities(
+            model=parts[0].model,
+            results=[r for p in parts for r in p.results],
+            windows=[w for p in parts for w in p.windows],
+            usage=_sum_usage([p.usage for p in parts]),
+        )
+
 
 def _sum_usage(usages: list[Usage]) -> Usage:
     return Usage(
@@ -622,6 +655,27 @@ class Client(_Base):
         parts = [self._post("/rerank", {"query": query, "texts": chunk, **options})
                  for chunk in self._split(self._items(documents))]
         return self._join_rankings(parts, top_n)
+
+    def ner(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        aggregation_strategy: str | None = None,
+        ignore_labels: Sequence[str] | None = None,
+        model: str | None = None,
+    ) -> Entities:
+        """Entities per text, with character offsets into it, as Transformers' token-classification pipeline
+        finds them. `aggregation_strategy`: none, simple (the server's default), first, average or max;
+        `ignore_labels` (default ["O"]). Texts of any length: a long one is read in windows (each counts
+        against the server's `max_items_per_request`)."""
+        options = self._options(aggregation_strategy=aggregation_strategy, model=model)
+        if ignore_labels is not None:
+            options["ignore_labels"] = list(ignore_labels)
+        parts = [
+            Entities.model_validate(self._post("/ner", {"inputs": chunk, **options}))
+            for chunk in self._split(self._items(inputs))
+        ]
+        return self._join_entities(parts)
 
     def generate(self, prompt: str, **options: Any) -> Generation:
         """Complete `prompt`. Options: max_new_tokens, temperature (0 = greedy), top_p, top_k, stop, seed, model."""
@@ -829,6 +883,23 @@ class AsyncClient(_Base):
         parts = [await self._post("/rerank", {"query": query, "texts": chunk, **options})
                  for chunk in await self._split(self._items(documents))]
         return self._join_rankings(parts, top_n)
+
+    async def ner(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        aggregation_strategy: str | None = None,
+        ignore_labels: Sequence[str] | None = None,
+        model: str | None = None,
+    ) -> Entities:
+        options = self._options(aggregation_strategy=aggregation_strategy, model=model)
+        if ignore_labels is not None:
+            options["ignore_labels"] = list(ignore_labels)
+        parts = [
+            Entities.model_validate(await self._post("/ner", {"inputs": chunk, **options}))
+            for chunk in await self._split(self._items(inputs))
+        ]
+        return self._join_entities(parts)
 
     async def generate(self, prompt: str, **options: Any) -> Generation:
         return Generation.model_validate(await self._post("/generate", {"prompt": prompt, **self._options(**options)}))

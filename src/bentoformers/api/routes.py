@@ -51,6 +51,8 @@ ROUTES = (
               summary="Rerank documents (Cohere v1, Jina)"),
     RouteSpec("/v2/rerank", "POST", "rerank", "rerank_v2", schemas.CohereRerankRequest, schemas.CohereRerankResponse,
               summary="Rerank documents (Cohere v2)"),
+    RouteSpec("/ner", "POST", "token-classification", "ner", schemas.NerRequest, schemas.NerResponse, "ner",
+              summary="Find entities in texts (token classification)"),
     RouteSpec("/v1/models", "GET", None, "list_models", response=schemas.ModelList, summary="List the served models"),
 )
 # Route -> task (the scope it needs). Any other path needs a valid identity and no particular scope.

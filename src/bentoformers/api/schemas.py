@@ -394,3 +394,46 @@ class CohereRerankResponse(BaseModel):
     results: list[RankedDocument] = Field(description="Best first.")
     meta: RerankMeta
     usage: Usage
+
+
+class NerRequest(BaseModel):
+    """POST /ner (native): entities as Transformers' token-classification pipeline finds them."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: StrictStr | list[StrictStr] = Field(description="Texts of any length: one over the model's token limit "
+                                                "is read in overlapping windows.")
+    aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = Field(
+        "simple", description="As the pipeline's: none (a result per token), simple (adjacent tokens of one type "
+        "grouped), first, average or max (grouped, and a word never split between types: the label of its first "
+        "token, of its tokens' average scores, or of its surest token). The pipeline's default is none."
+    )
+    ignore_labels: list[StrictStr] = Field(["O"], description="Labels (or, grouped, types) left out of the answer.")
+    model: StrictStr | None = None
+
+
+class TokenEntity(BaseModel):
+    """A token, with aggregation_strategy none."""
+
+    entity: str
+    score: float
+    index: int = Field(description="The token's position in the text's encoding, special tokens counted.")
+    word: str = Field(description="The token as the vocabulary spells it; text[start:end] is the text itself.")
+    start: int
+    end: int
+
+
+class EntityGroup(BaseModel):
+    """Adjacent tokens (or words) of one type, grouped."""
+
+    entity_group: str
+    score: float = Field(description="The mean score of its tokens (or words).")
+    word: str = Field(description="Its tokens joined as the tokenizer decodes them; text[start:end] is the text itself.")
+    start: int
+    end: int
+
+
+class NerResponse(BaseModel):
+    model: str
+    results: list[list[EntityGroup | TokenEntity]] = Field(description="Per text, its entities in the text's order.")
+    windows: list[int] = Field(description="Per text, the windows of the model's token limit it was read in (1: whole).")
+    usage: Usage = Field(description="The tokens the model read, the windows' overlaps included.")

@@ -123,6 +123,29 @@ class TextTokenizer:
             )
         ]
 
+    def encode_spans(self, texts: list[str]) -> list:
+        """Texts whole, with no limit (token classification reads a long text in windows), as the Rust tokenizer's
+        encodings: ids, tokens, character offsets into the text, the special-tokens mask, and `sequence_ids`
+        (None on the tokens its template added)."""
+        return [self._whole.encode(texts[0])] if len(texts) == 1 else self._whole.encode_batch(texts)
+
+    def join_tokens(self, tokens: list[str]) -> str:
+        """Tokens as one text, as Transformers' `convert_tokens_to_string` joins them (the tokenizer's decoder:
+        WordPiece glues its "##" pieces on)."""
+        decoder = self._whole.decoder
+        return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
+
+    @property
+    def marks_subwords(self) -> bool:
+        """The vocabulary marks a word's continuing pieces (WordPiece's "##"), so a token's length tells a
+        piece from a word."""
+        return bool(getattr(self._whole.model, "continuing_subword_prefix", None))
+
+    @property
+    def unknown_id(self) -> int | None:
+        unknown = getattr(self._whole.model, "unk_token", None)
+        return self._whole.token_to_id(unknown) if unknown else None
+
     def decode_stream(self) -> TextStream:
         return TextStream(self._whole)
 
