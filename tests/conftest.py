@@ -36,6 +36,8 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# The served e5 model's prompts, as intfloat/e5 checkpoints name them.
+E5_PROMPTS = {"query": "query: ", "passage": "passage: "}
 
 
 @pytest.fixture(scope="session")
@@ -50,14 +52,23 @@ def minilm_build():
 
 @pytest.fixture(scope="session")
 def served_build(minilm_build):
-    """The model list the services serve: MiniLM, `sentiment` (tiny classifier), `gpt2` (tiny GPT-2), all built,
-    named as the README's examples name them, and `chat` (a tiny GPT-2 with a chat template, fp32, with a
-    512-token context so a generation lasts long enough to leave it midway)."""
+    """The model list the services serve: MiniLM, `sentiment` (tiny classifier), `gpt2` (tiny GPT-2), tiny
+    `rerank` (cross-encoder), `ner` (token classifier) and `nli` (zero-shot classifier), all built, named as
+    the README's examples name them, `chat` (a tiny GPT-2 with a chat template, fp32, with a 512-token
+    context so a generation lasts long enough to leave it midway) and `e5` (a tiny encoder with e5's
+    query/passage prompts and Matryoshka sizes, fp32)."""
     import yaml
 
     from bentoformers.build.builder import build_model
-    from bentoformers.gpucheck import make_tiny_classifier, make_tiny_gpt2
     from bentoformers.spec import load_model_list
+    from bentoformers.tiny_models import (
+        make_tiny_classifier,
+        make_tiny_encoder,
+        make_tiny_gpt2,
+        make_tiny_nli,
+        make_tiny_reranker,
+        make_tiny_token_classifier,
+    )
 
     folders = _RUN_DIR / "checkpoints"
     entries = [
@@ -67,8 +78,17 @@ def served_build(minilm_build):
          "task": "classification", "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
         {"name": "gpt2", "source": str(make_tiny_gpt2(folders / "gpt2")), "task": "generation",
          "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
+        {"name": "rerank", "source": str(make_tiny_reranker(folders / "rerank")), "task": "rerank",
+         "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
+        {"name": "ner", "source": str(make_tiny_token_classifier(folders / "ner")), "task": "token-classification",
+         "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
+        {"name": "nli", "source": str(make_tiny_nli(folders / "nli")), "task": "classification",
+         "variants": [{"precision": "fp32"}, {"precision": "int8"}]},
         {"name": "chat", "task": "generation", "variants": [{"precision": "fp32"}],
          "source": str(make_tiny_gpt2(folders / "chat", CHAT_TEMPLATE, ("<|im_start|>", "<|im_end|>"), 512))},
+        {"name": "e5", "task": "embeddings", "variants": [{"precision": "fp32"}], "normalize": True,
+         "matryoshka_dimensions": [16, 8],  # and the full 32
+         "source": str(make_tiny_encoder(folders / "e5", E5_PROMPTS))},
     ]
     path = _RUN_DIR / "models.yaml"
     path.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))
@@ -76,7 +96,8 @@ def served_build(minilm_build):
     os.environ["BENTOFORMERS_MODEL_LIST"] = str(path)
     # gpt2 in fp32: the precision whose greedy tokens do not depend on batch neighbours (README,
     # "Generation and batching"), so the tests can check that concurrent requests get what they get alone.
-    os.environ["BENTOFORMERS_MODEL_PRECISIONS"] = '{"gpt2": "fp32"}'
+    # nli in fp32 too: the zero-shot tests compare it with Transformers' pipeline on the same checkpoint.
+    os.environ["BENTOFORMERS_MODEL_PRECISIONS"] = '{"gpt2": "fp32", "nli": "fp32"}'
     results = {}
     for spec in load_model_list(path):
         results[spec.name] = {r.precision: r for r in build_model(spec)}
@@ -84,11 +105,23 @@ def served_build(minilm_build):
     # and the tiny model's greedy near-ties do not survive that on every CPU class (README, "int8 on every
     # CPU"): where it is refused the build says on which class, and the tests that need it skip saying so.
     for name, precision in [("minilm", "fp32"), ("minilm", "int8"), ("sentiment", "fp32"), ("sentiment", "int8"),
-                            ("gpt2", "fp32"), ("chat", "fp32")]:
+                            ("gpt2", "fp32"), ("chat", "fp32"), ("e5", "fp32"), ("rerank", "fp32"), ("ner", "fp32"),
+                            ("nli", "fp32")]:
         assert results[name][precision].ok, f"{name} {precision}: {results[name][precision].reason}"
+    # The tiny random encoders' int8 may be refused (their outputs are near-ties); a refusal must name the CPU
+    # class it failed on, and the service then serves fp32.
+    for name in ("rerank", "ner", "nli"):
+        result = results[name]["int8"]
+        assert result.ok or "below its gate on " in result.reason, f"{name} int8: {result.reason}"
     gpt2_int8 = results["gpt2"]["int8"]
     assert gpt2_int8.ok or " on avx2" in gpt2_int8.reason or " on sse" in gpt2_int8.reason, gpt2_int8.reason
     return results
+
+
+@pytest.fixture(scope="session")
+def checkpoints(served_build) -> Path:
+    """The folder of the PyTorch checkpoints that served_build made (one folder per model name)."""
+    return _RUN_DIR / "checkpoints"
 
 
 @pytest.fixture(scope="session")
@@ -116,6 +149,15 @@ def app(served_build):
     import service
 
     return service.Gateway.to_asgi()
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    """Starlette's TestClient on the app in process, one per module (the in-process tier's way in)."""
+    from starlette.testclient import TestClient
+
+    with TestClient(app) as c:
+        yield c
 
 
 def free_port() -> int:

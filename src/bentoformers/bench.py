@@ -42,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
         from bentoformers import bench_generation
 
         return bench_generation.run(args)
+    if args.rerank:
+        from bentoformers import bench_rerank
+
+        return bench_rerank.run(args)
+    args.texts_per_request = args.texts_per_request or [1, 32]
     texts = load_texts(args.texts)
     args.concurrency = args.concurrency or [1, 4, 16, 64]
     if args.model_only:

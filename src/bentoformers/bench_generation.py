@@ -75,8 +75,8 @@ def build_bench_model() -> tuple[Path, Path]:
     import yaml
 
     from bentoformers.build.builder import build_model
-    from bentoformers.gpucheck import make_tiny_gpt2
     from bentoformers.spec import load_model_list, store_name
+    from bentoformers.tiny_models import make_tiny_gpt2
 
     work = Path(tempfile.gettempdir()) / "bentoformers-bench-model"
     source = make_tiny_gpt2(work / "checkpoint", **BENCH_SHAPE)

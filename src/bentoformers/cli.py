@@ -159,7 +159,7 @@ def _add_keys_parser(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--id", required=True, help="key id: who holds it (letters, digits, '.', '-')")
     create.add_argument(
         "--scopes", nargs="+", default=["*"], metavar="TASK",
-        help="tasks it may call: embeddings, classification, generation, or * (default: *)",
+        help="tasks it may call: embeddings, classification, rerank, token-classification, generation, or * (default: *)",
     )
     create.add_argument("--tier", default="default", help="rate-limit tier (default: %(default)s)")
     create.add_argument("--file", type=Path, help="key file to append to (created with mode 0600)")
@@ -360,6 +360,25 @@ def _chat(args: argparse.Namespace) -> int:
                 return OK
 
 
+# ---- rerank -----------------------------------------------------------------------------------------------
+
+
+def _rerank(args: argparse.Namespace) -> int:
+    """The documents by relevance to the query, best first: score, index, document."""
+    from bentoformers.client import BentoformersError, Client
+
+    with Client(args.url, api_key=args.api_key) as client:
+        try:
+            results = client.rerank(args.query, args.documents, top_n=args.top_n, truncate=args.truncate or None,
+                                    model=args.model)
+        except BentoformersError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return FAILED
+    for r in results:
+        print(f"{r.score:.4f}  {r.index}  {args.documents[r.index]}")
+    return OK
+
+
 # ---- bench ------------------------------------------------------------------------------------------------
 
 
@@ -454,6 +473,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Bearer token (default: $BENTOFORMERS_API_KEY)")
     chat.set_defaults(func=_chat)
 
+    rerank = sub.add_parser(
+        "rerank",
+        help="rank documents by relevance to a query with a served reranker (/rerank)",
+        description="Score each DOCUMENT with QUERY and print them best first: relevance score (the sigmoid "
+        "of the model's logit), the document's position among the arguments, the document.",
+        epilog='example: bentoformers rerank "night trains" "The sleeper leaves at ten." "Cats purr."',
+    )
+    rerank.add_argument("query")
+    rerank.add_argument("documents", nargs="+", metavar="DOCUMENT")
+    rerank.add_argument("--top-n", type=int, help="only the n best")
+    rerank.add_argument("--truncate", action="store_true", help="cut pairs over the model's token limit")
+    rerank.add_argument("--model", help="a served rerank model (default: the server's first)")
+    rerank.add_argument("--url", default=os.environ.get("BENTOFORMERS_URL", "http://localhost:3000"),
+                        help="server root URL (default: $BENTOFORMERS_URL or %(default)s)")
+    rerank.add_argument("--api-key", default=os.environ.get("BENTOFORMERS_API_KEY"),
+                        help="Bearer token (default: $BENTOFORMERS_API_KEY)")
+    rerank.set_defaults(func=_rerank)
+
     bench = sub.add_parser(
         "bench",
         help="closed-loop load sweep against a server: throughput, latency, errors, memory",
@@ -465,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  bentoformers bench                                    serve locally and sweep the defaults\n"
         "  bentoformers bench http://host:3000 -c 1,8,32 -n 1,16  our server, native /embed\n"
         "  bentoformers bench http://peer:7997 --api openai --path /embeddings --model m\n"
-        "  bentoformers bench --generation                       streamed completions of a GPT-2 it builds\n",
+        "  bentoformers bench --generation                       streamed completions of a GPT-2 it builds\n"
+        "  bentoformers bench --rerank http://host:3000           1 query x 32 documents at concurrency 1 and 8\n",
         formatter_class=fmt,
     )
     bench.add_argument("url", nargs="?", help="server root URL (default: start a local server)")
@@ -476,9 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--api-key", default=os.environ.get("BENTOFORMERS_API_KEY"),
                        help="Bearer token (default: $BENTOFORMERS_API_KEY)")
     bench.add_argument("-c", "--concurrency", type=_csv_ints, metavar="N,N",
-                       help="clients in flight (default: 1,4,16,64; with --generation 1,4,16)")
-    bench.add_argument("-n", "--texts-per-request", type=_csv_ints, default=[1, 32], metavar="N,N",
-                       help="request sizes (default: 1,32)")
+                       help="clients in flight (default: 1,4,16,64; with --generation 1,4,16; with --rerank 1,8)")
+    bench.add_argument("-n", "--texts-per-request", type=_csv_ints, metavar="N,N",
+                       help="request sizes (default: 1,32; with --rerank, documents per query: 32)")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per point (default: %(default)s)")
     bench.add_argument("--warmup", type=float, default=2.0,
                        help="seconds of unrecorded load per request size first (default: %(default)s)")
@@ -492,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--generation", action="store_true",
                        help="stream /v1/completions instead (TTFT, inter-token latency, tokens/s); without URL it "
                        "builds and serves a small GPT-2 of its own, and times it decoding alone in process too")
+    bench.add_argument("--rerank", action="store_true",
+                       help="POST /rerank instead: one query with N documents per request, in pairs/s, beside the "
+                       "served reranker scoring the same pairs in process (JSON only, no plot)")
     bench.add_argument("--max-tokens", type=int, default=32, help="per completion, with --generation (default: %(default)s)")
     bench.add_argument("--json", type=Path, default=Path("bench-results/bench.json"), help="(default: %(default)s)")
     bench.add_argument("--plot", type=Path, default=Path("bench-results/bench.png"), help="(default: %(default)s)")

@@ -56,6 +56,8 @@ __all__ = [
     "Classification",
     "Client",
     "Embeddings",
+    "Entities",
+    "Entity",
     "Generation",
     "GenerationChunk",
     "Label",
@@ -65,7 +67,9 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "RequestTooLargeError",
+    "RerankResult",
     "ServerError",
+    "Token",
     "Usage",
 ]
 
@@ -93,6 +97,15 @@ class Embeddings(_Result):
     usage: Usage
 
 
+class Token(_Result):
+    id: int
+    text: str
+    special: bool
+    start: int | None  # character offsets into the input; None for a special token or one of the prompt's
+    stop: int | None
+    prompt: bool = False  # a token of the prompt put before the input
+
+
 class Label(_Result):
     label: str
     score: float
@@ -101,6 +114,32 @@ class Label(_Result):
 class Classification(_Result):
     model: str
     results: list[list[Label]]  # per input, sorted by score, highest first
+    usage: Usage
+
+
+class RerankResult(_Result):
+    index: int  # the document's position in the request
+    score: float  # the sigmoid of the model's logit for the pair, or the logit with raw_scores
+    text: str | None = None  # with return_text
+
+
+class Entity(_Result):
+    """An entity, with the keys of Transformers' token-classification pipeline: `entity_group` when grouped;
+    per token (aggregation "none"), `entity` and `index` instead. `text[start:end]` is the entity's text."""
+
+    entity_group: str | None = None
+    entity: str | None = None
+    score: float
+    index: int | None = None
+    word: str
+    start: int
+    end: int
+
+
+class Entities(_Result):
+    model: str
+    results: list[list[Entity]]  # per input, in the text's order
+    windows: list[int]  # per input: the windows of the model's token limit it was read in (1: whole)
     usage: Usage
 
 
@@ -158,6 +197,10 @@ class ModelInfo(_Result):
     device: str | None = None
     cpu: str | None = None  # the serving CPU's instruction-set class
     refused_variants: list[dict[str, str]] = []  # variants whose start-up check failed on that CPU
+    # embeddings: the sizes `dimensions` may ask for (a Matryoshka model), the prompts `prompt_name` may name
+    matryoshka_dimensions: list[int] = []
+    prompts: dict[str, str] = {}
+    default_prompt_name: str | None = None
 
 
 # ---- errors ----------------------------------------------------------------------------------------------
@@ -417,6 +460,35 @@ class _Base:
             usage=_sum_usage([p.usage for p in parts]),
         )
 
+    @staticmethod
+    def _rerank_options(raw_scores: bool, return_text: bool, truncate: bool | None, model: str | None) -> dict[str, Any]:
+        return _Base._options(raw_scores=raw_scores or None, return_text=return_text or None, truncate=truncate,
+                              model=model)
+
+    @staticmethod
+    def _join_rankings(parts: list[list[dict[str, Any]]], top_n: int | None) -> list[RerankResult]:
+        if top_n is not None and top_n < 1:
+            raise ValueError("top_n must be at least 1")
+        # A document's score does not depend on the others sent with it: the parts merge exactly.
+        results, offset = [], 0
+        for part in parts:
+            results += [RerankResult.model_validate(r | {"index": r["index"] + offset}) for r in part]
+            offset += len(part)
+        if len(parts) > 1:
+            results.sort(key=lambda r: (-r.score, r.index))
+        return results[:top_n]
+
+    @staticmethod
+    def _join_entities(parts: list[Entities]) -> Entities:
+        if len(parts) == 1:
+            return parts[0]
+        return Entities(
+            model=parts[0].model,
+            results=[r for p in parts for r in p.results],
+            windows=[w for p in parts for w in p.windows],
+            usage=_sum_usage([p.usage for p in parts]),
+        )
+
 
 def _sum_usage(usages: list[Usage]) -> Usage:
     return Usage(
@@ -505,14 +577,39 @@ class Client(_Base):
         normalize: bool | None = None,
         truncate: bool | None = None,
         model: str | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
+        truncation_direction: str | None = None,
     ) -> Embeddings:
-        """Vectors for the texts, in order; `normalize` defaults to how the model was trained."""
-        options = self._options(normalize=normalize, truncate=truncate, model=model)
+        """Vectors for the texts, in order; `normalize` defaults to how the model was trained. `prompt_name`
+        (one of the model's prompts) or `prompt` (any text; "" for none) goes before each text, `dimensions`
+        cuts a Matryoshka model's vectors (then normalised), `truncation_direction` "left" keeps the ends."""
+        options = self._options(normalize=normalize, truncate=truncate, model=model, prompt_name=prompt_name,
+                                prompt=prompt, dimensions=dimensions, truncation_direction=truncation_direction)
         parts = [
             Embeddings.model_validate(self._post("/embed", {"inputs": chunk, **options}))
             for chunk in self._split(self._items(inputs))
         ]
         return self._join_embeddings(parts)
+
+    def tokenize(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        add_special_tokens: bool | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        model: str | None = None,
+    ) -> list[list[Token]]:
+        """Per text, the tokens the model sees (`POST /tokenize`), with character offsets into the text."""
+        options = self._options(add_special_tokens=add_special_tokens, prompt_name=prompt_name, prompt=prompt,
+                                model=model)
+        return [
+            [Token.model_validate(t) for t in tokens]
+            for chunk in self._split(self._items(inputs))
+            for tokens in self._post("/tokenize", {"inputs": chunk, **options})
+        ]
 
     def classify(
         self,
@@ -522,16 +619,63 @@ class Client(_Base):
         all_labels: bool = False,
         truncate: bool | None = None,
         model: str | None = None,
+        candidate_labels: Sequence[str] | None = None,
+        hypothesis_template: str | None = None,
+        multi_label: bool | None = None,
     ) -> Classification:
-        """Labels with scores per text, best first: the server's default count, `top_k`, or `all_labels`."""
-        options = self._options(top_k=top_k, truncate=truncate, model=model)
+        """Labels with scores per text, best first: the server's default count, `top_k`, or `all_labels`. With
+        `candidate_labels`, zero-shot on an NLI model: the labels you name (`hypothesis_template`, `multi_label`)."""
+        options = self._options(
+            top_k=top_k, truncate=truncate, model=model, hypothesis_template=hypothesis_template,
+            multi_label=multi_label, candidate_labels=None if candidate_labels is None else list(candidate_labels),
+        )
         if all_labels:
             options["top_k"] = None
+        pairs_per_text = 1 if candidate_labels is None else max(1, len(candidate_labels))
         parts = [
             Classification.model_validate(self._post("/classify", {"inputs": chunk, **options}))
-            for chunk in self._split(self._items(inputs))
+            for chunk in self._split(self._items(inputs), pairs_per_text)
         ]
         return self._join_classifications(parts)
+
+    def rerank(
+        self,
+        query: str,
+        documents: str | Sequence[str],
+        *,
+        top_n: int | None = None,
+        raw_scores: bool = False,
+        return_text: bool = False,
+        truncate: bool | None = None,
+        model: str | None = None,
+    ) -> list[RerankResult]:
+        """The documents by relevance to `query`, best first (the `top_n` best): each one's index and score
+        (the sigmoid of the model's logit; the logit with `raw_scores`), and its text with `return_text`."""
+        options = self._rerank_options(raw_scores, return_text, truncate, model)
+        parts = [self._post("/rerank", {"query": query, "texts": chunk, **options})
+                 for chunk in self._split(self._items(documents))]
+        return self._join_rankings(parts, top_n)
+
+    def ner(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        aggregation_strategy: str | None = None,
+        ignore_labels: Sequence[str] | None = None,
+        model: str | None = None,
+    ) -> Entities:
+        """Entities per text, with character offsets into it, as Transformers' token-classification pipeline
+        finds them. `aggregation_strategy`: none, simple (the server's default), first, average or max;
+        `ignore_labels` (default ["O"]). Texts of any length: a long one is read in windows (each counts
+        against the server's `max_items_per_request`)."""
+        options = self._options(aggregation_strategy=aggregation_strategy, model=model)
+        if ignore_labels is not None:
+            options["ignore_labels"] = list(ignore_labels)
+        parts = [
+            Entities.model_validate(self._post("/ner", {"inputs": chunk, **options}))
+            for chunk in self._split(self._items(inputs))
+        ]
+        return self._join_entities(parts)
 
     def generate(self, prompt: str, **options: Any) -> Generation:
         """Complete `prompt`. Options: max_new_tokens, temperature (0 = greedy), top_p, top_k, stop, seed, model."""
@@ -595,8 +739,9 @@ class Client(_Base):
                 self._max_items = DEFAULT_MAX_ITEMS
         return self._max_items
 
-    def _split(self, items: list[str]) -> list[list[str]]:
-        return [items] if len(items) == 1 else _chunks(items, self.max_items_per_request())
+    def _split(self, items: list[str], sequences_per_item: int = 1) -> list[list[str]]:
+        """Requests within the server's limit of sequences (a zero-shot text is one per label)."""
+        return [items] if len(items) == 1 else _chunks(items, max(1, self.max_items_per_request() // sequences_per_item))
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
         return self._send("POST", path, body).json()
@@ -668,13 +813,35 @@ class AsyncClient(_Base):
         normalize: bool | None = None,
         truncate: bool | None = None,
         model: str | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
+        truncation_direction: str | None = None,
     ) -> Embeddings:
-        options = self._options(normalize=normalize, truncate=truncate, model=model)
+        options = self._options(normalize=normalize, truncate=truncate, model=model, prompt_name=prompt_name,
+                                prompt=prompt, dimensions=dimensions, truncation_direction=truncation_direction)
         parts = [
             Embeddings.model_validate(await self._post("/embed", {"inputs": chunk, **options}))
             for chunk in await self._split(self._items(inputs))
         ]
         return self._join_embeddings(parts)
+
+    async def tokenize(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        add_special_tokens: bool | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        model: str | None = None,
+    ) -> list[list[Token]]:
+        options = self._options(add_special_tokens=add_special_tokens, prompt_name=prompt_name, prompt=prompt,
+                                model=model)
+        return [
+            [Token.model_validate(t) for t in tokens]
+            for chunk in await self._split(self._items(inputs))
+            for tokens in await self._post("/tokenize", {"inputs": chunk, **options})
+        ]
 
     async def classify(
         self,
@@ -684,15 +851,55 @@ class AsyncClient(_Base):
         all_labels: bool = False,
         truncate: bool | None = None,
         model: str | None = None,
+        candidate_labels: Sequence[str] | None = None,
+        hypothesis_template: str | None = None,
+        multi_label: bool | None = None,
     ) -> Classification:
-        options = self._options(top_k=top_k, truncate=truncate, model=model)
+        options = self._options(
+            top_k=top_k, truncate=truncate, model=model, hypothesis_template=hypothesis_template,
+            multi_label=multi_label, candidate_labels=None if candidate_labels is None else list(candidate_labels),
+        )
         if all_labels:
             options["top_k"] = None
+        pairs_per_text = 1 if candidate_labels is None else max(1, len(candidate_labels))
         parts = [
             Classification.model_validate(await self._post("/classify", {"inputs": chunk, **options}))
-            for chunk in await self._split(self._items(inputs))
+            for chunk in await self._split(self._items(inputs), pairs_per_text)
         ]
         return self._join_classifications(parts)
+
+    async def rerank(
+        self,
+        query: str,
+        documents: str | Sequence[str],
+        *,
+        top_n: int | None = None,
+        raw_scores: bool = False,
+        return_text: bool = False,
+        truncate: bool | None = None,
+        model: str | None = None,
+    ) -> list[RerankResult]:
+        options = self._rerank_options(raw_scores, return_text, truncate, model)
+        parts = [await self._post("/rerank", {"query": query, "texts": chunk, **options})
+                 for chunk in await self._split(self._items(documents))]
+        return self._join_rankings(parts, top_n)
+
+    async def ner(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        aggregation_strategy: str | None = None,
+        ignore_labels: Sequence[str] | None = None,
+        model: str | None = None,
+    ) -> Entities:
+        options = self._options(aggregation_strategy=aggregation_strategy, model=model)
+        if ignore_labels is not None:
+            options["ignore_labels"] = list(ignore_labels)
+        parts = [
+            Entities.model_validate(await self._post("/ner", {"inputs": chunk, **options}))
+            for chunk in await self._split(self._items(inputs))
+        ]
+        return self._join_entities(parts)
 
     async def generate(self, prompt: str, **options: Any) -> Generation:
         return Generation.model_validate(await self._post("/generate", {"prompt": prompt, **self._options(**options)}))
@@ -752,8 +959,9 @@ class AsyncClient(_Base):
                 self._max_items = DEFAULT_MAX_ITEMS
         return self._max_items
 
-    async def _split(self, items: list[str]) -> list[list[str]]:
-        return [items] if len(items) == 1 else _chunks(items, await self.max_items_per_request())
+    async def _split(self, items: list[str], sequences_per_item: int = 1) -> list[list[str]]:
+        limit = await self.max_items_per_request()
+        return [items] if len(items) == 1 else _chunks(items, max(1, limit // sequences_per_item))
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
         return (await self._send("POST", path, body)).json()

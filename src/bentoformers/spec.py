@@ -10,11 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from bentoformers.settings import Precision
 
-Task = Literal["embeddings", "classification", "generation"]
+Task = Literal["embeddings", "classification", "rerank", "token-classification", "generation"]
 
 # Fidelity gates against the fp32 PyTorch reference; a variant below them is not saved.
 # embeddings: cosine and nearest-neighbour overlap on the shipped sentences;
-# classification: top-label agreement and the largest probability difference on the shipped sentences;
+# classification: top-label agreement and the largest probability difference on the shipped sentences
+#   (premise/hypothesis pairs for an NLI model, the zero-shot classifier);
+# rerank: per query, the top document and Kendall's tau of the order, on the shipped query/document sets,
+#   and the largest difference of a relevance score (the sigmoid of the logit);
+# token-classification: each real token's top label, and the largest probability difference;
 # generation: greedy tokens that agree (up to each prompt's first divergence) on fixed prompts.
 DEFAULT_GATES: dict[str, dict[str, dict[str, float]]] = {
     "embeddings": {
@@ -27,6 +31,16 @@ DEFAULT_GATES: dict[str, dict[str, dict[str, float]]] = {
         "fp16": {"label_agreement": 0.99, "max_prob_diff": 0.01},
         "int8": {"label_agreement": 0.99, "max_prob_diff": 0.1},
     },
+    "rerank": {
+        "fp32": {"top1_agreement": 1.0, "kendall_tau": 0.999, "max_score_diff": 1e-4},
+        "fp16": {"top1_agreement": 0.99, "kendall_tau": 0.95, "max_score_diff": 0.01},
+        "int8": {"top1_agreement": 0.99, "kendall_tau": 0.95, "max_score_diff": 0.1},
+    },
+    "token-classification": {
+        "fp32": {"label_agreement": 1.0, "max_prob_diff": 1e-4},
+        "fp16": {"label_agreement": 0.99, "max_prob_diff": 0.01},
+        "int8": {"label_agreement": 0.99, "max_prob_diff": 0.1},
+    },
     "generation": {
         "fp32": {"token_agreement": 1.0},
         "fp16": {"token_agreement": 0.9},
@@ -34,7 +48,7 @@ DEFAULT_GATES: dict[str, dict[str, dict[str, float]]] = {
     },
 }
 # Figures that must stay at or below their gate; every other figure must reach it.
-UPPER_BOUNDS = frozenset({"max_prob_diff"})
+UPPER_BOUNDS = frozenset({"max_prob_diff", "max_score_diff"})
 
 
 def gate_failures(figures: dict[str, float], gates: dict[str, float]) -> list[str]:
@@ -60,6 +74,14 @@ class ModelSpec(BaseModel):
     task: Task = "embeddings"
     pooling: Literal["auto", "mean", "cls"] = Field("auto", description="embeddings only")
     normalize: bool | None = Field(None, description="embeddings only; None: as the checkpoint's sentence-transformers config says.")
+    matryoshka_dimensions: list[int] | None = Field(
+        None, description="embeddings only: the sizes a Matryoshka-trained model's vectors may be cut to (each at most "
+        "its hidden size), which `dimensions` in a request may then ask for.",
+    )
+    prompts: dict[str, str] | None = Field(
+        None, description="embeddings only: named prompts (e.g. query: 'query: ') that replace the checkpoint's "
+        "sentence-transformers `prompts`; its `default_prompt_name` still applies if it names one of these.",
+    )
     max_length: int | None = Field(None, ge=8, description="Token limit (generation: the context, prompt plus new tokens).")
     chat_template: str | None = Field(
         None, description="generation only: the chat template for /v1/chat/completions, for checkpoints without "
@@ -88,6 +110,17 @@ class ModelSpec(BaseModel):
     def _chat_template_for_generation(self) -> ModelSpec:
         if self.chat_template is not None and self.task != "generation":
             raise ValueError("chat_template is for generation models only")
+        return self
+
+    @model_validator(mode="after")
+    def _embedding_options_for_embeddings(self) -> ModelSpec:
+        if self.task != "embeddings" and (self.matryoshka_dimensions is not None or self.prompts is not None):
+            raise ValueError("matryoshka_dimensions and prompts are for embeddings models only")
+        sizes = self.matryoshka_dimensions or []
+        if any(size < 1 for size in sizes) or len(sizes) != len(set(sizes)):
+            raise ValueError("matryoshka_dimensions must be distinct sizes of at least 1")
+        if self.prompts is not None and any(not name for name in self.prompts):
+            raise ValueError("a prompt's name may not be empty")
         return self
 
     def gates(self, variant: VariantSpec) -> dict[str, float]:

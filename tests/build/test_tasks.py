@@ -12,12 +12,12 @@ import pytest
 
 from bentoformers.build.builder import build_model
 from bentoformers.build.export import resolve_source
-from bentoformers.gpucheck import make_tiny_classifier
 from bentoformers.runtime.card import ModelCard
 from bentoformers.runtime.decoder import DecodeBatch, OnnxDecoder
 from bentoformers.runtime.encoder import OnnxEncoder, label_scores
 from bentoformers.runtime.tokenizer import TextTokenizer
 from bentoformers.spec import ModelSpec
+from bentoformers.tiny_models import make_tiny_classifier
 
 pytestmark = pytest.mark.slow
 

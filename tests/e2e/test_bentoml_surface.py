@@ -34,6 +34,11 @@ def test_sync_client_has_the_methods_and_they_answer_like_the_routes(server, sen
             r[0]["label"] for r in httpx.post(f"{server}/classify", json={
                 "inputs": ["I loved this film."], "model": "sentiment", "top_k": 1}).json()["results"]]
 
+        tokens = client.tokenize(inputs=["cats purr"], model="e5", prompt_name="query")
+        assert tokens == httpx.post(f"{server}/tokenize", json={"inputs": ["cats purr"], "model": "e5",
+                                                                "prompt_name": "query"}).json()
+        assert [t["text"] for t in tokens[0] if t["prompt"]] == ["query", ":"]
+
         before = _count(server, "/generate/stream", "200")
         pieces = list(client.generate(prompt="The cat sat on", model="gpt2", max_new_tokens=12))
         whole = httpx.post(f"{server}/generate", json={"prompt": "The cat sat on", "model": "gpt2",

@@ -66,3 +66,12 @@ def test_every_other_call_needs_the_token(model_alone):
     # The metrics live on their own port, so a scraper never needs the API port.
     scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30)
     assert scraped.status_code == 200 and "bentoformers_inference_seconds_count" in scraped.text
+
+
+def test_random_paths_do_not_grow_its_metrics(model_alone):
+    url, metrics_port, _ = model_alone
+    for i in range(200):
+        assert httpx.get(f"{url}/scan-{i}", timeout=30).status_code == 401
+    scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
+    assert "scan-" not in scraped
+    assert "bentoformers_inference_seconds_count" in scraped

@@ -24,7 +24,9 @@ def test_openai_sdk_works_unchanged(server):
     a, b = (np.array(d.embedding) for d in result.data)
     assert a.shape == (384,) and result.usage.prompt_tokens > 10
     assert 0.4 < float(a @ b) < 0.99
-    assert [m.id for m in client.models.list().data] == ["minilm", "sentiment", "gpt2", "chat"]
+    assert [m.id for m in client.models.list().data] == [
+        "minilm", "sentiment", "gpt2", "rerank", "ner", "nli", "chat", "e5"
+    ]
 
 
 def test_openai_sdk_completions_plain_and_streaming(server):
@@ -106,7 +108,8 @@ def _readme_blocks(lang: str) -> list[str]:
 
 # What each README curl example must answer, by route.
 README_ANSWERS = {"/v1/embeddings": '"embedding', "/classify": '"results"', "/generate": '"text"', "/v1/models": '"task"',
-                  "/v1/chat/completions": '"chat.completion'}
+                  "/v1/chat/completions": '"chat.completion', "/embed": '"embeddings"', "/tokenize": '"special"',
+                  "/rerank": '"score"', "/v2/rerank": '"relevance_score"', "/ner": '"results"'}
 
 
 def test_readme_curl_examples_run(server):
@@ -142,5 +145,7 @@ def test_the_python_client_classifies_and_streams(server):
         chunks = list(client.generate_stream("The cat sat on", model="gpt2", max_new_tokens=10))
         assert "".join(c.text for c in chunks) == whole.text
         assert chunks[-1].finish_reason == whole.finish_reason and chunks[-1].usage == whole.usage
-        assert {m.id: m.task for m in client.models()} == {"minilm": "embeddings", "sentiment": "classification",
-                                                           "gpt2": "generation", "chat": "generation"}
+        assert {m.id: m.task for m in client.models()} == {
+            "minilm": "embeddings", "sentiment": "classification", "gpt2": "generation", "rerank": "rerank",
+            "ner": "token-classification", "nli": "classification", "chat": "generation", "e5": "embeddings",
+        }

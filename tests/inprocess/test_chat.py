@@ -7,15 +7,8 @@ import concurrent.futures
 import orjson
 import pytest
 from chat_reference import CONVERSATIONS, expected_greedy
-from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.slow
-
-@pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as c:
-        yield c
-
 
 @pytest.fixture(scope="module")
 def chat_folder(served_build):

@@ -5,15 +5,8 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pytest
-from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as c:
-        yield c
 
 
 def classify(client, body):

@@ -7,15 +7,8 @@ import base64
 import numpy as np
 import orjson
 import pytest
-from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as c:
-        yield c
 
 
 def post(client, path, body, **kw):
@@ -52,18 +45,26 @@ def test_native_embed_normalize_and_truncate(client):
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 256
 
 
-def test_models_lists_every_served_model_with_task_precision_and_device(client):
+def test_models_lists_every_served_model_with_task_precision_and_device(client, served_build):
     body = client.get("/v1/models").json()
     assert body["object"] == "list"
     entries = {e["id"]: e for e in body["data"]}
-    assert list(entries) == ["minilm", "sentiment", "gpt2", "chat"]
-    assert {e["task"] for e in entries.values()} == {"embeddings", "classification", "generation"}
+    assert list(entries) == ["minilm", "sentiment", "gpt2", "rerank", "ner", "nli", "chat", "e5"]
+    assert {name: e["task"] for name, e in entries.items()} == {
+        "minilm": "embeddings", "sentiment": "classification", "gpt2": "generation", "rerank": "rerank",
+        "ner": "token-classification", "nli": "classification", "chat": "generation", "e5": "embeddings",
+    }
     assert all(e["device"] == "cpu" and e["object"] == "model" for e in entries.values())
-    # int8 on CPU by default; the tests serve gpt2 in fp32 through BENTOFORMERS_MODEL_PRECISIONS (conftest).
-    assert {name: e["precision"] for name, e in entries.items()} == {"minilm": "int8", "sentiment": "int8", "gpt2": "fp32",
-                                                                     "chat": "fp32"}
+    # int8 on CPU where it passed its gates; the tests serve gpt2 and nli in fp32 through
+    # BENTOFORMERS_MODEL_PRECISIONS (conftest).
+    int8 = {name: "int8" if served_build[name]["int8"].ok else "fp32" for name in ("rerank", "ner")}
+    assert {name: e["precision"] for name, e in entries.items()} == {
+        "minilm": "int8", "sentiment": "int8", "gpt2": "fp32", "chat": "fp32", "e5": "fp32", "nli": "fp32", **int8
+    }
     assert entries["minilm"]["dimensions"] == 384
     assert entries["sentiment"]["labels"] == ["negative", "positive"] and entries["sentiment"]["multi_label"] is False
+    assert entries["sentiment"]["zero_shot"] is False and entries["nli"]["zero_shot"] is True
+    assert entries["ner"]["labels"][0] == "O" and entries["rerank"]["max_input_tokens"] == 128
     assert entries["gpt2"]["context_length"] == 128
 
 
@@ -83,7 +84,7 @@ BAD_REQUESTS = [
     ("/v1/embeddings", {"input": 42}, 422, "validation_error", "input"),
     ("/v1/embeddings", {"input": ["ok", 3]}, 422, "validation_error", "input.1"),
     ("/v1/embeddings", {"input": "ok", "encoding_format": "int4"}, 422, "validation_error", "encoding_format"),
-    ("/v1/embeddings", {"input": "ok", "dimensions": 128}, 422, "validation_error", "dimensions"),
+    ("/v1/embeddings", {"input": "ok", "dimensions": 128}, 400, "invalid_request_error", "dimensions"),
     ("/v1/embeddings", {"input": "ok", "model": "gpt-9"}, 404, "not_found_error", "model"),
     ("/v1/embeddings", {"input": "ok", "model": "sentiment"}, 400, "invalid_request_error", "model"),
     ("/classify", {"inputs": "ok", "model": "minilm"}, 400, "invalid_request_error", "model"),

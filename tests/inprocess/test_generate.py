@@ -7,15 +7,9 @@ import concurrent.futures
 
 import orjson
 import pytest
-from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as c:
-        yield c
 
 PROMPTS = ["The cat sat on", "Rain fell over the", "She opened the door and", "A good", "Numbers like 42 and"]
 
@@ -227,10 +221,10 @@ def test_the_default_new_tokens_never_pass_the_servers_limit(served_build):
     import bentoml
 
     from bentoformers.api.endpoint import ModelEndpoint
-    from bentoformers.api.generation import _plan
+    from bentoformers.api.generation import plan_generation
     from bentoformers.settings import Settings
 
     folder = bentoml.models.get(served_build["gpt2"]["fp32"].tag).path
     endpoint = ModelEndpoint(Settings(max_new_tokens=8, default_max_new_tokens=64), folder, describe=None)
-    plan = asyncio.run(_plan(endpoint, "The cat sat on", None, "max_new_tokens", {}, None))
+    plan = asyncio.run(plan_generation(endpoint, "The cat sat on", None, "max_new_tokens", {}, None))
     assert plan.max_new_tokens == 8

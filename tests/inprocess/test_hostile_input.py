@@ -10,15 +10,8 @@ import httpx
 import orjson
 import pytest
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
-from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

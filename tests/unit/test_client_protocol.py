@@ -150,6 +150,29 @@ def test_long_lists_are_split_at_the_servers_advertised_limit():
     assert result.usage.total_tokens == 5
 
 
+def test_rerank_splits_long_lists_and_merges_them_best_first():
+    bodies = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = httpx.Response(200, content=request.read()).json()
+        bodies.append(body)
+        scores = [float(t) for t in body["texts"]]  # the scripted score of a text is its value
+        ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return httpx.Response(200, json=[{"index": i, "score": scores[i]} for i in ranked])
+
+    with bf.Client("http://s", transport=httpx.MockTransport(handler), max_items_per_request=2) as c:
+        results = c.rerank("q", ["0.1", "0.9", "0.5", "0.7", "0.3"], top_n=3, raw_scores=True)
+    assert [(r.index, r.score) for r in results] == [(1, 0.9), (3, 0.7), (2, 0.5)]
+    assert [b["texts"] for b in bodies] == [["0.1", "0.9"], ["0.5", "0.7"], ["0.3"]]
+    assert all(b["query"] == "q" and b["raw_scores"] is True and "return_text" not in b for b in bodies)
+
+    async def main():
+        async with bf.AsyncClient("http://s", transport=httpx.MockTransport(handler), max_items_per_request=2) as c:
+            return await c.rerank("q", ["0.1", "0.9", "0.5"])
+
+    assert [r.index for r in asyncio.run(main())] == [1, 2, 0]
+
+
 SSE = (
     'data: {"text": "Hel"}\n\n'
     'data: {"text": "lo"}\n\n'

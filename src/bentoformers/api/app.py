@@ -18,7 +18,10 @@ from bentoformers.api.embeddings import embed, openai_embeddings
 from bentoformers.api.gateway import gateway_of, json_response
 from bentoformers.api.generation import generate, generate_text, openai_completions
 from bentoformers.api.openapi import DOCS_PAGE, SWAGGER_UI, openapi_document
+from bentoformers.api.rerank import rerank, rerank_v1, rerank_v2
 from bentoformers.api.routes import ROUTES
+from bentoformers.api.token_classification import ner
+from bentoformers.api.tokenize import tokenize
 from bentoformers.errors import ApiError, ErrorType, error_response
 from bentoformers.observability import scrape
 
@@ -78,7 +81,8 @@ class _Fallback(Route):
 
 
 HANDLERS = {f.__name__: f for f in (
-    embed, openai_embeddings, classify, generate, generate_text, openai_completions, chat_completions, list_models,
+    embed, openai_embeddings, tokenize, classify, generate, generate_text, openai_completions, chat_completions,
+    list_models, rerank, rerank_v1, rerank_v2, ner,
 )}
 
 

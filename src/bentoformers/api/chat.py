@@ -11,7 +11,16 @@ from starlette.responses import Response
 
 from bentoformers.api.endpoint import ModelEndpoint
 from bentoformers.api.gateway import Gateway, gateway_of, json_response, parse_body
-from bentoformers.api.generation import Piece, _collect, _plan, _seeded, _start, openai_head, usage
+from bentoformers.api.generation import (
+    Piece,
+    StreamUsage,
+    collect_generation,
+    openai_head,
+    plan_generation,
+    seeded,
+    start_generation,
+    usage,
+)
 from bentoformers.api.schemas import ChatCompletionRequest
 from bentoformers.api.sse import event_stream
 from bentoformers.errors import ApiError, ErrorType
@@ -99,14 +108,14 @@ async def chat_completions(request: Request) -> Response:
     if max_new is None:
         max_new, max_param = body.max_tokens, "max_tokens"
     temperature = 1.0 if body.temperature is None else body.temperature  # the OpenAI default
-    sampling = {"temperature": temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": _seeded(body.seed, 0)}
-    plan = await _plan(endpoint, ids, max_new, max_param, sampling, body.stop, body.n)
-    events, first = await _start(request, endpoint, [plan])
+    sampling = {"temperature": temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": seeded(body.seed, 0)}
+    plan = await plan_generation(endpoint, ids, max_new, max_param, sampling, body.stop, body.n)
+    events, first = await start_generation(request, endpoint, [plan])
     head = openai_head(request, "chatcmpl", "chat.completion", endpoint.name)
     prompt_tokens = len(ids)
     if body.stream:
         return _stream(request, events, first, {**head, "object": "chat.completion.chunk"}, body, prompt_tokens)
-    whole = await _collect(request, events, first)
+    whole = await collect_generation(request, events, first)
     choices = [
         {"index": i, "message": {"role": "assistant", "content": p.text}, "logprobs": None, "finish_reason": p.finish}
         for i, p in whole.items()
@@ -118,9 +127,8 @@ def _stream(request: Request, events, first: Piece, head: dict[str, Any], body: 
             prompt_tokens: int) -> Response:
     """chat.completion.chunk events: each choice's first delta carries the role, its last the finish reason;
     with stream_options.include_usage a last chunk without choices carries the usage."""
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    tally = StreamUsage(head, prompt_tokens, body.n, body.stream_options is not None and body.stream_options.include_usage)
     started: set[int] = set()
-    completion = {"tokens": 0, "open": body.n}
 
     def chunk(piece: Piece) -> list[Any]:
         out: list[Any] = []
@@ -136,10 +144,7 @@ def _stream(request: Request, events, first: Piece, head: dict[str, Any], body: 
             out.append(choice({"content": piece.text}))
         if piece.finish is not None:
             out.append(choice({}, piece.finish))
-            completion["tokens"] += piece.tokens
-            completion["open"] -= 1
-            if include_usage and not completion["open"]:
-                out.append({**head, "choices": [], "usage": usage(prompt_tokens, completion["tokens"])})
+            out += tally.finished(piece)
         return out
 
     return event_stream(request, events, first, chunk)

@@ -89,22 +89,55 @@ class ModelEndpoint:
         self._served: dict[str, Any] | None = None
         self.created = int(time.time())
 
-    async def tokenize(self, texts: list[str], truncate: bool, param: str) -> list[list[int]]:
+    async def tokenize(
+        self, texts: list[str], truncate: bool, param: str, direction: str = "right", prompt: str = ""
+    ) -> list[list[int]]:
+        """Token ids per text, `prompt` before each; with `truncate`, cut to the limit on the `direction` side."""
         if truncate:
-            # Only the first tokens are kept: do not tokenize (nor count) far past them.
+            # Only the first tokens (the last, cut on the left) are kept: do not tokenize (nor count) far past them.
             keep = self.card.max_length * TRUNCATE_CHARS_PER_TOKEN
-            texts = [text[:keep] for text in texts]
-        self._check_texts(texts, param)
+            texts = [text[-keep:] if direction == "left" else text[:keep] for text in texts]
+        self.check_texts(texts, param)
         try:
-            if sum(map(len, texts)) > INLINE_TOKENIZE_CHARS:
-                return await asyncio.to_thread(self.tokenizer.encode, texts, truncate)
-            return self.tokenizer.encode(texts, truncate)
+            if sum(map(len, texts)) + len(prompt) * len(texts) > INLINE_TOKENIZE_CHARS:
+                return await asyncio.to_thread(self.tokenizer.encode, texts, truncate, direction, prompt)
+            return self.tokenizer.encode(texts, truncate, direction, prompt)
         except InputTooLong as exc:
             raise ApiError(
                 ErrorType.TOO_LARGE,
                 f"{param}[{exc.index}] has {exc.tokens} tokens, over the model's limit of {exc.limit}; "
                 "shorten it or send truncate: true",
                 param=f"{param}.{exc.index}",
+            ) from None
+
+    async def tokenize_pairs(
+        self,
+        pairs: list[tuple[str, str]],
+        truncate: bool,
+        param: str,
+        item_of: Callable[[int], int] = lambda pair: pair,
+        strategy: str = "longest_first",
+    ) -> list[list[int]]:
+        """Pairs of texts (query and document, premise and hypothesis) as one sequence each; the caller checks
+        its texts (check_texts). A pair over the limit is named `param.<item_of(pair)>`: the item of the
+        request it came from."""
+        if len(pairs) > self.settings.max_items_per_request:
+            raise ApiError(
+                ErrorType.TOO_LARGE,
+                f"the request makes {len(pairs)} pairs for the model; at most {self.settings.max_items_per_request}",
+                param=param,
+            )
+        try:
+            if sum(len(a) + len(b) for a, b in pairs) > INLINE_TOKENIZE_CHARS:
+                return await asyncio.to_thread(self.tokenizer.encode_pairs, pairs, truncate, strategy)
+            return self.tokenizer.encode_pairs(pairs, truncate, strategy)
+        except InputTooLong as exc:
+            item = f"{param}.{item_of(exc.index)}"
+            raise ApiError(
+                ErrorType.TOO_LARGE,
+                f"{item} makes a pair of {exc.tokens} tokens, over the model's limit of {exc.limit}; shorten it"
+                + ("" if truncate else " or send truncate: true"),
+                param=item,
             ) from None
 
     async def infer(self, ids: list[list[int]]) -> np.ndarray:
@@ -250,7 +283,7 @@ class ModelEndpoint:
             headers={"Retry-After": str(self.settings.retry_after_seconds)},
         )
 
-    def _check_texts(self, texts: list[str], param: str) -> None:
+    def check_texts(self, texts: list[str], param: str) -> None:
         limits = self.settings
         if not texts:
             raise ApiError(ErrorType.VALIDATION, f"{param} must hold at least one text", param=param)
@@ -276,7 +309,8 @@ class ModelEndpoint:
                 ErrorType.TOO_LARGE,
                 f"{param} holds {total} characters in all; at most {limits.max_chars_per_request} per request "
                 "(with truncate: true, only the first "
-                f"{self.card.max_length * TRUNCATE_CHARS_PER_TOKEN} characters of each text count)",
+                f"{self.card.max_length * TRUNCATE_CHARS_PER_TOKEN} characters of each text count, or the last when "
+                "cut on the left)",
                 param=param,
             )
 
@@ -307,9 +341,16 @@ class ModelEndpoint:
             "refused_variants": served.get("refused", []),
         }
         if card.task == "embeddings":
-            entry |= {"dimensions": card.dimensions, "max_input_tokens": card.max_length}
+            entry |= {"dimensions": card.dimensions, "matryoshka_dimensions": list(card.matryoshka_dimensions),
+                      "prompts": card.prompts, "default_prompt_name": card.default_prompt_name or None,
+                      "max_input_tokens": card.max_length}
         elif card.task == "classification":
-            entry |= {"labels": list(card.labels), "multi_label": card.multi_label, "max_input_tokens": card.max_length}
+            entry |= {"labels": list(card.labels), "multi_label": card.multi_label, "max_input_tokens": card.max_length,
+                      "zero_shot": card.entailment_index >= 0}
+        elif card.task == "token-classification":
+            entry |= {"labels": list(card.labels), "max_input_tokens": card.max_length}
+        elif card.task == "rerank":
+            entry["max_input_tokens"] = card.max_length  # a query and a document together
         if card.task != "generation":
             entry["max_items_per_request"] = self.settings.max_items_per_request
         else:

@@ -42,6 +42,16 @@ class Gateway:
         endpoint.health.watch()
         return endpoint
 
+    def pick_any(self, requested: str | None) -> ModelEndpoint:
+        """The model a request names, whatever its task; absent: the default model, else the first served."""
+        if requested is None:
+            return self.models.get(self.settings.default_model) or next(iter(self.models.values()))
+        if requested not in self.models:
+            raise ApiError(
+                ErrorType.NOT_FOUND, f"model {requested!r} is not served here; available: {self._listing()}", param="model"
+            )
+        return self.models[requested]
+
     def _pick(self, requested: str | None, task: str) -> ModelEndpoint:
         if requested is None:
             default = self.models.get(self.settings.default_model)
@@ -89,6 +99,14 @@ def json_response(data: Any) -> Response:
 
 def gateway_of(request: Request) -> Gateway:
     return request.app.state.gateway
+
+
+async def infer_charged(request: Request, endpoint: ModelEndpoint, ids: list[list[int]]) -> tuple[Any, int]:
+    """The shared last steps of every encoder route: charge the tokens (account), then the batched model call.
+    Returns the rows and the token count."""
+    tokens = sum(map(len, ids))
+    await account(request, endpoint, tokens)
+    return await endpoint.infer(ids), tokens
 
 
 async def account(request: Request, endpoint: ModelEndpoint, tokens: int, reserve: int = 0) -> None:

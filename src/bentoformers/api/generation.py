@@ -56,7 +56,7 @@ class Piece:
     tokens: int
 
 
-async def _plan(
+async def plan_generation(
     endpoint: ModelEndpoint, prompt: str | list[int], max_new_tokens: int | None, max_param: str,
     sampling: dict[str, Any], stop: str | list[str] | None, n: int = 1, first: int = 0, param: str = "prompt",
 ) -> _Plan:
@@ -141,7 +141,24 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _start(request: Request, endpoint: ModelEndpoint, plans: list[_Plan]) -> tuple[AsyncIterator[Piece], Piece]:
+class StreamUsage:
+    """The usage chunk that ends an OpenAI stream with stream_options.include_usage: the completion tokens
+    are counted as the choices finish, and the chunk goes out after the last."""
+
+    def __init__(self, head: dict[str, Any], prompt_tokens: int, choices: int, wanted: bool) -> None:
+        self.head, self.prompt_tokens, self.open, self.wanted = head, prompt_tokens, choices, wanted
+        self.tokens = 0
+
+    def finished(self, piece: Piece) -> list[dict[str, Any]]:
+        """After a choice's last piece: [the usage chunk] once every choice has finished, else []."""
+        self.tokens += piece.tokens
+        self.open -= 1
+        if self.wanted and not self.open:
+            return [{**self.head, "choices": [], "usage": usage(self.prompt_tokens, self.tokens)}]
+        return []
+
+
+async def start_generation(request: Request, endpoint: ModelEndpoint, plans: list[_Plan]) -> tuple[AsyncIterator[Piece], Piece]:
     """Starts the generation and waits for its first piece, so a failure to start is still a plain HTTP error.
 
     Charges the prompt tokens and every new token the request may generate (each choice's `max_tokens`): a
@@ -162,7 +179,7 @@ async def _start(request: Request, endpoint: ModelEndpoint, plans: list[_Plan]) 
     return events, first
 
 
-async def _collect(request: Request, events: AsyncIterator[Piece], first: Piece) -> dict[int, Piece]:
+async def collect_generation(request: Request, events: AsyncIterator[Piece], first: Piece) -> dict[int, Piece]:
     """Every choice whole: index -> its text, finish reason and new tokens."""
     whole: dict[int, Piece] = {}
     piece: Piece | None = first
@@ -184,7 +201,7 @@ async def _collect(request: Request, events: AsyncIterator[Piece], first: Piece)
     return dict(sorted(whole.items()))
 
 
-def _seeded(seed: int | None, offset: int) -> int | None:
+def seeded(seed: int | None, offset: int) -> int | None:
     """Prompt k's choices sample with seed + k·n + i (the model service adds i): reproducible, and distinct."""
     return None if seed is None else seed + offset
 
@@ -193,8 +210,8 @@ async def _start_native(request: Request, model: type[GenerateRequest]):
     body = parse_body(model, await request.body())
     endpoint = gateway_of(request).pick(body.model, "generation")
     sampling = {"temperature": body.temperature or 0.0, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed}
-    plan = await _plan(endpoint, body.prompt, body.max_new_tokens, "max_new_tokens", sampling, body.stop)
-    events, first = await _start(request, endpoint, [plan])
+    plan = await plan_generation(endpoint, body.prompt, body.max_new_tokens, "max_new_tokens", sampling, body.stop)
+    events, first = await start_generation(request, endpoint, [plan])
     return body, endpoint, len(plan.ids), events, first
 
 
@@ -210,7 +227,7 @@ async def generate(request: Request) -> Response:
             return out
 
         return event_stream(request, events, first, chunk)
-    (whole,) = (await _collect(request, events, first)).values()
+    (whole,) = (await collect_generation(request, events, first)).values()
     return json_response(
         {"model": endpoint.name, "text": whole.text, "finish_reason": whole.finish, "usage": usage(prompt_tokens, whole.tokens)}
     )
@@ -244,16 +261,16 @@ async def openai_completions(request: Request) -> Response:
     plans = []
     for k, prompt in enumerate(prompts):
         sampling = {"temperature": temperature, "top_p": body.top_p, "top_k": body.top_k,
-                    "seed": _seeded(body.seed, k * body.n)}
+                    "seed": seeded(body.seed, k * body.n)}
         param = "prompt" if isinstance(body.prompt, str) else f"prompt.{k}"
-        plans.append(await _plan(endpoint, prompt, body.max_tokens, "max_tokens", sampling, body.stop, body.n,
+        plans.append(await plan_generation(endpoint, prompt, body.max_tokens, "max_tokens", sampling, body.stop, body.n,
                                  k * body.n, param))
-    events, first = await _start(request, endpoint, plans)
+    events, first = await start_generation(request, endpoint, plans)
     prompt_tokens = sum(len(p.ids) for p in plans)
     head = openai_head(request, "cmpl", "text_completion", endpoint.name)
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        completion = {"tokens": 0, "open": len(plans) * body.n}
+        tally = StreamUsage(head, prompt_tokens, len(plans) * body.n,
+                            body.stream_options is not None and body.stream_options.include_usage)
 
         def chunk(piece: Piece) -> list[Any]:
             out: list[Any] = []
@@ -261,14 +278,11 @@ async def openai_completions(request: Request) -> Response:
                 choice = {"text": piece.text, "index": piece.index, "logprobs": None, "finish_reason": piece.finish}
                 out.append({**head, "choices": [choice]})
             if piece.finish is not None:
-                completion["tokens"] += piece.tokens
-                completion["open"] -= 1
-                if include_usage and not completion["open"]:
-                    out.append({**head, "choices": [], "usage": usage(prompt_tokens, completion["tokens"])})
+                out += tally.finished(piece)
             return out
 
         return event_stream(request, events, first, chunk)
-    whole = await _collect(request, events, first)
+    whole = await collect_generation(request, events, first)
     choices = [{"text": p.text, "index": i, "logprobs": None, "finish_reason": p.finish} for i, p in whole.items()]
     return json_response(
         {**head, "choices": choices, "usage": usage(prompt_tokens, sum(p.tokens for p in whole.values()))}

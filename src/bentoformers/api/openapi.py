@@ -104,10 +104,11 @@ def openapi_document(secured: bool, served: Mapping[str, str] | None = None) -> 
     `served`: model name -> task, to list the models each route can be asked for."""
     refs, schemas = _schemas()
     for route in ROUTES:
-        if served is not None and route.request is not None and route.task is not None:
-            names = [name for name, task in served.items() if task == route.task]
+        if served is not None and route.request is not None and "model" in route.request.model_fields:
+            names = [name for name, task in served.items() if route.task in (None, task)]
             field = schemas[route.request.__name__]["properties"]["model"]
-            field["description"] = f"The {route.task} models served here: {', '.join(names) or 'none'}; absent: the default."
+            kind = f"{route.task} models" if route.task else "models (any task)"
+            field["description"] = f"The {kind} served here: {', '.join(names) or 'none'}; absent: the default."
             if names:
                 field["anyOf"] = [{"type": "string", "enum": names}, {"type": "null"}]
     paths: dict[str, Any] = {}
@@ -139,8 +140,8 @@ def openapi_document(secured: bool, served: Mapping[str, str] | None = None) -> 
         "info": {
             "title": "bentoformers",
             "version": __version__,
-            "description": "Embeddings, classification and generation from Transformers models, native and "
-            "OpenAI-compatible. Every error has one body: `{\"error\": {\"type\", \"message\", \"param\"}}`.",
+            "description": "Embeddings, classification (zero-shot too), rerank, token classification and generation "
+            "from Transformers models, native and OpenAI-, Cohere- and TEI-compatible. Every error has one body: `{\"error\": {\"type\", \"message\", \"param\"}}`.",
         },
         "paths": paths,
         "components": {

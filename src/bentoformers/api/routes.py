@@ -33,6 +33,8 @@ ROUTES = (
               summary="Embed texts"),
     RouteSpec("/v1/embeddings", "POST", "embeddings", "openai_embeddings", schemas.OpenAIEmbeddingRequest,
               schemas.OpenAIEmbeddingResponse, summary="Embed texts (OpenAI)"),
+    RouteSpec("/tokenize", "POST", None, "tokenize", schemas.TokenizeRequest, schemas.TokenizeResponse, "tokenize",
+              summary="Tokenize texts as a model would (runs no model; counts no tokens)"),
     RouteSpec("/classify", "POST", "classification", "classify", schemas.ClassifyRequest, schemas.ClassifyResponse,
               "classify", summary="Classify texts"),
     RouteSpec("/generate", "POST", "generation", "generate", schemas.GenerateRequest, schemas.GenerateResponse,
@@ -43,6 +45,14 @@ ROUTES = (
               schemas.CompletionResponse, stream=SSE, summary="Complete a prompt (OpenAI)"),
     RouteSpec("/v1/chat/completions", "POST", "generation", "chat_completions", schemas.ChatCompletionRequest,
               schemas.ChatCompletionResponse, stream=SSE, summary="Chat (OpenAI)"),
+    RouteSpec("/rerank", "POST", "rerank", "rerank", schemas.RerankRequest, schemas.RerankResponse, "rerank",
+              summary="Rerank texts by relevance to a query (TEI)"),
+    RouteSpec("/v1/rerank", "POST", "rerank", "rerank_v1", schemas.CohereRerankRequest, schemas.CohereRerankResponse,
+              summary="Rerank documents (Cohere v1, Jina)"),
+    RouteSpec("/v2/rerank", "POST", "rerank", "rerank_v2", schemas.CohereRerankRequest, schemas.CohereRerankResponse,
+              summary="Rerank documents (Cohere v2)"),
+    RouteSpec("/ner", "POST", "token-classification", "ner", schemas.NerRequest, schemas.NerResponse, "ner",
+              summary="Find entities in texts (token classification)"),
     RouteSpec("/v1/models", "GET", None, "list_models", response=schemas.ModelList, summary="List the served models"),
 )
 # Route -> task (the scope it needs). Any other path needs a valid identity and no particular scope.

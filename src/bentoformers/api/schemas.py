@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, StrictStr, field_validator
 
 from bentoformers.errors import ErrorType
+from bentoformers.spec import Task
+
+# Which end of a text over the limit is cut: "right" keeps its start, "left" its end (TEI spells them Right, Left).
+TruncationDirection = Literal["right", "left", "Right", "Left"]
+PROMPT_NAME = Field(None, description="One of the model's prompts (GET /v1/models), put before each text; "
+                    "absent: the model's default prompt, if it has one.")
+DIMENSIONS = Field(None, ge=1, description="Cut each vector to its first `dimensions` values and L2-normalise it: "
+                   "the model's full size, or one of its Matryoshka sizes (GET /v1/models).")
+TRUNCATION_DIRECTION = Field("right", description="With truncate: right keeps each text's first tokens, left its last.")
 
 
 class EmbedRequest(BaseModel):
@@ -17,6 +26,11 @@ class EmbedRequest(BaseModel):
     normalize: StrictBool | None = Field(None, description="Default: as the model was trained.")
     truncate: StrictBool = Field(False, description="Cut texts over the model's token limit instead of refusing them.")
     model: StrictStr | None = None
+    prompt_name: StrictStr | None = PROMPT_NAME
+    prompt: StrictStr | None = Field(None, description="Text put before each text, in place of a named prompt; "
+                                     '"" for none (not even the default).')
+    dimensions: StrictInt | None = DIMENSIONS
+    truncation_direction: TruncationDirection = TRUNCATION_DIRECTION
 
 
 class OpenAIEmbeddingRequest(BaseModel):
@@ -26,18 +40,52 @@ class OpenAIEmbeddingRequest(BaseModel):
     input: StrictStr | list[StrictStr]
     model: StrictStr | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: StrictInt | None = Field(None, ge=1)
+    dimensions: StrictInt | None = DIMENSIONS
     truncate: StrictBool = False
+    input_type: StrictStr | None = Field(
+        None, description="As Voyage, Cohere and NVIDIA NIM take it: query or search_query picks the model's query "
+        "prompt; document, passage or search_document its document prompt; or a prompt's name. A model without "
+        "such a prompt embeds the text as it is.",
+    )
+    prompt_name: StrictStr | None = PROMPT_NAME
+    truncation_direction: TruncationDirection = TRUNCATION_DIRECTION
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (TEI's shape): the tokens a model sees, without running it."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: StrictStr | list[StrictStr]
+    add_special_tokens: StrictBool = True
+    prompt_name: StrictStr | None = Field(None, description="As on /embed: the prompt's tokens come first, marked "
+                                          "`prompt`; absent: an embeddings model's default prompt, if any.")
+    prompt: StrictStr | None = Field(None, description='As on /embed: a text put before each input; "" for none.')
+    model: StrictStr | None = Field(None, description="Any served model; absent: the default.")
+
+
+MAX_CANDIDATE_LABELS = 64
 
 
 class ClassifyRequest(BaseModel):
-    """POST /classify (native)."""
+    """POST /classify (native). With `candidate_labels`, zero-shot classification on an NLI model: each text
+    is the premise, and each label in the template the hypothesis, as Transformers' zero-shot pipeline does."""
 
     model_config = ConfigDict(extra="forbid")
     inputs: StrictStr | list[StrictStr]
     top_k: StrictInt | None = Field(None, ge=1, description="Labels per text, best first; null or absent: all labels.")
     truncate: StrictBool = Field(False, description="Cut texts over the model's token limit instead of refusing them.")
     model: StrictStr | None = None
+    candidate_labels: list[StrictStr] | None = Field(
+        None, min_length=1, max_length=MAX_CANDIDATE_LABELS,
+        description="Zero-shot: the labels to score, on a model served as zero-shot (an NLI model).",
+    )
+    hypothesis_template: StrictStr = Field(
+        "This example is {}.", description="Zero-shot: the hypothesis for a label, which replaces its one {}."
+    )
+    multi_label: StrictBool = Field(
+        False, description="Zero-shot: score each label on its own (entailment against contradiction) instead of "
+        "the labels against each other.",
+    )
 
 
 Stop = StrictStr | list[StrictStr] | None
@@ -153,6 +201,20 @@ class OpenAIEmbeddingResponse(BaseModel):
     usage: Usage
 
 
+class Token(BaseModel):
+    id: int
+    text: str = Field(description="The token's surface in the input (a special token: its own text).")
+    special: bool
+    start: int | None = Field(description="Character offset into the input where the token starts; null for a "
+                              "special token or one of the prompt's.")
+    stop: int | None = Field(description="Character offset just past its end.")
+    prompt: bool = Field(description="A token of the prompt put before the input.")
+
+
+class TokenizeResponse(RootModel[list[list[Token]]]):
+    """Per input, its tokens in order."""
+
+
 class LabelScore(BaseModel):
     label: str
     score: float
@@ -214,7 +276,7 @@ class ModelInfo(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
-    task: Literal["embeddings", "classification", "generation"]
+    task: Task
     precision: str | None
     device: str | None
 
@@ -235,3 +297,143 @@ class ErrorBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     error: ErrorDetail
+
+
+# Rerank (api/rerank.py). A document's relevance score is the sigmoid of the model's logit for the pair.
+
+
+class RerankRequest(BaseModel):
+    """POST /rerank, as Hugging Face's text-embeddings-inference (TEI) defines it; `model` is ours."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: StrictStr
+    texts: list[StrictStr]
+    raw_scores: StrictBool = Field(False, description="The model's logit instead of its sigmoid.")
+    return_text: StrictBool = Field(False, description="Each result with its text.")
+    truncate: StrictBool = Field(False, description="Cut pairs over the model's token limit instead of refusing them.")
+    truncation_direction: Literal["Right", "Left"] = Field(
+        "Right", description="Only Right (the end of the longer text is cut) is supported."
+    )
+    model: StrictStr | None = None
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+# Cohere and Jina take a document as a string or as {"text": ...}.
+_DOCUMENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "object", "properties": {"text": {"type": "string"}},
+                                                   "required": ["text"]}]}
+
+
+class CohereRerankRequest(BaseModel):
+    """POST /v1/rerank (Cohere v1 and Jina) and POST /v2/rerank (Cohere v2). Fields this server cannot honour
+    are refused by name (api/rerank.py); others, such as Cohere's `priority`, are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    query: StrictStr
+    documents: list[StrictStr] = Field(json_schema_extra={"items": _DOCUMENT_SCHEMA})
+    model: StrictStr | None = None
+    top_n: StrictInt | None = Field(None, ge=1, description="The best n results; absent, or more than the documents: all.")
+    return_documents: StrictBool | None = Field(
+        None, description="Each result with its document. Default: true on /v1/rerank (as Jina), false on /v2/rerank "
+        "(as Cohere v2)."
+    )
+    max_tokens_per_doc: StrictInt | None = Field(None, ge=1, description="Cut each document to its first n tokens.")
+    truncate: StrictBool = Field(False, description="Cut pairs over the model's token limit instead of refusing them.")
+
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _text_of_objects(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [v["text"] if isinstance(v, dict) and "text" in v else v for v in value]
+        return value
+
+
+class RerankResult(BaseModel):
+    """One text of /rerank's answer, a JSON list sorted best first."""
+
+    index: int
+    score: float
+    text: str | None = None
+
+
+class RerankResponse(RootModel[list[RerankResult]]):
+    pass
+
+
+class RankedDocument(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class ApiVersion(BaseModel):
+    version: Literal["1", "2"]
+
+
+class BilledUnits(BaseModel):
+    search_units: int = Field(description="One per query and 100 documents, as Cohere counts them.")
+
+
+class MetaTokens(BaseModel):
+    input_tokens: int
+
+
+class RerankMeta(BaseModel):
+    api_version: ApiVersion
+    billed_units: BilledUnits
+    tokens: MetaTokens
+
+
+class CohereRerankResponse(BaseModel):
+    """Cohere's answer (`id`, `results`, `meta`) with Jina's `model` and `usage` beside it."""
+
+    id: str
+    model: str
+    results: list[RankedDocument] = Field(description="Best first.")
+    meta: RerankMeta
+    usage: Usage
+
+
+class NerRequest(BaseModel):
+    """POST /ner (native): entities as Transformers' token-classification pipeline finds them."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: StrictStr | list[StrictStr] = Field(description="Texts of any length: one over the model's token limit "
+                                                "is read in overlapping windows.")
+    aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = Field(
+        "simple", description="As the pipeline's: none (a result per token), simple (adjacent tokens of one type "
+        "grouped), first, average or max (grouped, and a word never split between types: the label of its first "
+        "token, of its tokens' average scores, or of its surest token). The pipeline's default is none."
+    )
+    ignore_labels: list[StrictStr] = Field(["O"], description="Labels (or, grouped, types) left out of the answer.")
+    model: StrictStr | None = None
+
+
+class TokenEntity(BaseModel):
+    """A token, with aggregation_strategy none."""
+
+    entity: str
+    score: float
+    index: int = Field(description="The token's position in the text's encoding, special tokens counted.")
+    word: str = Field(description="The token as the vocabulary spells it; text[start:end] is the text itself.")
+    start: int
+    end: int
+
+
+class EntityGroup(BaseModel):
+    """Adjacent tokens (or words) of one type, grouped."""
+
+    entity_group: str
+    score: float = Field(description="The mean score of its tokens (or words).")
+    word: str = Field(description="Its tokens joined as the tokenizer decodes them; text[start:end] is the text itself.")
+    start: int
+    end: int
+
+
+class NerResponse(BaseModel):
+    model: str
+    results: list[list[EntityGroup | TokenEntity]] = Field(description="Per text, its entities in the text's order.")
+    windows: list[int] = Field(description="Per text, the windows of the model's token limit it was read in (1: whole).")
+    usage: Usage = Field(description="The tokens the model read, the windows' overlaps included.")

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from bentoformers import __version__
 from bentoformers.build.export import (
     copy_tokenizer,
@@ -24,6 +26,7 @@ from bentoformers.build.export import (
     reference_embeddings,
     reference_greedy,
     reference_logits,
+    reference_token_logits,
     resolve_source,
     sentence_transformers_config,
 )
@@ -31,11 +34,8 @@ from bentoformers.build.quantize import SCHEMES, quantize_decoder_int8, quantize
 from bentoformers.runtime import cpu, selfcheck
 from bentoformers.runtime.card import ONNX_FILE, ModelCard
 from bentoformers.runtime.chat import resolve_template
-from bentoformers.runtime.encoder import label_scores
-from bentoformers.runtime.fidelity import (
-    generation_prompts,
-    shipped_sentences,
-)
+from bentoformers.runtime.encoder import label_scores, sigmoid, softmax
+from bentoformers.runtime.fidelity import generation_prompts, nli_pairs, rerank_sets, shipped_sentences
 from bentoformers.runtime.session import pick_device
 from bentoformers.runtime.tokenizer import TextTokenizer
 from bentoformers.spec import ModelSpec, VariantSpec, gate_failures, store_name
@@ -84,28 +84,50 @@ def build_model(spec: ModelSpec, *, force: bool = False, report: Report = print)
     if not todo:
         return results
 
-    sentences = shipped_sentences()
     with tempfile.TemporaryDirectory(prefix="bentoformers-build-") as tmp:
         work = Path(tmp)
         with step(report, "export to ONNX (optimum)"):
             exported = export_onnx(folder, work / "export", spec.task)
-        if spec.task == "generation":
-            sentences = generation_prompts()
         # The validation inputs as token ids: they calibrate int8, validate every variant, and seed the check set.
-        ids = TextTokenizer(exported.parent, card.max_length).encode(sentences, truncate=True)
-        if spec.task == "generation":
-            with step(report, f"fp32 PyTorch greedy reference on {len(ids)} prompts"):
-                reference: object = reference_greedy(folder, ids, GREEDY_TOKENS)
-        elif spec.task == "classification":
-            with step(report, f"fp32 PyTorch reference on {len(sentences)} sentences"):
-                reference = label_scores(reference_logits(folder, sentences, card.max_length), card.multi_label)
-        else:
-            with step(report, f"fp32 PyTorch reference on {len(sentences)} sentences"):
-                reference = reference_embeddings(folder, sentences, card)
+        validation = _validation_set(card, folder, TextTokenizer(exported.parent, card.max_length), report)
         for variant, tag in todo:
-            result = _build_variant(spec, variant, tag, card, exported, reference, ids, work, revision, report)
+            result = _build_variant(spec, variant, tag, card, exported, validation, work, revision, report)
             results.append(result)
     return results
+
+
+@dataclass
+class ValidationSet:
+    ids: list[list[int]]  # the inputs as token ids (a pair's second text offset, runtime/tokenizer.py)
+    reference: object  # the fp32 PyTorch reference per input: rows, rows per token, or greedy tokens
+    groups: list[int] | None = None  # rerank: the sizes of the consecutive query/document sets
+
+
+def _validation_set(card: ModelCard, folder: Path, tokenizer: TextTokenizer, report: Report) -> ValidationSet:
+    """The task's fixed inputs with their fp32 PyTorch reference."""
+    if card.task == "generation":
+        ids = tokenizer.encode(generation_prompts(), truncate=True)
+        with step(report, f"fp32 PyTorch greedy reference on {len(ids)} prompts"):
+            return ValidationSet(ids, reference_greedy(folder, ids, GREEDY_TOKENS))
+    if card.task == "rerank":
+        sets = rerank_sets()
+        pairs = [(query, doc) for query, docs in sets for doc in docs]
+        with step(report, f"fp32 PyTorch reference on {len(sets)} queries x {len(sets[0][1])} documents"):
+            scores = sigmoid(reference_logits(folder, pairs, card.max_length)[:, 0])
+        return ValidationSet(tokenizer.encode_pairs(pairs, truncate=True), scores, [len(docs) for _, docs in sets])
+    if card.task == "classification" and card.entailment_index >= 0:
+        pairs = nli_pairs()
+        with step(report, f"fp32 PyTorch reference on {len(pairs)} premise/hypothesis pairs (NLI)"):
+            scores = label_scores(reference_logits(folder, pairs, card.max_length), card.multi_label)
+        return ValidationSet(tokenizer.encode_pairs(pairs, truncate=True), scores)
+    sentences = shipped_sentences()
+    ids = tokenizer.encode(sentences, truncate=True)
+    with step(report, f"fp32 PyTorch reference on {len(sentences)} sentences"):
+        if card.task == "classification":
+            return ValidationSet(ids, label_scores(reference_logits(folder, sentences, card.max_length), card.multi_label))
+        if card.task == "token-classification":
+            return ValidationSet(ids, [softmax(t) for t in reference_token_logits(folder, sentences, card.max_length)])
+        return ValidationSet(ids, reference_embeddings(folder, sentences, card))
 
 
 def _build_variant(
@@ -114,8 +136,7 @@ def _build_variant(
     tag: str,
     card: ModelCard,
     exported: Path,
-    reference: object,
-    ids: list[list[int]],
+    validation: ValidationSet,
     work: Path,
     revision: str,
     report: Report,
@@ -130,18 +151,18 @@ def _build_variant(
     out = work / precision
     out.mkdir()
     with step(report, f"{precision}: build graph"):
-        shutil.copy2(_graph(spec, precision, exported, ids, work), out / ONNX_FILE)
+        shutil.copy2(_graph(spec, precision, exported, validation.ids, work), out / ONNX_FILE)
     copy_tokenizer(exported.parent, out)
     variant_card = ModelCard(**{**card.__dict__, "precision": precision})
     variant_card.save(out)
 
     with step(report, f"{precision}: validate against fp32 PyTorch ({cpu.isa_class()}, native)"):
-        figures = _validate(variant_card, out, device, reference, ids)
+        figures = _validate(variant_card, out, device, validation)
     gates = spec.gates(variant)
     failed = {cpu.isa_class(): gate_failures(figures, gates)}
     if not failed[cpu.isa_class()]:  # only then is it worth proving on the other classes
-        check_inputs = _write_check_set(out, variant_card, reference, ids, gates)
-        isa = _prove_per_isa(out, tag, precision, figures, len(ids), check_inputs, report)
+        check_inputs = _write_check_set(out, variant_card, validation, gates)
+        isa = _prove_per_isa(out, tag, precision, figures, len(validation.ids), check_inputs, report)
         failed = {name: proof.get("failures") for name, proof in isa["proofs"].items()}
     failed = {name: f for name, f in failed.items() if f}
     if failed:
@@ -155,7 +176,7 @@ def _build_variant(
     metadata = {
         "validation": figures,
         "gates": gates,
-        "validation_texts": len(ids),
+        "validation_texts": len(validation.ids),
         "isa": isa,
         **({"quantization": SCHEMES[spec.task]} if precision == "int8" else {}),
         "opset": _opset(out / ONNX_FILE),
@@ -190,18 +211,28 @@ def _save(tag: str, folder: Path, labels: dict[str, str], metadata: dict) -> Non
         shutil.copytree(folder, stored.path, dirs_exist_ok=True)
 
 
-def _validate(card: ModelCard, folder: Path, device: str, reference: object, ids: list[list[int]]) -> dict[str, float]:
+def _validate(card: ModelCard, folder: Path, device: str, validation: ValidationSet) -> dict[str, float]:
     """The built graph, run by the serving code, against the fp32 PyTorch reference: the start-up check's
     measure on every validation input, with the neighbour overlap."""
     engine = selfcheck.open_engine(folder, device=device)
-    return selfcheck.measure(selfcheck.check_set(card, ids, reference, {}, GREEDY_TOKENS), engine, neighbours=10)
+    check = selfcheck.check_set(card, validation.ids, validation.reference, {}, GREEDY_TOKENS, validation.groups)
+    return selfcheck.measure(check, engine, neighbours=10)
 
 
-def _write_check_set(folder: Path, card: ModelCard, reference: object, ids: list[list[int]], gates: dict) -> int:
-    """A few of the validation inputs with their fp32 PyTorch reference: what a serving CPU re-proves.
-    Returns how many it holds."""
-    picked = selfcheck.sample(len(ids))
-    check = selfcheck.check_set(card, [ids[i] for i in picked], [reference[i] for i in picked], gates, GREEDY_TOKENS)  # type: ignore[index]
+def _write_check_set(folder: Path, card: ModelCard, validation: ValidationSet, gates: dict) -> int:
+    """A few of the validation inputs with their fp32 PyTorch reference (for rerank, a few whole query sets):
+    what a serving CPU re-proves. Returns how many inputs it holds."""
+    ids, reference, groups = validation.ids, validation.reference, validation.groups
+    if groups is None:
+        picked = selfcheck.sample(len(ids))
+    else:
+        starts = np.cumsum([0, *groups])
+        chosen = selfcheck.sample(len(groups), size=max(1, selfcheck.CHECK_INPUTS // max(groups)))
+        picked = [i for g in chosen for i in range(starts[g], starts[g + 1])]
+        groups = [groups[g] for g in chosen]
+    check = selfcheck.check_set(
+        card, [ids[i] for i in picked], [reference[i] for i in picked], gates, GREEDY_TOKENS, groups  # type: ignore[index]
+    )
     selfcheck.write(folder, check)
     return len(picked)
 
@@ -236,13 +267,21 @@ def _prove_per_isa(
 def _card(spec: ModelSpec, folder: Path) -> ModelCard:
     config = json.loads((folder / "config.json").read_text())
     context = config.get("max_position_embeddings") or config.get("n_positions") or 1 << 30
-    if spec.task == "classification":
+    if spec.task in ("classification", "rerank", "token-classification"):
         id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
         labels = tuple(str(id2label[str(i)]) for i in range(len(id2label)))
+        if spec.task == "rerank" and len(labels) != 1:
+            raise ValueError(
+                f"{spec.name}: a reranker is a cross-encoder with one output (a relevance logit); {spec.source} has "
+                f"{len(labels)} labels ({', '.join(labels)}): serve it with task: classification"
+            )
+        # An NLI model (zero-shot classification): the first label named entail..., as Transformers' pipeline finds it.
+        entailment = [i for i, label in enumerate(labels) if label.lower().startswith("entail")]
         return ModelCard(
             name=spec.name, task=spec.task, precision="fp32", max_length=int(min(spec.max_length or context, context)),
             dimensions=len(labels), labels=labels,
             multi_label=config.get("problem_type") == "multi_label_classification",
+            entailment_index=entailment[0] if entailment and spec.task == "classification" else -1,
         )
     if spec.task == "generation":
         eos = config.get("eos_token_id")
@@ -258,6 +297,18 @@ def _card(spec: ModelSpec, folder: Path) -> ModelCard:
     pooling = spec.pooling if spec.pooling != "auto" else str(found.get("pooling", "mean"))
     normalize = spec.normalize if spec.normalize is not None else bool(found.get("normalize", False))
     max_length = spec.max_length or found.get("max_length") or config.get("max_position_embeddings", 512)
+    hidden = int(config["hidden_size"])
+    too_large = [size for size in spec.matryoshka_dimensions or [] if size > hidden]
+    if too_large:
+        raise ValueError(f"{spec.name}: matryoshka_dimensions {too_large} exceed the model's hidden size, {hidden}")
+    prompts: dict[str, str] = found.get("prompts", {}) if spec.prompts is None else spec.prompts  # type: ignore[assignment]
+    default_prompt = str(found.get("default_prompt_name", ""))
+    if default_prompt not in prompts:
+        if spec.prompts is None and default_prompt:  # as sentence-transformers refuses it
+            raise ValueError(f"{spec.name}: the checkpoint's default_prompt_name {default_prompt!r} is not one of "
+                             f"its prompts ({', '.join(prompts) or 'none'})")
+        default_prompt = ""
+    sizes = tuple(sorted({*spec.matryoshka_dimensions, hidden}, reverse=True)) if spec.matryoshka_dimensions else ()
     return ModelCard(
         name=spec.name,
         task=spec.task,
@@ -265,7 +316,10 @@ def _card(spec: ModelSpec, folder: Path) -> ModelCard:
         pooling=pooling,  # type: ignore[arg-type]
         normalize=normalize,
         max_length=int(min(int(max_length), config.get("max_position_embeddings", 1 << 30))),  # type: ignore[arg-type]
-        dimensions=int(config["hidden_size"]),
+        dimensions=hidden,
+        matryoshka_dimensions=sizes,
+        prompts=dict(prompts),
+        default_prompt_name=default_prompt,
     )
 
 
@@ -335,7 +389,17 @@ Figures named max_* are upper bounds; the rest are lower bounds.
 def _task_line(card: ModelCard) -> str:
     if card.task == "classification":
         kind = "multi-label (sigmoid)" if card.multi_label else "single-label (softmax)"
-        return f"{kind}; labels: {', '.join(card.labels)}"
+        zero_shot = f"; zero-shot (NLI, entailment: {card.labels[card.entailment_index]})" if card.entailment_index >= 0 else ""
+        return f"{kind}; labels: {', '.join(card.labels)}{zero_shot}"
+    if card.task == "rerank":
+        return "cross-encoder: a relevance score per query/document pair (the sigmoid of its logit)"
+    if card.task == "token-classification":
+        return f"a label per token; labels: {', '.join(card.labels)}"
     if card.task == "generation":
         return f"causal LM with KV cache; greedy-validated on {GREEDY_TOKENS} new tokens per prompt"
-    return f"{card.pooling} pooling; normalised: {card.normalize}; {card.dimensions} dimensions"
+    line = f"{card.pooling} pooling; normalised: {card.normalize}; {card.dimensions} dimensions"
+    if card.matryoshka_dimensions:
+        line += f" (Matryoshka: {', '.join(map(str, card.matryoshka_dimensions))})"
+    if card.prompts:
+        line += f"; prompts: {', '.join(card.prompts)}"
+    return line + (f" (default: {card.default_prompt_name})" if card.default_prompt_name else "")

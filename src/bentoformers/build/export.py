@@ -63,7 +63,7 @@ def content_hash(folder: Path) -> str:
 
 
 def sentence_transformers_config(folder: Path) -> dict[str, object]:
-    """Pooling, normalisation and max length as the checkpoint's sentence-transformers files say."""
+    """Pooling, normalisation, max length and prompts as the checkpoint's sentence-transformers files say."""
     found: dict[str, object] = {}
     modules = folder / "modules.json"
     if modules.is_file():
@@ -78,6 +78,11 @@ def sentence_transformers_config(folder: Path) -> dict[str, object]:
     st_config = folder / "sentence_bert_config.json"
     if st_config.is_file():
         found["max_length"] = json.loads(st_config.read_text()).get("max_seq_length")
+    model_config = folder / "config_sentence_transformers.json"
+    if model_config.is_file():
+        config = json.loads(model_config.read_text())
+        found["prompts"] = dict(config.get("prompts") or {})
+        found["default_prompt_name"] = config.get("default_prompt_name") or ""
     return found
 
 
@@ -86,6 +91,8 @@ def sentence_transformers_config(folder: Path) -> dict[str, object]:
 EXPORT_TASKS = {
     "embeddings": "feature-extraction",
     "classification": "text-classification",
+    "rerank": "text-classification",
+    "token-classification": "token-classification",
     "generation": "text-generation-with-past",
 }
 
@@ -158,6 +165,9 @@ def optimize(onnx_path: Path, out_path: Path, for_gpu: bool, fp16: bool = False,
     return out_path
 
 
+Texts = list[str] | list[tuple[str, str]]  # texts, or pairs (query and document, premise and hypothesis)
+
+
 def reference_embeddings(folder: Path, texts: list[str], card: ModelCard, batch_size: int = 32) -> np.ndarray:
     """The fp32 PyTorch reference, pooled and normalised exactly as the served model is."""
     import torch
@@ -168,33 +178,47 @@ def reference_embeddings(folder: Path, texts: list[str], card: ModelCard, batch_
     def pooled(out, enc) -> np.ndarray:
         return pool(out.last_hidden_state.numpy(), enc["attention_mask"].numpy(), card.pooling)
 
-    vectors = _run_reference(folder, model, texts, card.max_length, batch_size, pooled)
+    vectors = np.stack(_run_reference(folder, model, texts, card.max_length, batch_size, pooled))
     return l2_normalize(vectors) if card.normalize else vectors
 
 
-def reference_logits(folder: Path, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
-    """The fp32 PyTorch classifier's logits on the texts."""
+def reference_logits(folder: Path, texts: Texts, max_length: int, batch_size: int = 32) -> np.ndarray:
+    """The fp32 PyTorch classifier's logits on the texts or pairs, a row each."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
-    return _run_reference(folder, model, texts, max_length, batch_size, lambda out, enc: out.logits.numpy())
+    return np.stack(_run_reference(folder, model, texts, max_length, batch_size, lambda out, enc: out.logits.numpy()))
 
 
-def _run_reference(folder: Path, model, texts: list[str], max_length: int, batch_size: int, take) -> np.ndarray:
+def reference_token_logits(folder: Path, texts: list[str], max_length: int, batch_size: int = 32) -> list[np.ndarray]:
+    """The fp32 PyTorch token classifier's logits: a (tokens, labels) array per text, special tokens included."""
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def per_text(out, enc) -> list[np.ndarray]:
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        return [row[:n] for row, n in zip(out.logits.numpy(), lengths)]
+
+    return _run_reference(folder, model, texts, max_length, batch_size, per_text)
+
+
+def _run_reference(folder: Path, model, texts: Texts, max_length: int, batch_size: int, take) -> list[np.ndarray]:
     """Runs the PyTorch model over the texts in padded batches; `take(output, encoding)` gives each batch's rows."""
     import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    rows = []
+    rows: list[np.ndarray] = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-            )
-            rows.append(take(model(**enc), enc))
-    return np.concatenate(rows)
+            batch = texts[start : start + batch_size]
+            args = [list(t) for t in zip(*batch)] if isinstance(batch[0], tuple) else [batch]
+            enc = tokenizer(*args, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            rows.extend(take(model(**enc), enc))
+    return rows
 
 
 def reference_greedy(folder: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:

@@ -23,10 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+ENCODER_SCHEME = "per-token W7A8 (7-bit weights per channel, 8-bit activations per token), SmoothQuant 0.5, 1/96 outlier channels fp32"
 # What each task's int8 variant is, for the model card and the store version.
 SCHEMES = {
-    "embeddings": "per-token W7A8 (7-bit weights per channel, 8-bit activations per token), SmoothQuant 0.5, 1/96 outlier channels fp32",
-    "classification": "per-token W7A8 (7-bit weights per channel, 8-bit activations per token), SmoothQuant 0.5, 1/96 outlier channels fp32",
+    "embeddings": ENCODER_SCHEME,
+    "classification": ENCODER_SCHEME,
+    "rerank": ENCODER_SCHEME,
+    "token-classification": ENCODER_SCHEME,
     "generation": "weight-only int8 (MatMulNBits, block 32, int8 compute per row block)",
 }
 WEIGHT_LEVELS = 63  # 7-bit weights: see the module docstring
@@ -152,6 +155,8 @@ def _activation_ranges(model, names: list[str], calibration: list[list[int]]) ->
     import onnx
     import onnxruntime as ort
 
+    from bentoformers.runtime.encoder import feed
+
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
@@ -162,11 +167,7 @@ def _activation_ranges(model, names: list[str], calibration: list[list[int]]) ->
     inputs = {i.name for i in session.get_inputs()}
     ranges = {name: np.zeros(0) for name in names}
     for ids in calibration:
-        row = np.array([ids], np.int64)
-        feed = {"input_ids": row, "attention_mask": np.ones_like(row)}
-        if "token_type_ids" in inputs:
-            feed["token_type_ids"] = np.zeros_like(row)
-        for name, value in zip(names, session.run(names, feed)):
+        for name, value in zip(names, session.run(names, feed([ids], inputs))):
             channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0).astype(np.float64)
             ranges[name] = channel_max if ranges[name].size == 0 else np.maximum(ranges[name], channel_max)
     return ranges

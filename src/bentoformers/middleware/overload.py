@@ -1,9 +1,9 @@
-"""Admission at the gateway: bounded in-flight requests, a body-size cap and a request timeout.
+"""Admission at the gateway: bounded in-flight requests and a request timeout.
 
-The outermost of our middlewares. Beyond `max_in_flight` requests per worker a request is refused at
-once with 503 and Retry-After (no queue); a body over `max_body_bytes` gets 413 before it is read; a
-request that has not started its response within `timeout` gets 504 (a stream that has started runs
-on). It is also the safety net for the BentoML trap where an exception escaping an ASGI app hangs the
+Inside authentication and the body's bounds (middleware/body.py, which has read the body before a slot
+is taken). Beyond `max_in_flight` requests per worker a request is refused at once with 503 and
+Retry-After (no queue); a request that has not started its response within `timeout` gets 504 (a stream
+that has started runs on). It is also the safety net for the BentoML trap where an exception escaping an ASGI app hangs the
 request until BentoML's own timeout: anything that escapes becomes a 500 in the one error body.
 """
 
@@ -22,11 +22,9 @@ logger = logging.getLogger("bentoformers.overload")
 
 
 class OverloadMiddleware:
-    def __init__(
-        self, app: ASGIApp, *, max_in_flight: int, max_body_bytes: int, timeout: float, retry_after: int = 1
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, max_in_flight: int, timeout: float, retry_after: int = 1) -> None:
         self.app = app
-        self.max_in_flight, self.max_body_bytes, self.timeout = max_in_flight, max_body_bytes, timeout
+        self.max_in_flight, self.timeout = max_in_flight, timeout
         self.retry_after = retry_after
         self.in_flight = 0
 
@@ -50,23 +48,6 @@ class OverloadMiddleware:
             self.in_flight -= 1
 
     async def _admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
-        too_large = ApiError(
-            ErrorType.TOO_LARGE, f"the request body is over the limit of {self.max_body_bytes} bytes"
-        )
-        length = _content_length(scope)
-        if length is not None and length > self.max_body_bytes:
-            metrics.count_rejection("request_too_large")
-            await _answer(scope, receive, send, too_large)
-            return
-        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            # No Content-Length (chunked): read it here, within the cap, and hand it on.
-            body = await _read_capped(receive, self.max_body_bytes)
-            if body is None:
-                metrics.count_rejection("request_too_large")
-                await _answer(scope, receive, send, too_large)
-                return
-            receive = _replay(body, receive)
-
         started = False
 
         async def send_tracking(message: Message) -> None:
@@ -93,42 +74,3 @@ class OverloadMiddleware:
 
 async def _answer(scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
     await error_response(error)(scope, receive, send)
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-async def _read_capped(receive: Receive, cap: int) -> bytes | None:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > cap:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay

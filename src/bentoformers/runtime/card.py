@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -22,13 +22,19 @@ class ModelCard:
     # embeddings
     pooling: Literal["mean", "cls"] = "mean"
     normalize: bool = False
-    dimensions: int = 0  # embeddings: vector size; classification: number of labels
-    # classification: labels in logit order (the checkpoint's id2label); sigmoid per label when multi-label
+    dimensions: int = 0  # embeddings: vector size; classification, token-classification: number of labels
+    matryoshka_dimensions: tuple[int, ...] = ()  # embeddings: the sizes its vectors may be cut to, largest (full) first
+    prompts: dict[str, str] = field(default_factory=dict)  # embeddings: name -> the text put before each input
+    default_prompt_name: str = ""  # embeddings: the prompt used when a request names none ("": none)
+    # classification, token-classification: labels in logit order (the checkpoint's id2label); sigmoid per
+    # label when multi-label
     labels: tuple[str, ...] = ()
     multi_label: bool = False
     # generation: the tokens that end a sequence
     eos_token_ids: tuple[int, ...] = ()
     chat_template: str = ""  # Jinja (runtime/chat.py); "" when the checkpoint and the model list give none
+    # classification: the logit of the entailment label of an NLI model (zero-shot classification); -1: none
+    entailment_index: int = -1
 
     @classmethod
     def load(cls, folder: str | Path) -> ModelCard:

@@ -1,4 +1,5 @@
-"""Runs a built encoder graph (model-service side): pooled embeddings or a classifier's logits.
+"""Runs a built encoder graph (model-service side): pooled embeddings, or a classifier's logits (per text, or
+per token for token classification).
 
 No BentoML here, so the build step, the service and the benchmark all use the same code.
 """
@@ -13,10 +14,12 @@ import numpy as np
 from bentoformers.runtime.card import ONNX_FILE, ModelCard
 from bentoformers.runtime.cpu import usable_cores
 from bentoformers.runtime.session import open_session
+from bentoformers.runtime.tokenizer import SECOND_SEGMENT
 
 
 class OnnxEncoder:
-    """Runs a built encoder graph: pooled embeddings, or a classifier's logits.
+    """Runs a built encoder graph: pooled embeddings, or a classifier's logits (a row per text; for token
+    classification a row per token, padded with zeros to the call's longest text).
 
     Texts run in length-sorted sub-batches (little padding) under a token budget, on one session whose
     intra-op threads use every core: a lone call gets the whole machine, and the sub-batches of a bigger
@@ -47,20 +50,27 @@ class OnnxEncoder:
         self._input_names = {i.name for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         self._pooled = self.card.task == "embeddings"
+        self._per_token = self.card.task == "token-classification"
         wanted = "last_hidden_state" if self._pooled else "logits"
         self._output = wanted if wanted in outputs else outputs[0]
 
     def embed(self, batch: list[list[int]]) -> np.ndarray:
         """Token ids in, float32 rows out (one per input, same order): pooled embeddings or logits."""
-        out = np.empty((len(batch), self.card.dimensions), dtype=np.float32)
+        width = (self.card.dimensions,)
+        if self._per_token:
+            width = (max(map(len, batch), default=0), self.card.dimensions)
+        out = np.zeros((len(batch), *width), dtype=np.float32)
         if not batch:
             return out
         groups = self._plan(batch)
-        if len(groups) == 1:
-            out[groups[0]] = self._run([batch[i] for i in groups[0]])
-            return out
-        for group, rows in zip(groups, self._pool.map(lambda g: self._run([batch[i] for i in g]), groups)):
-            out[group] = rows
+        results = [self._run([batch[i] for i in groups[0]])] if len(groups) == 1 else self._pool.map(
+            lambda g: self._run([batch[i] for i in g]), groups
+        )
+        for group, rows in zip(groups, results):
+            if self._per_token:
+                out[group, : rows.shape[1]] = rows
+            else:
+                out[group] = rows
         return out
 
     def _plan(self, batch: list[list[int]]) -> list[list[int]]:
@@ -81,19 +91,27 @@ class OnnxEncoder:
         return groups
 
     def _run(self, seqs: list[list[int]]) -> np.ndarray:
-        width = max(len(s) for s in seqs)
-        ids = np.zeros((len(seqs), width), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, seq in enumerate(seqs):
-            ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
-        feed = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in self._input_names:
-            feed["token_type_ids"] = np.zeros_like(ids)
-        out = self.session.run([self._output], feed)[0].astype(np.float32, copy=False)
-        return pool(out, mask, self.card.pooling) if self._pooled else out
+        inputs = feed(seqs, self._input_names)
+        out = self.session.run([self._output], inputs)[0].astype(np.float32, copy=False)
+        return pool(out, inputs["attention_mask"], self.card.pooling) if self._pooled else out
 
     classify = embed
+
+
+def feed(seqs: list[list[int]], input_names: set[str]) -> dict[str, np.ndarray]:
+    """A graph's inputs for sequences of token ids, padded to the longest: ids, attention mask and, where the
+    graph takes them, token types (1 for a pair's second text, whose ids arrive offset by SECOND_SEGMENT)."""
+    width = max(len(s) for s in seqs)
+    ids = np.zeros((len(seqs), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    types, ids = np.divmod(ids, SECOND_SEGMENT)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in input_names:
+        inputs["token_type_ids"] = types
+    return inputs
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
@@ -108,10 +126,17 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
-def label_scores(logits: np.ndarray, multi_label: bool) -> np.ndarray:
-    """A classifier's logits as scores: a sigmoid per label for multi-label models, else a softmax."""
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Over the last axis."""
     logits = logits.astype(np.float64)
-    if multi_label:
-        return 1.0 / (1.0 + np.exp(-logits))
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def label_scores(logits: np.ndarray, multi_label: bool) -> np.ndarray:
+    """A classifier's logits as scores: a sigmoid per label for multi-label models, else a softmax."""
+    return sigmoid(logits) if multi_label else softmax(logits)

@@ -36,6 +36,42 @@ def generation_prompts(count: int = 8, words: int = 6) -> list[str]:
     return [" ".join(s.split()[:words]) for s in shipped_sentences()[:count]]
 
 
+def rerank_sets(queries: int = 24, documents: int = 8) -> list[tuple[str, list[str]]]:
+    """Fixed query/document sets for the ranking check: each query is the opening words of one of its
+    documents, which are consecutive shipped sentences (mixed topics and lengths)."""
+    sentences = shipped_sentences()
+    sets = []
+    for q in range(queries):
+        docs = sentences[q * documents : (q + 1) * documents]
+        sets.append((" ".join(docs[q % documents].split()[:5]), docs))
+    return sets
+
+
+NLI_HYPOTHESES = ("about travel", "about technology", "about food", "a complaint", "a question", "good news")
+
+
+def nli_pairs() -> list[tuple[str, str]]:
+    """Premise/hypothesis pairs for an NLI model's check: each shipped sentence with a zero-shot hypothesis."""
+    return [(s, f"This example is {NLI_HYPOTHESES[i % len(NLI_HYPOTHESES)]}.") for i, s in enumerate(shipped_sentences())]
+
+
+def compare_ranking(candidate: np.ndarray, reference: np.ndarray, groups: list[int]) -> dict[str, float]:
+    """Per query (consecutive `groups` of scores): the same top document, Kendall's tau between the two
+    orders (tau-a: ties count as disagreement), and the largest score difference."""
+    top1, taus, start = [], [], 0
+    for size in groups:
+        a, b = candidate[start : start + size], reference[start : start + size]
+        start += size
+        top1.append(float(a.argmax() == b.argmax()))
+        i, j = np.triu_indices(size, k=1)
+        taus.append(float(np.mean(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j]))) if size > 1 else 1.0)
+    return {
+        "top1_agreement": float(np.mean(top1)),
+        "kendall_tau": float(np.mean(taus)),
+        "max_score_diff": float(np.abs(candidate - reference).max()),
+    }
+
+
 def compare_scores(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """Top-label agreement and the largest difference of any label's probability."""
     agreement = float(np.mean(candidate.argmax(axis=1) == reference.argmax(axis=1)))

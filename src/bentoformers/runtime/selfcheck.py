@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bentoformers.runtime.fidelity import compare, compare_greedy, compare_scores
+from bentoformers.runtime.fidelity import compare, compare_greedy, compare_ranking, compare_scores
 from bentoformers.spec import gate_failures
 
 CHECK_FILE = "selfcheck.json"
@@ -36,12 +36,18 @@ def sample(count: int, size: int = CHECK_INPUTS) -> list[int]:
     return sorted({round(i * (count - 1) / max(size - 1, 1)) for i in range(min(size, count))})
 
 
-def check_set(card: Any, inputs: list[list[int]], reference: Any, gates: dict[str, float], new_tokens: int) -> dict:
-    """Token ids, the fp32 PyTorch reference for them (rows, or greedy tokens), the gates, and how to compare."""
+def check_set(
+    card: Any, inputs: list[list[int]], reference: Any, gates: dict[str, float], new_tokens: int,
+    groups: list[int] | None = None,
+) -> dict:
+    """Token ids, the fp32 PyTorch reference for them (rows, a row per token, or greedy tokens), the gates, and
+    how to compare. Rerank: `groups` are the sizes of the consecutive query/document sets."""
+    ragged = card.task in ("generation", "token-classification")
     return {
         "task": card.task,
         "inputs": inputs,
-        "reference": np.asarray(reference).tolist() if card.task != "generation" else list(reference),
+        "reference": [np.asarray(r).tolist() for r in reference] if ragged else np.asarray(reference).tolist(),
+        "groups": groups,
         "gates": {k: v for k, v in gates.items() if k not in NOT_CHECKED},
         "normalize": card.normalize,
         "multi_label": card.multi_label,
@@ -64,14 +70,19 @@ def measure(check: dict[str, Any], engine: Any, neighbours: int = 0) -> dict[str
 
     `neighbours`: for embeddings, also the top-k neighbour overlap (meaningful on the whole validation set).
     """
-    from bentoformers.runtime.encoder import l2_normalize, label_scores
+    from bentoformers.runtime.encoder import l2_normalize, label_scores, sigmoid, softmax
 
     task, inputs = check["task"], check["inputs"]
     if task == "generation":
         tokens = [engine.greedy(p, check["new_tokens"], tuple(check.get("eos_token_ids", ()))) for p in inputs]
         return compare_greedy(tokens, check["reference"])
-    reference = np.asarray(check["reference"])
     rows = engine.embed(inputs)
+    if task == "token-classification":
+        real = [row[: len(seq)] for row, seq in zip(rows, inputs)]
+        return compare_scores(softmax(np.concatenate(real)), np.concatenate([np.asarray(r) for r in check["reference"]]))
+    reference = np.asarray(check["reference"])
+    if task == "rerank":
+        return compare_ranking(sigmoid(rows[:, 0]), reference, check["groups"])
     if task == "classification":
         return compare_scores(label_scores(rows, check.get("multi_label", False)), reference)
     if check.get("normalize"):

@@ -32,7 +32,7 @@ from bentoformers.runtime.session import cuda_likely
 from bentoformers.security.authenticator import Authenticator, startup_authenticator
 from bentoformers.security.ratelimit import RateLimiter
 from bentoformers.serving.drain import ShutdownDrain
-from bentoformers.serving.model_services import SERVICE_CLASSES
+from bentoformers.serving.model_services import BATCHED_METHODS, SERVICE_CLASSES
 from bentoformers.serving.store import StoredModel, check_attributes_unique, served_models
 from bentoformers.settings import Settings
 
@@ -101,9 +101,11 @@ def model_service(stored: StoredModel, settings: Settings, token: str, own_proce
     for precision, tag in stored.variants.items():
         attrs[f"model_{precision}"] = bentoml.models.BentoModel(tag)
     cls = type(stored.attribute, (SERVICE_CLASSES[stored.task],), attrs)
-    # Internal service: its per-call access log would only repeat the gateway's, at a real CPU cost.
+    # Internal service: its per-call access log would only repeat the gateway's, at a real CPU cost; its HTTP
+    # metrics too, and they label calls by raw path (unbounded, as on the gateway: observability/scrape.py).
     service = bentoml.service(
-        name=f"model-{stored.name}", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}}
+        name=f"model-{stored.name}", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}},
+        metrics={"enabled": False},
     )(cls)
     service.add_asgi_middleware(InternalCallerMiddleware, token=token)
     return service
@@ -132,7 +134,7 @@ class _Gateway:
             if stored.task == "generation":
                 stream, cancel = _streamer(service), _caller(service, "cancel")
             else:
-                call = _caller(service, "embed" if stored.task == "embeddings" else "classify")
+                call = _caller(service, BATCHED_METHODS[stored.task])
             endpoints.append(
                 ModelEndpoint(
                     self._settings, folder, describe=_caller(service, "describe"), call=call, stream=stream,
@@ -204,7 +206,6 @@ def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator
     gateway.add_asgi_middleware(
         OverloadMiddleware,
         max_in_flight=settings.max_in_flight,
-        max_body_bytes=settings.max_body_bytes,
         timeout=settings.request_timeout_seconds,
         retry_after=settings.retry_after_seconds,
     )

@@ -1,8 +1,9 @@
 """The model services: one BentoML service per served model, running its graph on CPU or CUDA.
 
 Each loads the best variant that passes its start-up check on this machine (runtime/selfcheck.py) and
-answers the gateway's batched calls (embeddings, classification) or streams tokens (generation). They are
-internal: in a process of their own they accept pickled bodies and must never be reachable from outside.
+answers the gateway's batched calls (embeddings, classification, rerank, token classification) or streams
+tokens (generation). They are internal: in a process of their own they accept pickled bodies and must never
+be reachable from outside.
 On CPU they run inside the gateway's process instead (serving/composition.py).
 """
 
@@ -122,6 +123,20 @@ class ClassificationModel(_EncoderService):
         return self._run(self.encoder.classify, token_ids)
 
 
+class RerankModel(_EncoderService):
+    @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
+    def score(self, token_ids: list[list[int]]) -> np.ndarray:
+        """A relevance logit per query/document pair (the pair's document offset, runtime/tokenizer.py)."""
+        return self._run(self.encoder.classify, token_ids)
+
+
+class TokenClassificationModel(_EncoderService):
+    @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
+    def classify_tokens(self, token_ids: list[list[int]]) -> np.ndarray:
+        """Logits per token, (texts, longest text, labels), zero past each text's end."""
+        return self._run(self.encoder.classify, token_ids)
+
+
 class GenerationModel(_ModelService):
     def __init__(self) -> None:
         decoder = self._load()
@@ -170,4 +185,11 @@ class GenerationModel(_ModelService):
         return self.scheduler.cancel(key)
 
 
-SERVICE_CLASSES = {"embeddings": EmbeddingModel, "classification": ClassificationModel, "generation": GenerationModel}
+SERVICE_CLASSES = {
+    "embeddings": EmbeddingModel, "classification": ClassificationModel, "rerank": RerankModel,
+    "token-classification": TokenClassificationModel, "generation": GenerationModel,
+}
+# The batched method of each encoder task's service: the gateway's one call to it (serving/composition.py).
+BATCHED_METHODS = {
+    "embeddings": "embed", "classification": "classify", "rerank": "score", "token-classification": "classify_tokens",
+}
