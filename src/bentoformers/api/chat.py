@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -82,12 +81,7 @@ def _pick(gateway: Gateway, requested: str | None) -> ModelEndpoint:
 async def chat_completions(request: Request) -> Response:
     """POST /v1/chat/completions: {"messages", "max_completion_tokens"? (or "max_tokens"), "temperature"?,
     "top_p"?, "seed"?, "stop"?, "n"?, "stream"?, "stream_options"?, "model"?}."""
-    raw = await request.body()
-    try:
-        refuse_unsupported(orjson.loads(raw))
-    except orjson.JSONDecodeError:
-        pass  # parse_body answers it
-    body = parse_body(ChatCompletionRequest, raw)
+    body = parse_body(ChatCompletionRequest, await request.body(), refuse=refuse_unsupported)
     endpoint = _pick(gateway_of(request), body.model)
     if endpoint.chat is None:
         raise ApiError(

@@ -172,17 +172,7 @@ class ModelEndpoint:
             raise self.unavailable() from None
 
     async def prompt_ids(self, prompt: str, param: str, add_special_tokens: bool = True) -> list[int]:
-        if blank(prompt):
-            raise ApiError(ErrorType.VALIDATION, f"{param} is empty", param=param)
-        if len(prompt) > self.settings.max_chars_per_item:
-            raise ApiError(
-                ErrorType.TOO_LARGE, f"{param} has {len(prompt)} characters; at most {self.settings.max_chars_per_item}",
-                param=param,
-            )
-        if len(prompt) > INLINE_TOKENIZE_CHARS:
-            ids = await asyncio.to_thread(self.tokenizer.ids, prompt, add_special_tokens)
-        else:
-            ids = self.tokenizer.ids(prompt, add_special_tokens)
+        ids = await self.text_ids(prompt, param, add_special_tokens)
         if len(ids) >= self.card.max_length:
             raise ApiError(
                 ErrorType.TOO_LARGE,
@@ -283,6 +273,25 @@ class ModelEndpoint:
             headers={"Retry-After": str(self.settings.retry_after_seconds)},
         )
 
+    def check_text(self, text: str, param: str, shown: str | None = None) -> None:
+        """One text: not empty (nothing but invisible characters) and within the characters a text may have.
+        `shown` names it in the message (default: `param`)."""
+        shown = shown or param
+        if blank(text):
+            raise ApiError(ErrorType.VALIDATION, f"{shown} is empty", param=param)
+        if len(text) > self.settings.max_chars_per_item:
+            raise ApiError(
+                ErrorType.TOO_LARGE, f"{shown} has {len(text)} characters; at most {self.settings.max_chars_per_item}",
+                param=param,
+            )
+
+    async def text_ids(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """One text checked (check_text) and tokenized whole, off the event loop when it is long."""
+        self.check_text(text, param)
+        if len(text) > INLINE_TOKENIZE_CHARS:
+            return await asyncio.to_thread(self.tokenizer.ids, text, add_special_tokens)
+        return self.tokenizer.ids(text, add_special_tokens)
+
     def check_texts(self, texts: list[str], param: str) -> None:
         limits = self.settings
         if not texts:
@@ -295,14 +304,7 @@ class ModelEndpoint:
             )
         total = 0
         for i, text in enumerate(texts):
-            if blank(text):
-                raise ApiError(ErrorType.VALIDATION, f"{param}[{i}] is empty", param=f"{param}.{i}")
-            if len(text) > limits.max_chars_per_item:
-                raise ApiError(
-                    ErrorType.TOO_LARGE,
-                    f"{param}[{i}] has {len(text)} characters; at most {limits.max_chars_per_item}",
-                    param=f"{param}.{i}",
-                )
+            self.check_text(text, f"{param}.{i}", shown=f"{param}[{i}]")
             total += len(text)
         if total > limits.max_chars_per_request:
             raise ApiError(

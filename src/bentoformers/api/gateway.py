@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -79,11 +80,15 @@ class Gateway:
         return ", ".join(f"{e.name} ({e.task})" for e in self.models.values())
 
 
-def parse_body(model: type[M], body: bytes) -> M:
+def parse_body(model: type[M], body: bytes, refuse: Callable[[Any], None] | None = None) -> M:
+    """The body as `model`. `refuse` first sees the parsed JSON, to name fields this server cannot honour
+    (a 400) before validation would report them another way."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ApiError(ErrorType.INVALID_REQUEST, f"the request body is not valid JSON: {exc}") from None
+    if refuse is not None:
+        refuse(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -10,11 +10,10 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bentoformers.api.endpoint import INLINE_TOKENIZE_CHARS, TRUNCATE_CHARS_PER_TOKEN, ModelEndpoint, blank
+from bentoformers.api.endpoint import INLINE_TOKENIZE_CHARS, TRUNCATE_CHARS_PER_TOKEN, ModelEndpoint
 from bentoformers.api.gateway import gateway_of, infer_charged, json_response, parse_body
 from bentoformers.api.schemas import CohereRerankRequest, RerankRequest
 from bentoformers.errors import ApiError, ErrorType
@@ -70,26 +69,18 @@ async def rank(
 
 
 async def _check_query(endpoint: ModelEndpoint, query: str, param: str, truncate: bool) -> None:
-    if blank(query):
-        raise ApiError(ErrorType.VALIDATION, f"{param} is empty", param=param)
-    if len(query) > endpoint.settings.max_chars_per_item:
+    if truncate:
+        endpoint.check_text(query, param)
+        return
+    # Once, before it is tokenized again with every document: a query that leaves no room for one.
+    tokens = len(await endpoint.text_ids(query, param))
+    if tokens >= endpoint.card.max_length:
         raise ApiError(
-            ErrorType.TOO_LARGE, f"{param} has {len(query)} characters; at most {endpoint.settings.max_chars_per_item}",
+            ErrorType.TOO_LARGE,
+            f"{param} has {tokens} tokens, leaving no room for a document in the model's limit of "
+            f"{endpoint.card.max_length}; shorten it or send truncate: true",
             param=param,
         )
-    if not truncate:
-        # Once, before it is tokenized again with every document: a query that leaves no room for one.
-        if len(query) > INLINE_TOKENIZE_CHARS:
-            tokens = len(await asyncio.to_thread(endpoint.tokenizer.ids, query))
-        else:
-            tokens = len(endpoint.tokenizer.ids(query))
-        if tokens >= endpoint.card.max_length:
-            raise ApiError(
-                ErrorType.TOO_LARGE,
-                f"{param} has {tokens} tokens, leaving no room for a document in the model's limit of "
-                f"{endpoint.card.max_length}; shorten it or send truncate: true",
-                param=param,
-            )
 
 
 async def _cut(endpoint: ModelEndpoint, documents: list[str], count: int) -> list[str]:
@@ -126,12 +117,7 @@ async def rerank_v2(request: Request) -> Response:
 
 
 async def _cohere(request: Request, version: str, return_documents: bool) -> Response:
-    raw = await request.body()
-    try:
-        _refuse_unsupported(orjson.loads(raw))
-    except orjson.JSONDecodeError:
-        pass  # parse_body answers it
-    body = parse_body(CohereRerankRequest, raw)
+    body = parse_body(CohereRerankRequest, await request.body(), refuse=_refuse_unsupported)
     ranking = await rank(request, body.model, body.query, body.documents, body.truncate, ("query", "documents"),
                          body.top_n, body.max_tokens_per_doc)
     scores = ranking.scores
