@@ -201,6 +201,14 @@ def running_server(
             proc.kill()
 
 
+def metric_value(page: str, sample: str) -> float:
+    """A sample's value in a Prometheus text page, e.g. 'name{label="x"}' (0 when absent)."""
+    for line in page.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def _ready(url: str) -> bool:
     try:
         return httpx.get(f"{url}/readyz", timeout=2).status_code == 200

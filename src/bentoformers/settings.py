@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(16_384, ge=1, description="Token budget per call to the model service.")
     max_queued_items: int = Field(4096, ge=1, description="Beyond this the gateway answers 503.")
     max_queue_seconds: float = Field(
-        30.0, gt=0, le=3600, allow_inf_nan=False,
+        10.0, gt=0, le=3600, allow_inf_nan=False,
         description="A request that would wait longer than this behind the queued work (at the model's recent "
         "tokens/s), and so likely miss its request timeout, gets 503 + Retry-After at once; lower it for "
         "latency-sensitive traffic.",
@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     body_timeout_seconds: float = Field(
         30, gt=0, description="The time a client has to send its whole body (408 after it); not a slot meanwhile."
+    )
+    header_timeout_seconds: float = Field(
+        10, gt=0, le=3600, allow_inf_nan=False, description="The time a connection has to send its request line and "
+        "headers (from its opening, or from the first byte after a response): 408 after it, then closed."
     )
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="All request headers together; beyond: 431.")
     max_headers: int = Field(100, ge=8, description="Request headers; beyond: 431.")

@@ -10,23 +10,14 @@ import time
 
 import httpx
 import pytest
-from conftest import running_server
+from conftest import metric_value, running_server
 
 pytestmark = pytest.mark.slow
 
 
-def _value(page: str, sample: str) -> float:
-    """A sample's value in a metrics page (0 when absent)."""
-    for line in page.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
-# With the models in the gateway's process (the CPU default). With `separate` under one `bentoml serve`, SIGTERM
-# removes the model service's unix socket at once, so a call that needs a new connection gets an honest 503 while
-# the model process still drains; in the gpu component the two are pods apart, over TCP, and stop one by one.
-@pytest.mark.parametrize("model_process", ["gateway"])
+# Both ways the models run: in the gateway's process (the CPU default) and in their own processes (the GPU default),
+# where `bentoml serve` used to delete the unix socket to the model service at once (serving/composition.py).
+@pytest.mark.parametrize("model_process", ["gateway", "separate"])
 def test_sigterm_finishes_the_requests_in_flight(minilm_path, sentences, tmp_path, model_process):
     serve = [sys.executable, "-m", "bentoml", "serve", "service:Gateway"]
     env = {**os.environ, "BENTOFORMERS_MODELS": "minilm", "BENTOFORMERS_MODEL_PROCESS": model_process}
@@ -40,7 +31,7 @@ def test_sigterm_finishes_the_requests_in_flight(minilm_path, sentences, tmp_pat
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 page = httpx.get(f"{url}/metrics").text
-                if _value(page, "bentoformers_requests_in_progress") >= 7 and _value(
+                if metric_value(page, "bentoformers_requests_in_progress") >= 7 and metric_value(
                         page, 'bentoformers_batch_items_count{model="minilm"}') >= 1:
                     break
                 time.sleep(0.05)

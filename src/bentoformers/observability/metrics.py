@@ -23,7 +23,7 @@ TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 REJECTION_REASONS = frozenset({
     "missing_credentials", "invalid_credentials", "expired_credentials", "forbidden",
     "rate_limit_requests", "rate_limit_tokens", "rate_limit_store_unavailable", "queue_full",
-    "too_many_in_flight", "request_too_large", "body_timeout",
+    "too_many_in_flight", "request_too_large", "body_timeout", "header_timeout",
 })
 
 requests = Counter(

@@ -31,6 +31,7 @@ from bentoformers.middleware.shutdown import ShutdownMiddleware
 from bentoformers.runtime.session import cuda_likely
 from bentoformers.security.authenticator import Authenticator, startup_authenticator
 from bentoformers.security.ratelimit import RateLimiter
+from bentoformers.serving import head_timeout
 from bentoformers.serving.drain import ShutdownDrain
 from bentoformers.serving.model_services import BATCHED_METHODS, SERVICE_CLASSES
 from bentoformers.serving.store import StoredModel, check_attributes_unique, served_models
@@ -41,12 +42,18 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     """The Gateway service of the served models (default: the built entries the settings select)."""
     served = served_models(settings) if served is None else served
     check_attributes_unique(served)
+    head_timeout.install(settings.header_timeout_seconds)
     # Refuses to start in a container with no credentials (BentoML's images set BENTOML_CONTAINERIZED=true).
     authenticator = startup_authenticator(
         settings, containerized=os.environ.get("BENTOML_CONTAINERIZED") == "true", announce=_announces()
     )
     app = create_app(secured=authenticator is not None, served={s.name: s.task for s in served})
     in_gateway = models_in_gateway(settings)
+    if not in_gateway:
+        # `bentoml serve` deletes its unix sockets' folder as soon as it is told to stop, before its services
+        # have drained: a gateway call that needed a new connection to a model service then failed while that
+        # service was still answering. Over loopback TCP the sockets close only once the services have stopped.
+        os.environ.setdefault("BENTOML_NO_UDS", "1")
     token = internal_token(settings)
     local: dict[str, bentoml.Service] = {}
     attrs: dict[str, object] = {

@@ -1,0 +1,111 @@
+"""The request-head deadline on a real uvicorn server (loopback): a head that does not complete in time gets 408
+in our body, a silent connection is closed, and whole requests (slow bodies, keep-alive pauses) are never cut."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from bentoformers.serving.head_timeout import with_head_deadline
+
+DEADLINE = 0.5
+
+
+async def _app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])  # uvicorn's two HTTP/1.1 protocols ("auto": httptools)
+def address(request):
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    base = {"httptools": HttpToolsProtocol, "h11": H11Protocol}[request.param]
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(_app, http=with_head_deadline(base, DEADLINE), log_level="warning",
+                            timeout_keep_alive=5, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield sock.getsockname()
+    server.should_exit = True
+    thread.join(5)
+
+
+def _read_all(conn: socket.socket) -> bytes:
+    out = b""
+    while chunk := conn.recv(4096):
+        out += chunk
+    return out
+
+
+def _read_response(conn: socket.socket) -> bytes:
+    out = b""
+    while not out.endswith(b"ok"):
+        out += conn.recv(4096)
+    return out
+
+
+def test_a_dribbled_head_gets_408_in_our_body(address):
+    with socket.create_connection(address, timeout=10) as conn:
+        for byte in b"GET / HTTP/1.1\r\nHost: x\r\n":
+            try:
+                conn.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(0.1)
+        answer = _read_all(conn)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert b"x-request-id: " in answer and b"connection: close" in answer
+    assert answer.endswith(b'{"error":{"type":"timeout_error","message":"the request head did not arrive within '
+                           b'0.5s","param":null}}')
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer(address):
+    with socket.create_connection(address, timeout=10) as conn:
+        assert _read_all(conn) == b""
+
+
+def test_a_partial_head_after_a_response_gets_408(address):
+    with socket.create_connection(address, timeout=10) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(conn).startswith(b"HTTP/1.1 200 ")
+        time.sleep(DEADLINE * 2)  # idle between requests: keep-alive's to bound, not the head deadline
+        conn.sendall(b"GET / HT")
+        assert _read_all(conn).startswith(b"HTTP/1.1 408 ")
+
+
+def test_slow_bodies_and_keep_alive_pauses_are_not_cut(address):
+    with socket.create_connection(address, timeout=10) as conn:
+        for _ in range(3):
+            conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n")
+            for byte in b"body":  # the body takes longer than the head deadline: bounded elsewhere
+                time.sleep(DEADLINE / 2)
+                conn.sendall(bytes([byte]))
+            assert _read_response(conn).startswith(b"HTTP/1.1 200 ")
+            time.sleep(DEADLINE * 1.5)
+
+
+def test_install_replaces_the_auto_protocol_once_however_often_it_is_called(monkeypatch):
+    import uvicorn.protocols.http.auto as auto
+
+    from bentoformers.serving import head_timeout
+
+    original = auto.AutoHTTPProtocol
+    monkeypatch.setattr(auto, "AutoHTTPProtocol", original)
+    head_timeout.install(7)
+    head_timeout.install(3)
+    assert auto.AutoHTTPProtocol.head_seconds == 3
+    assert auto.AutoHTTPProtocol.__mro__[1] is getattr(original, "head_base", original)
