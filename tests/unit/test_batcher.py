@@ -87,8 +87,14 @@ def test_full_queue_is_refused_at_once_with_retry_after():
 def test_the_queue_is_sized_by_time_at_the_models_recent_rate():
     async def main():
         model = RecordingModel(delay=0.1)
-        c = coalescer(model, max_wait=1.0)
-        await c.submit([[1] * 10])  # 10 tokens in ~0.1 s: ~100 tokens/s (a little less: the loop's own time)
+        c = coalescer(model, max_wait=1.0, max_tokens=10)
+        await c.submit([[1] * 10])  # a lone call that the budget did not cut: it teaches nothing
+        assert c.tokens_per_second is None
+        busy = asyncio.create_task(c.submit([[1] * 10]))
+        await asyncio.sleep(0.01)
+        # Two of 10 tokens queued behind it: the budget cuts the next call, so it runs at the batched rate:
+        # 10 tokens in ~0.1 s, ~100 tokens/s (a little less: the loop's own time).
+        await asyncio.gather(busy, c.submit([[1] * 10]), c.submit([[1] * 10]))
         assert 60 < c.tokens_per_second <= 100
         busy = asyncio.create_task(c.submit([[1] * 10]))
         await asyncio.sleep(0.01)
@@ -131,5 +137,24 @@ def test_cancelled_waiters_are_dropped_before_the_call():
         await busy
         assert (await kept).tolist() == [[8.0]]
         assert [[7]] not in model.calls[1:] and model.calls[1] == [[8]]
+
+    asyncio.run(main())
+
+
+def test_a_queue_past_its_time_refuses_before_the_request_is_tokenized():
+    async def main():
+        model = RecordingModel(delay=0.1)
+        c = coalescer(model, max_wait=0.5, max_tokens=10)
+        c.check_room(5)  # nothing queued: room
+        c.tokens_per_second = 100.0  # as learned from full calls
+        busy = asyncio.create_task(c.submit([[1] * 10]))
+        await asyncio.sleep(0.01)
+        queued = asyncio.create_task(c.submit([[1] * 60]))  # 0.6 s of work queued
+        await asyncio.sleep(0)
+        with pytest.raises(ApiError) as info:
+            c.check_room(1)  # any request now, before its tokens are known
+        assert info.value.status == 503 and info.value.headers["Retry-After"] == "2"
+        await asyncio.gather(busy, queued)
+        c.check_room(1)  # drained: room again
 
     asyncio.run(main())

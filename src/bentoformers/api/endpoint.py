@@ -98,6 +98,8 @@ class ModelEndpoint:
             keep = self.card.max_length * TRUNCATE_CHARS_PER_TOKEN
             texts = [text[-keep:] if direction == "left" else text[:keep] for text in texts]
         self.check_texts(texts, param)
+        if self.coalescer is not None:
+            self.coalescer.check_room(len(texts))
         try:
             if sum(map(len, texts)) + len(prompt) * len(texts) > INLINE_TOKENIZE_CHARS:
                 return await asyncio.to_thread(self.tokenizer.encode, texts, truncate, direction, prompt)
@@ -127,6 +129,8 @@ class ModelEndpoint:
                 f"the request makes {len(pairs)} pairs for the model; at most {self.settings.max_items_per_request}",
                 param=param,
             )
+        if self.coalescer is not None:
+            self.coalescer.check_room(len(pairs))
         try:
             if sum(len(a) + len(b) for a, b in pairs) > INLINE_TOKENIZE_CHARS:
                 return await asyncio.to_thread(self.tokenizer.encode_pairs, pairs, truncate, strategy)

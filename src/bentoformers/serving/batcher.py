@@ -62,10 +62,12 @@ class Coalescer:
             return 0.0
         return (self.queued_tokens + tokens) / self.tokens_per_second
 
-    async def submit(self, seqs: list[list[int]]) -> np.ndarray:
-        tokens = sum(map(len, seqs))
+    def check_room(self, items: int, tokens: int = 0) -> None:
+        """503 + Retry-After when `items` texts of `tokens` would not fit the queue. Called before tokenizing
+        too (with tokens 0: a queue already past `max_wait` refuses anything), so a flood's refusals cost no
+        tokenizing on the event loop; `submit` checks again with the real count."""
         if self.queued_items and (
-            self.queued_items + len(seqs) > self.max_queued or self.expected_wait(tokens) > self.max_wait
+            self.queued_items + items > self.max_queued or self.expected_wait(tokens) > self.max_wait
         ):
             metrics.count_rejection("queue_full")
             raise ApiError(
@@ -74,6 +76,10 @@ class Coalescer:
                 f"of work); retry after {self.retry_after}s",
                 headers={"Retry-After": str(self.retry_after)},
             )
+
+    async def submit(self, seqs: list[list[int]]) -> np.ndarray:
+        tokens = sum(map(len, seqs))
+        self.check_room(len(seqs), tokens)
         job = _Job(seqs, tokens, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._pending.append(job)
         self._queued(len(seqs), tokens)
@@ -86,6 +92,7 @@ class Coalescer:
             jobs = self._take()
             if not jobs:
                 continue
+            saturated = bool(self._pending)  # the budgets cut this call: it runs at the model's batched rate
             seqs = [seq for job in jobs for seq in job.seqs]
             self._observe(jobs, seqs)
             started = time.perf_counter()
@@ -96,7 +103,8 @@ class Coalescer:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
-            self._learn_rate(sum(job.tokens for job in jobs), time.perf_counter() - started)
+            if saturated:
+                self._learn_rate(sum(job.tokens for job in jobs), time.perf_counter() - started)
             start = 0
             for job in jobs:
                 end = start + len(job.seqs)
@@ -130,7 +138,8 @@ class Coalescer:
         if seconds <= 0 or tokens <= 0:
             return
         rate = tokens / seconds
-        # Small calls run below the batched rate; the average follows the load within a few calls.
+        # Only full calls teach it (a queue long enough to refuse from drains in full calls; a lone small call
+        # runs several times slower per token, and learning from those refused while capacity sat idle).
         self.tokens_per_second = rate if self.tokens_per_second is None else 0.7 * self.tokens_per_second + 0.3 * rate
 
     def _observe(self, jobs: list[_Job], seqs: list[list[int]]) -> None:
