@@ -220,5 +220,42 @@ def test_a_two_tokens_per_minute_tier_cannot_be_exceeded_by_generation(served_bu
         redis.stop()
 
 
+def test_generations_refused_for_capacity_are_not_charged(served_build, tmp_path_factory):
+    """The capacity check and its count are one step: six concurrent completions on a model with room for one
+    sequence, while each charge waits on Redis, get one 200 and five 503s, and the 503s cost nothing (before,
+    all six passed the check, were charged, and then five were refused: the next request got 429)."""
+    import bentoml
+
+    from bentoformers.runtime.tokenizer import TextTokenizer
+
+    folder = bentoml.models.get(served_build["chat"]["fp32"].tag).path
+    word = next(w for w in ("The", "A", "cat") if len(TextTokenizer(folder, 512).ids(w)) == 1)
+    work = tmp_path_factory.mktemp("capacity")
+    redis = RedisServer(work)
+    redis.start()
+    env = {
+        **os.environ,
+        "BENTOFORMERS_REDIS_URL": redis.url,
+        # Each request costs 1 prompt token + 100 it may generate: two fit in the budget, a third does not.
+        "BENTOFORMERS_RATE_LIMIT_TIERS": '{"default": {"tokens": "250/minute"}}',
+        "BENTOFORMERS_MODELS": "chat", "BENTOFORMERS_MAX_ACTIVE_SEQUENCES": "1",
+        "BENTOFORMERS_MAX_WAITING_SEQUENCES": "0",
+    }
+    body = {"prompt": word, "max_tokens": 100, "temperature": 1.0, "seed": 1}
+    try:
+        with running_server([sys.executable, "-m", "bentoml", "serve", "service:Gateway"], work / "serve.log", env) as s:
+            async def one(i):
+                async with httpx.AsyncClient(timeout=60) as client:
+                    return await client.post(f"{s.url}/v1/completions", json=body)
+
+            codes = [r.status_code for r in asyncio.run(_gather(one, range(6)))]
+            after = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60)
+    finally:
+        redis.stop()
+    print(f"\n6 concurrent completions, room for 1 sequence: {sorted(codes)}; the next one: {after.status_code}")
+    assert sorted(codes) == [200, 503, 503, 503, 503, 503], codes
+    assert after.status_code == 200, after.text  # 101 of 250 tokens charged so far, not 202
+
+
 async def _gather(call, items):
     return await asyncio.gather(*(call(i) for i in items))

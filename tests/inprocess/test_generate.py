@@ -133,6 +133,52 @@ def test_a_consumer_that_goes_away_stops_its_sequence(client, scheduler):
     assert steps_after <= 2 and active == 0
 
 
+def test_a_cancel_that_overtakes_its_generation_still_stops_it(client, scheduler):
+    from bentoformers.runtime.generation import Sampling
+
+    async def cancel_then_generate():
+        assert scheduler.cancel("early-key") is False  # not here yet: remembered
+        events = [e async for _, e in _each(scheduler.generate_n([5, 6, 7], 100, [Sampling(1.0, seed=3)] * 2,
+                                                                  "early-key"))]
+        alone = [e async for e in scheduler.generate([5, 6, 7], 3, Sampling(temperature=0.0), "another-key")]
+        return events, alone
+
+    events, alone = client.portal.call(cancel_then_generate)
+    assert events == [("finish", "cancelled")] * 2  # both choices, without a token decoded
+    assert [kind for kind, _ in alone] == ["token"] * 3 + ["finish"]  # other keys are untouched
+
+
+async def _each(choices):
+    async for index, kind, value in choices:
+        yield index, (kind, value)
+
+
+def test_the_model_sides_waiting_queue_is_bounded(client, scheduler, monkeypatch):
+    """Every gateway bounds its own generations, but several share one model service: with its active places
+    taken and its waiting bound reached, a new sequence ends at once with "overloaded", which the gateway
+    answers as 503 + Retry-After."""
+    from bentoformers.runtime.generation import Sampling
+
+    monkeypatch.setattr(scheduler, "max_active", 1)
+    monkeypatch.setattr(scheduler, "max_waiting", 0)
+
+    async def second_while_one_decodes():
+        first = scheduler.generate([5, 6, 7], 100, Sampling(temperature=1.0, seed=1))
+        await anext(first)  # decoding: the one active place is taken
+        second = [e async for e in scheduler.generate([5, 6, 7], 3, Sampling(temperature=0.0))]
+        await first.aclose()
+        third = [e async for e in scheduler.generate([5, 6, 7], 3, Sampling(temperature=0.0))]
+        return second, third
+
+    second, third = client.portal.call(second_while_one_decodes)
+    assert second == [("finish", "overloaded")]
+    assert [kind for kind, _ in third] == ["token"] * 3 + ["finish"]  # the place is free again
+    monkeypatch.setattr(scheduler, "max_active", 0)  # no place at all: what the gateway makes of it
+    r = client.post("/generate", json={"model": "gpt2", "prompt": "hello", "max_new_tokens": 3})
+    assert r.status_code == 503 and r.headers["retry-after"]
+    assert r.json()["error"]["type"] == "overloaded_error"
+
+
 def test_a_client_that_disconnects_mid_stream_stops_its_generation(client, scheduler, monkeypatch, caplog):
     """Drives the ASGI app as a server would: the client goes away after two events."""
     import logging

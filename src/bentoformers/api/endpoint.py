@@ -83,7 +83,7 @@ class ModelEndpoint:
         self._call = call
         self._stream = stream
         self._cancel = cancel
-        self.generating = 0  # requests in flight to the model service (generation)
+        self.generating = 0  # sequences admitted to the model service (generation): reserve_generations
         self._describe = describe
         self.health = ModelHealth(self.name, describe)
         self._served: dict[str, Any] | None = None
@@ -186,7 +186,10 @@ class ModelEndpoint:
             )
         return ids
 
-    def check_generation_capacity(self, sequences: int = 1) -> None:
+    def reserve_generations(self, sequences: int) -> None:
+        """Counts `sequences` in flight, or 503 past the model service's active and waiting sequences. Checked and
+        counted at once (no await between), so concurrent requests cannot all pass the check before any counts;
+        the caller releases them (release_generations) once their generation has ended or failed to start."""
         limit = self.settings.max_active_sequences + self.settings.max_waiting_sequences
         if self.generating + sequences > limit:
             raise ApiError(
@@ -195,6 +198,10 @@ class ModelEndpoint:
                 f"retry after {self.settings.retry_after_seconds}s",
                 headers={"Retry-After": str(self.settings.retry_after_seconds)},
             )
+        self.generating += sequences
+
+    def release_generations(self, sequences: int) -> None:
+        self.generating -= sequences
 
     async def generate(
         self, prompt: list[int], max_new_tokens: int, sampling: dict[str, Any], n: int = 1
@@ -205,8 +212,6 @@ class ModelEndpoint:
         assert self._stream is not None
         if self.health.down:
             raise self.unavailable()
-        self.check_generation_capacity(n)
-        self.generating += n
         key = uuid.uuid4().hex
         args = (prompt, max_new_tokens, sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["seed"],
                 key, n)
@@ -234,6 +239,11 @@ class ModelEndpoint:
                         continue  # stopped early here: its last tokens were already on their way
                     if value.isdigit():
                         stop = yield index, int(value)
+                    elif value == "overloaded":  # its queue is shared by every gateway worker and replica
+                        raise ApiError(
+                            ErrorType.OVERLOADED, "the model service's queue is full; retry later",
+                            headers={"Retry-After": str(self.settings.retry_after_seconds)},
+                        )
                     elif value.startswith("error"):
                         # The model service logged it, with its traceback.
                         raise ApiError(ErrorType.SERVER, "the generation failed; see the server log")
@@ -248,7 +258,6 @@ class ModelEndpoint:
                         return
             raise RuntimeError("the model service ended the stream without a finish reason")
         finally:
-            self.generating -= n
             # Stopped early (a client gone, an error): tell the model service to stop too. Closing the stream
             # alone does not reach it in time across processes. Shielded: this often runs while the
             # request's task is being cancelled. Bounded: a hung model service must not hold this task (and

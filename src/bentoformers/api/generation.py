@@ -164,11 +164,16 @@ async def start_generation(request: Request, endpoint: ModelEndpoint, plans: lis
     Charges the prompt tokens and every new token the request may generate (each choice's `max_tokens`): a
     generation can never cost more than the caller's budget held when it started."""
     # Before the tokens are charged: a refused request costs nothing.
-    endpoint.check_generation_capacity(sum(p.n for p in plans))
-    await account(request, endpoint, sum(len(p.ids) for p in plans), sum(p.n * p.max_new_tokens for p in plans))
-    events = _merged([_pieces(endpoint, p) for p in plans])
+    sequences = sum(p.n for p in plans)
+    endpoint.reserve_generations(sequences)
     try:
-        first = await anext(events)
+        await account(request, endpoint, sum(len(p.ids) for p in plans), sum(p.n * p.max_new_tokens for p in plans))
+    except BaseException:
+        endpoint.release_generations(sequences)
+        raise
+    events = _released(endpoint, sequences, _merged([_pieces(endpoint, p) for p in plans]))
+    try:
+        first = await anext(events)  # a failure here has run _released's finally
     except ApiError:
         raise
     except Exception as exc:
@@ -177,6 +182,16 @@ async def start_generation(request: Request, endpoint: ModelEndpoint, plans: lis
         logger.warning("generation could not start (%s): %s: %s", endpoint.name, type(exc).__name__, exc)
         raise endpoint.unavailable() from None
     return events, first
+
+
+async def _released(endpoint: ModelEndpoint, sequences: int, events: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
+    """`events`, and the reserved sequences released when they end, fail or are closed."""
+    try:
+        async with aclosing(events):
+            async for piece in events:
+                yield piece
+    finally:
+        endpoint.release_generations(sequences)
 
 
 async def collect_generation(request: Request, events: AsyncIterator[Piece], first: Piece) -> dict[int, Piece]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bentoformers.runtime.decoder import DecodeBatch, OnnxDecoder
+
+CANCELLED_KEYS_KEPT = 4096
 
 logger = logging.getLogger("bentoformers.generation")
 
@@ -76,12 +78,18 @@ class _Sequence:
 class Scheduler:
     def __init__(
         self, decoder: OnnxDecoder, eos_token_ids: tuple[int, ...], context: int, max_active: int, step_seconds=None,
-        on_step=None,
+        on_step=None, max_waiting: int | None = None,
     ) -> None:
         self.decoder = decoder
         self.eos = set(eos_token_ids)
         self.context = context
         self.max_active = max_active
+        # With every active place taken and this many waiting, a new sequence ends at once with "overloaded":
+        # each gateway bounds its own generations, but several gateway workers or replicas share this queue.
+        self.max_waiting = max_waiting
+        # Keys cancelled before their sequence arrived (the cancel call can overtake the generate call): such a
+        # sequence ends at once. Oldest forgotten first, past a bound.
+        self._cancelled_early: OrderedDict[str, None] = OrderedDict()
         self.step_seconds = step_seconds  # a histogram (metrics.inference_seconds) of each step's time
         self.on_step = on_step  # on_step(active sequences, new tokens) after each step, for metrics
         self._waiting: deque[_Sequence] = deque()
@@ -101,6 +109,14 @@ class Scheduler:
         `key` names the sequence for cancel(): a consumer in another process cannot rely on its
         disconnect reaching this generator.
         """
+        if key and (key in self._cancelled_early or key.partition(":")[0] in self._cancelled_early):
+            yield "finish", "cancelled"
+            return
+        if self.max_waiting is not None and (  # sequences whose consumer left are dropped at the next step
+            sum(not s.gone for s in (*self._waiting, *self._active)) >= self.max_active + self.max_waiting
+        ):
+            yield "finish", "overloaded"
+            return
         seq = _Sequence(prompt, max_new_tokens, sampling, np.random.default_rng(sampling.seed))
         if key:
             self._by_key[key] = seq
@@ -148,6 +164,10 @@ class Scheduler:
         for seq in [self._by_key.pop(k) for k in keys]:
             seq.gone = True
             seq.events.put_nowait(("finish", "cancelled"))  # ends the stream now, if anyone still reads it
+        if not keys:  # not here yet, or over: if it comes later, it ends at once
+            self._cancelled_early[key] = None
+            while len(self._cancelled_early) > CANCELLED_KEYS_KEPT:
+                self._cancelled_early.popitem(last=False)
         return bool(keys)
 
     async def _loop(self) -> None:

@@ -24,16 +24,19 @@ class ShutdownDrain:
     def __init__(self, idle_seconds: float = 1.0, max_seconds: float = 20.0, grace_seconds: float = 0.0) -> None:
         self.idle_seconds, self.max_seconds, self.grace_seconds = idle_seconds, max_seconds, grace_seconds
         self.active, self.last_call = 0, time.monotonic()
+        self._lock = threading.Lock()  # busy() runs on the event loop and in the threads of sync methods
         self._draining, self._signalled = False, 0.0
 
     @contextmanager
     def busy(self) -> Iterator[None]:
-        self.active += 1
+        with self._lock:
+            self.active += 1
         try:
             yield
         finally:
-            self.active -= 1
-            self.last_call = time.monotonic()
+            with self._lock:
+                self.active -= 1
+                self.last_call = time.monotonic()
 
     @property
     def draining(self) -> bool:

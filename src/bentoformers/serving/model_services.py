@@ -150,7 +150,7 @@ class GenerationModel(_ModelService):
 
         self.scheduler = Scheduler(
             decoder, card.eos_token_ids, card.max_length, self.settings.max_active_sequences, self.inference_seconds,
-            on_step,
+            on_step, max_waiting=self.settings.max_waiting_sequences,
         )
         self._loaded()
 
