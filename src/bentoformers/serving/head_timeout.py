@@ -4,7 +4,8 @@ sends a header byte every few seconds would hold its socket (and a file descript
 
 Here every connection that is waiting for a request head (just opened, or with a partial head after a
 response) has `seconds` to complete it; past that it gets 408 in our error body, with an X-Request-ID, and is
-closed (one that sent nothing at all is just closed). No ASGI middleware can do this: the app is called only once the head is complete.
+closed (one that sent nothing at all is just closed). No ASGI middleware can do this: the app is called only
+once the head is complete.
 
 `bentoml serve` builds uvicorn's config itself (HTTP protocol "auto"), so `install` replaces the class that
 "auto" names before the worker's server loads it; the service module is imported before that.
@@ -66,7 +67,8 @@ def with_head_deadline(base: type[asyncio.Protocol], seconds: float) -> type[asy
 
         def _head_timed_out(self) -> None:
             self._head_timer = None
-            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            if (self.transport.is_closing() or self.transport.get_protocol() is not self  # upgraded (WebSocket)
+                    or (self.cycle is not None and not self.cycle.response_complete)):
                 return
             if not self._head_bytes:  # a connection that never sent a byte: nobody to answer
                 self.transport.close()
