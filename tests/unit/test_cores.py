@@ -34,3 +34,12 @@ def test_usable_cores_reads_the_quota(tmp_path, files, expected):
 def test_threads_setting_overrides_and_defaults_to_usable_cores():
     assert Settings(intra_op_threads=3).threads() == 3
     assert Settings().threads() == usable_cores()
+
+
+def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise(monkeypatch):
+    from bentoformers.runtime.cpu import cap_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert cap_malloc_arenas(2) is False  # the operator's value stands
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert cap_malloc_arenas(2) is True  # glibc (Debian, the images) takes it

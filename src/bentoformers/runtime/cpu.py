@@ -74,6 +74,23 @@ def usable_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
     return max(1, min(cores, math.ceil(quota))) if quota else cores
 
 
+def cap_malloc_arenas(arenas: int) -> bool:
+    """Caps glibc's malloc arenas (as MALLOC_ARENA_MAX does), unless MALLOC_ARENA_MAX is set; True if capped.
+
+    glibc gives threads up to 8 arenas per core. Each thread that first allocates under contention (tokenizing
+    in a worker thread, a model call in BentoML's thread pool) can open one, and RSS then steps up by tens of
+    MiB at random moments, long after the warm-up: memory that looks like a leak and is never given back.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-8, max(1, arenas)) == 1  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+
+
 def _cgroup_quota(root: str) -> float | None:
     """CPUs the cgroup quota allows (cgroup v2 `cpu.max`, else v1 `cpu.cfs_quota_us`), None when unlimited."""
     for path, parse in ((f"{root}/cpu.max", _v2_quota), (f"{root}/cpu/cpu.cfs_quota_us", _v1_quota)):

@@ -28,6 +28,7 @@ from bentoformers.middleware.overload import OverloadMiddleware
 from bentoformers.middleware.rate_limit import RateLimitMiddleware
 from bentoformers.middleware.request_id import RequestIdMiddleware
 from bentoformers.middleware.shutdown import ShutdownMiddleware
+from bentoformers.runtime.cpu import cap_malloc_arenas
 from bentoformers.runtime.session import cuda_likely
 from bentoformers.security.authenticator import Authenticator, startup_authenticator
 from bentoformers.security.ratelimit import RateLimiter
@@ -43,6 +44,7 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     served = served_models(settings) if served is None else served
     check_attributes_unique(served)
     head_timeout.install(settings.header_timeout_seconds)
+    cap_malloc_arenas(max(2, settings.threads()))
     # Refuses to start in a container with no credentials (BentoML's images set BENTOML_CONTAINERIZED=true).
     authenticator = startup_authenticator(
         settings, containerized=os.environ.get("BENTOML_CONTAINERIZED") == "true", announce=_announces()
