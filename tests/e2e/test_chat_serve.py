@@ -31,6 +31,14 @@ def chat_folder(served_build):
     return bentoml.models.get(served_build["chat"]["fp32"].tag).path
 
 
+@pytest.fixture(scope="module")
+def one_token_word(chat_folder):
+    """A word the chat model's tokenizer makes one token: a prompt whose cost is known exactly."""
+    from bentoformers.runtime.tokenizer import TextTokenizer
+
+    return next(w for w in ("The", "A", "cat") if len(TextTokenizer(chat_folder, 512).ids(w)) == 1)
+
+
 def test_openai_sdk_chat_completions_whole_and_streamed(server, chat_folder):
     import openai
 
@@ -166,13 +174,8 @@ def test_a_reader_that_stalls_holds_no_one_else(server, chat_folder):
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == text
 
 
-def test_a_two_tokens_per_minute_tier_cannot_be_exceeded_by_generation(served_build, tmp_path_factory):
-    import bentoml
-
-    from bentoformers.runtime.tokenizer import TextTokenizer
-
-    folder = bentoml.models.get(served_build["chat"]["fp32"].tag).path
-    word = next(w for w in ("The", "A", "cat") if len(TextTokenizer(folder, 512).ids(w)) == 1)
+def test_a_two_tokens_per_minute_tier_cannot_be_exceeded_by_generation(one_token_word, tmp_path_factory):
+    word = one_token_word
     work = tmp_path_factory.mktemp("budget")
     redis = RedisServer(work)
     redis.start()
@@ -220,16 +223,11 @@ def test_a_two_tokens_per_minute_tier_cannot_be_exceeded_by_generation(served_bu
         redis.stop()
 
 
-def test_generations_refused_for_capacity_are_not_charged(served_build, tmp_path_factory):
+def test_generations_refused_for_capacity_are_not_charged(one_token_word, tmp_path_factory):
     """The capacity check and its count are one step: six concurrent completions on a model with room for one
     sequence, while each charge waits on Redis, get one 200 and five 503s, and the 503s cost nothing (before,
     all six passed the check, were charged, and then five were refused: the next request got 429)."""
-    import bentoml
-
-    from bentoformers.runtime.tokenizer import TextTokenizer
-
-    folder = bentoml.models.get(served_build["chat"]["fp32"].tag).path
-    word = next(w for w in ("The", "A", "cat") if len(TextTokenizer(folder, 512).ids(w)) == 1)
+    word = one_token_word
     work = tmp_path_factory.mktemp("capacity")
     redis = RedisServer(work)
     redis.start()
