@@ -158,3 +158,45 @@ def test_a_queue_past_its_time_refuses_before_the_request_is_tokenized():
         c.check_room(1)  # drained: room again
 
     asyncio.run(main())
+
+
+def test_a_rate_learned_while_slow_is_raised_by_the_next_faster_call():
+    # Was: only full calls taught the rate, as an average. One slow full call (the CPU shared for a moment)
+    # left a rate a tenth of the model's; its refusals kept the queue too short for another full call, so the
+    # rate never mended and a soak of eight clients got 503s for minutes.
+    async def main():
+        model = RecordingModel(delay=0.1)
+        c = coalescer(model, max_wait=1.0, max_tokens=10)
+        c.tokens_per_second = 10.0  # as learned from a full call that ran slowly
+        busy = asyncio.create_task(c.submit([[1] * 10]))
+        await asyncio.sleep(0.01)
+        first = asyncio.create_task(c.submit([[1] * 5]))  # the first in the queue always waits its turn
+        await asyncio.sleep(0)
+        with pytest.raises(ApiError):
+            await c.submit([[1] * 20])  # 2.5 s of work at the stale rate
+        await asyncio.gather(busy, first)  # calls the budget did not cut, at ~100 and ~50 tokens/s
+        assert 60 < c.tokens_per_second <= 100
+        busy = asyncio.create_task(c.submit([[1] * 10]))
+        await asyncio.sleep(0.01)
+        first = asyncio.create_task(c.submit([[1] * 5]))
+        await asyncio.sleep(0)
+        await asyncio.gather(busy, first, c.submit([[1] * 20]))  # ~0.25 s of work now: admitted
+
+    asyncio.run(main())
+
+
+def test_a_slow_full_call_lowers_the_rate_by_a_tenth_and_a_lasting_slowdown_is_followed():
+    async def main():
+        model = RecordingModel(delay=0.5)  # 10 tokens in 0.5 s: 20 tokens/s
+        c = coalescer(model, max_tokens=10)
+        c.tokens_per_second = 100.0
+        rates = []
+        for _ in range(3):
+            busy = asyncio.create_task(c.submit([[1] * 10]))
+            await asyncio.sleep(0.01)
+            await asyncio.gather(busy, c.submit([[1] * 10]), c.submit([[1] * 10]))  # the second call is full
+            rates.append(c.tokens_per_second)
+        assert 85 < rates[0] <= 90  # one slow full call: a tenth less, not the slow call's 20
+        assert rates[2] < rates[1] < rates[0]
+
+    asyncio.run(main())

@@ -9,6 +9,11 @@ The queue is bounded by time: from the tokens per second the model's recent call
 that would wait longer than `max_wait` seconds behind the tokens already queued is refused at once with
 503 and Retry-After (and by count, `max_queued` texts, as a backstop). A refusal costs microseconds;
 what is admitted is answered within about `max_wait` plus its own call.
+
+The rate is the recent best, not an average: a call never runs faster than the model can, so any faster
+call raises it at once, and a slow full call (its texts long, the CPU shared for a moment) lowers it by at
+most a tenth. An average let one slow call refuse work for as long as the refusals kept the queue too
+short to produce the full calls it learned from.
 """
 
 from __future__ import annotations
@@ -103,8 +108,7 @@ class Coalescer:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
-            if saturated:
-                self._learn_rate(sum(job.tokens for job in jobs), time.perf_counter() - started)
+            self._learn_rate(sum(job.tokens for job in jobs), time.perf_counter() - started, saturated)
             start = 0
             for job in jobs:
                 end = start + len(job.seqs)
@@ -134,13 +138,19 @@ class Coalescer:
         self.queued_tokens += tokens
         metrics.queued_items.labels(self.model).set(self.queued_items)
 
-    def _learn_rate(self, tokens: int, seconds: float) -> None:
+    def _learn_rate(self, tokens: int, seconds: float, saturated: bool) -> None:
         if seconds <= 0 or tokens <= 0:
             return
         rate = tokens / seconds
-        # Only full calls teach it (a queue long enough to refuse from drains in full calls; a lone small call
-        # runs several times slower per token, and learning from those refused while capacity sat idle).
-        self.tokens_per_second = rate if self.tokens_per_second is None else 0.7 * self.tokens_per_second + 0.3 * rate
+        if self.tokens_per_second is None:
+            # Only a full call sets the first rate: a lone small call runs several times slower per token, and
+            # a rate learned from one refused while capacity sat idle.
+            if saturated:
+                self.tokens_per_second = rate
+        elif saturated:
+            self.tokens_per_second = max(rate, 0.9 * self.tokens_per_second)
+        else:
+            self.tokens_per_second = max(rate, self.tokens_per_second)
 
     def _observe(self, jobs: list[_Job], seqs: list[list[int]]) -> None:
         now = time.perf_counter()
