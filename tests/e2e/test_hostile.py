@@ -130,7 +130,8 @@ def _soak_requests(rng: random.Random, sentences: list[str], largest: bool):
     yield "/generate", {"prompt": longest[:200], "max_new_tokens": 32}
     while True:
         kind = rng.random()
-        texts = [rng.choice(sentences) * rng.choice([1, 1, 2, 8, 40]) for _ in range(rng.choice([1, 1, 4, 16, 64 if largest else 16]))]
+        count = rng.choice([1, 1, 4, 16, 64 if largest else 16])
+        texts = [rng.choice(sentences) * rng.choice([1, 1, 2, 8, 40]) for _ in range(count)]
         if kind < 0.35:
             yield "/embed", {"inputs": texts, "truncate": True}
         elif kind < 0.55:
