@@ -9,61 +9,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bentoformers.settings import Precision
-
-Task = Literal["embeddings", "classification", "rerank", "token-classification", "generation"]
-
-# Fidelity gates against the fp32 PyTorch reference; a variant below them is not saved.
-# embeddings: cosine and nearest-neighbour overlap on the shipped sentences;
-# classification: top-label agreement and the largest probability difference on the shipped sentences
-#   (premise/hypothesis pairs for an NLI model, the zero-shot classifier);
-# rerank: per query, the top document and Kendall's tau of the order, on the shipped query/document sets,
-#   and the largest difference of a relevance score (the sigmoid of the logit);
-# token-classification: each real token's top label, and the largest probability difference;
-# generation: greedy tokens that agree (up to each prompt's first divergence) on fixed prompts.
-DEFAULT_GATES: dict[str, dict[str, dict[str, float]]] = {
-    "embeddings": {
-        "fp32": {"min_cosine": 0.9999, "mean_cosine": 0.99999, "neighbour_overlap": 0.99},
-        "fp16": {"min_cosine": 0.999, "mean_cosine": 0.9999, "neighbour_overlap": 0.95},
-        "int8": {"min_cosine": 0.99, "mean_cosine": 0.998, "neighbour_overlap": 0.95},
-    },
-    "classification": {
-        "fp32": {"label_agreement": 1.0, "max_prob_diff": 1e-4},
-        "fp16": {"label_agreement": 0.99, "max_prob_diff": 0.01},
-        "int8": {"label_agreement": 0.99, "max_prob_diff": 0.1},
-    },
-    "rerank": {
-        "fp32": {"top1_agreement": 1.0, "kendall_tau": 0.999, "max_score_diff": 1e-4},
-        "fp16": {"top1_agreement": 0.99, "kendall_tau": 0.95, "max_score_diff": 0.01},
-        "int8": {"top1_agreement": 0.99, "kendall_tau": 0.95, "max_score_diff": 0.1},
-    },
-    "token-classification": {
-        "fp32": {"label_agreement": 1.0, "max_prob_diff": 1e-4},
-        "fp16": {"label_agreement": 0.99, "max_prob_diff": 0.01},
-        "int8": {"label_agreement": 0.99, "max_prob_diff": 0.1},
-    },
-    "generation": {
-        "fp32": {"token_agreement": 1.0},
-        "fp16": {"token_agreement": 0.9},
-        "int8": {"token_agreement": 0.8},
-    },
-}
-# Figures that must stay at or below their gate; every other figure must reach it.
-UPPER_BOUNDS = frozenset({"max_prob_diff", "max_score_diff"})
-
-
-def gate_failures(figures: dict[str, float], gates: dict[str, float]) -> list[str]:
-    failed = []
-    for name, bound in gates.items():
-        value = figures[name]
-        if (value > bound) if name in UPPER_BOUNDS else (value < bound):
-            failed.append(f"{name} {value:.5f} {'>' if name in UPPER_BOUNDS else '<'} {bound}")
-    return failed
+from bentoformers.tasks import TASKS, Task
 
 
 class VariantSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     precision: Precision
-    gates: dict[str, float] | None = Field(None, description="Overrides the task's default gates (spec.DEFAULT_GATES).")
+    gates: dict[str, float] | None = Field(None, description="Overrides the task's default gates (tasks.py).")
 
 
 class ModelSpec(BaseModel):
@@ -99,7 +51,7 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _gates_fit_the_task(self) -> ModelSpec:
-        known = set(DEFAULT_GATES[self.task]["fp32"])
+        known = set(TASKS[self.task].gates["fp32"])
         for variant in self.variants:
             unknown = set(variant.gates or {}) - known
             if unknown:
@@ -124,7 +76,7 @@ class ModelSpec(BaseModel):
         return self
 
     def gates(self, variant: VariantSpec) -> dict[str, float]:
-        return {**DEFAULT_GATES[self.task][variant.precision], **(variant.gates or {})}
+        return {**TASKS[self.task].gates[variant.precision], **(variant.gates or {})}
 
 
 class ModelList(BaseModel):

@@ -30,15 +30,15 @@ def test_a_dialogpt_checkpoint_chats_with_turns_joined_by_the_end_of_text_token(
     import bentoml
     from transformers import AutoTokenizer
 
-    from bentoformers.api.endpoint import ModelEndpoint
     from bentoformers.build.export import reference_greedy
+    from bentoformers.gateway.endpoint import GeneratorEndpoint
     from bentoformers.runtime.decoder import OnnxDecoder
     from bentoformers.settings import Settings
 
     (result,) = build_model(_spec(dialogpt_checkpoint), report=lambda _: None)
     assert result.ok, result.reason
     folder = bentoml.models.get(result.tag).path
-    endpoint = ModelEndpoint(Settings(), folder, describe=None)
+    endpoint = GeneratorEndpoint(Settings(), folder, describe=None, stream=None, cancel=None)
     assert endpoint.card.chat_template == BUILTIN_TEMPLATES["dialogpt"]
     conversation = [{"role": "user", "content": "Does money buy happiness?"},
                     {"role": "assistant", "content": "Depends how much money you spend on it."},

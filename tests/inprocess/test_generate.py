@@ -266,11 +266,13 @@ def test_bad_generation_requests_get_the_one_error_body(client, route, body, sta
 def test_the_default_new_tokens_never_pass_the_servers_limit(served_build):
     import bentoml
 
-    from bentoformers.api.endpoint import ModelEndpoint
     from bentoformers.api.generation import plan_generation
+    from bentoformers.gateway.endpoint import GeneratorEndpoint
+    from bentoformers.runtime.generation import Sampling
     from bentoformers.settings import Settings
 
     folder = bentoml.models.get(served_build["gpt2"]["fp32"].tag).path
-    endpoint = ModelEndpoint(Settings(max_new_tokens=8, default_max_new_tokens=64), folder, describe=None)
-    plan = asyncio.run(plan_generation(endpoint, "The cat sat on", None, "max_new_tokens", {}, None))
+    settings = Settings(max_new_tokens=8, default_max_new_tokens=64)
+    endpoint = GeneratorEndpoint(settings, folder, describe=None, stream=None, cancel=None)
+    plan = asyncio.run(plan_generation(endpoint, "The cat sat on", None, "max_new_tokens", Sampling(), None))
     assert plan.max_new_tokens == 8

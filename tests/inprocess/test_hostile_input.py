@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def gateway(client):
     import service
 
-    return service.Gateway.inner._asgi.state.gateway
+    return service.Gateway.inner._asgi.state.chooser
 
 
 def post(client, path, body, content_type="application/json"):
@@ -99,7 +99,7 @@ def test_a_sequence_whose_prefill_fails_ends_alone(client, monkeypatch):
         return prefill(ids)
 
     monkeypatch.setattr(scheduler.decoder, "prefill", prefill_failing_on_one_prompt)
-    gateway = service.Gateway.inner._asgi.state.gateway
+    gateway = service.Gateway.inner._asgi.state.chooser
     poison = gateway.models["gpt2"].tokenizer.ids("poison")
     prompts = ["The cat sat on", "Rain fell over the", "poison", "She opened the door and", "A good"]
 

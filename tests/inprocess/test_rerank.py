@@ -58,7 +58,7 @@ def test_scores_equal_the_pytorch_cross_encoder(client, served, checkpoints):
             enc = tokenizer([query] * len(documents), documents, padding=True, truncation=True, max_length=128,
                             return_tensors="pt")
             theirs = torch.sigmoid(model(**enc).logits[:, 0]).numpy()
-        # fp32 within rounding; int8 within its gate (spec.DEFAULT_GATES: max_score_diff 0.1).
+        # fp32 within rounding; int8 within its gate (tasks.py: max_score_diff 0.1).
         np.testing.assert_allclose(ours, theirs, atol=1e-5 if served["precision"] == "fp32" else 0.1)
 
 

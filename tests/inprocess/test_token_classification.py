@@ -55,8 +55,8 @@ def fp32_client(served_build):
     import bentoml
 
     from bentoformers.api.app import create_app
-    from bentoformers.api.endpoint import ModelEndpoint
-    from bentoformers.api.gateway import Gateway
+    from bentoformers.gateway.chooser import ModelChooser
+    from bentoformers.gateway.endpoint import EncoderEndpoint
     from bentoformers.runtime.encoder import OnnxEncoder
     from bentoformers.settings import Settings
 
@@ -71,7 +71,7 @@ def fp32_client(served_build):
 
     settings = Settings()
     app = create_app()
-    app.state.gateway = Gateway(settings, [ModelEndpoint(settings, folder, describe=describe, call=call)])
+    app.state.chooser = ModelChooser(settings, [EncoderEndpoint(settings, folder, describe=describe, call=call)])
     with TestClient(app) as c:
         yield c
 

@@ -13,10 +13,16 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from bentoformers.api.routes import PROBE_PATHS, PUBLIC_PATHS
 from bentoformers.middleware.access_log import AccessLogMiddleware
 from bentoformers.middleware.request_id import RequestIdMiddleware
 from bentoformers.observability import metrics
 from bentoformers.security.identity import Identity
+
+
+def logged(app):
+    """The access log as the service composes it: the route table's paths, probes quiet when healthy."""
+    return AccessLogMiddleware(app, known_paths=PUBLIC_PATHS, quiet_paths=PROBE_PATHS)
 
 
 async def embed(request: Request) -> JSONResponse:
@@ -56,7 +62,7 @@ def lines():
 
 def make_client() -> TestClient:
     app = Starlette(routes=[Route("/embed", embed, methods=["POST"]), Route("/boom", boom)])
-    return TestClient(AccessLogMiddleware(RequestIdMiddleware(FakeAuth(app))), raise_server_exceptions=False)
+    return TestClient(logged(RequestIdMiddleware(FakeAuth(app))), raise_server_exceptions=False)
 
 
 def count(route: str, code: str) -> float:
@@ -108,7 +114,7 @@ def test_probes_are_counted_but_not_logged_when_healthy(lines):
         return JSONResponse({}, status_code=200 if request.query_params.get("ok") else 503)
 
     app = Starlette(routes=[Route("/readyz", ready)])
-    client = TestClient(AccessLogMiddleware(RequestIdMiddleware(app)))
+    client = TestClient(logged(RequestIdMiddleware(app)))
     before = count("/readyz", "200")
     client.get("/readyz?ok=1")
     client.get("/readyz")
@@ -120,7 +126,7 @@ def test_a_request_refused_before_routing_keeps_its_route_label(lines):
     async def refuse(scope, receive, send):  # like an auth middleware: answers before any routing
         await JSONResponse({"error": {}}, status_code=401)(scope, receive, send)
 
-    client = TestClient(AccessLogMiddleware(RequestIdMiddleware(refuse)))
+    client = TestClient(logged(RequestIdMiddleware(refuse)))
     before = count("/v1/embeddings", "401")
     client.post("/v1/embeddings", json={})
     client.post("/not/a/route", json={})

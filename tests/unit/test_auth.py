@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from bentoformers.api.routes import DOC_PATHS, PROBE_PATHS, ROUTE_TASKS
 from bentoformers.middleware.auth import AuthMiddleware
 from bentoformers.middleware.client_address import ClientAddress
 from bentoformers.security import authenticator as authenticator_module
@@ -44,7 +45,8 @@ def _app(auth: Authenticator | None, client_address: ClientAddress | None = None
     routes = [Route(p, _whoami, methods=["GET", "POST"]) for p in paths]
     routes += [Route(p, lambda r: JSONResponse({"ok": True})) for p in ["/livez", "/readyz", "/metrics"]]
     app = Starlette(routes=routes)
-    return TestClient(AuthMiddleware(app, auth, client_address), client=("203.0.113.9", 5000))
+    guarded = AuthMiddleware(app, auth, client_address, open_paths=PROBE_PATHS | DOC_PATHS, route_tasks=ROUTE_TASKS)
+    return TestClient(guarded, client=("203.0.113.9", 5000))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bentoformers.errors import ApiError, ErrorType
-from bentoformers.serving.batcher import Coalescer
+from bentoformers.gateway.queue import Coalescer
 
 
 class RecordingModel:

@@ -7,6 +7,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from bentoformers.api.openapi import bentoml_schema
+from bentoformers.api.routes import ALLOWED_METHODS
 from bentoformers.middleware.bentoml_routes import BentoRoutesMiddleware
 
 
@@ -15,7 +17,7 @@ def _client() -> TestClient:
         return PlainTextResponse("inner")
 
     app = Starlette(routes=[Route("/{path:path}", inner, methods=["GET", "POST", "PUT", "OPTIONS", "DELETE"])])
-    return TestClient(BentoRoutesMiddleware(app))
+    return TestClient(BentoRoutesMiddleware(app, allowed=ALLOWED_METHODS, schema=bentoml_schema()))
 
 
 def test_schema_json_lists_the_client_methods():

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
-from bentoformers.api.endpoint import _reopened, unavailable_error
+from bentoformers.gateway.endpoint import _reopened, unavailable_error
 
 
 @pytest.mark.parametrize("exc,retryable", [

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from bentoformers.api.routes import PROBE_PATHS
 from bentoformers.middleware.overload import OverloadMiddleware
 
 
@@ -42,7 +43,7 @@ def _client(**limits) -> httpx.AsyncClient:
             raise RuntimeError("bug")
         await app(scope, receive, send)
 
-    guard = OverloadMiddleware(inner, **options)
+    guard = OverloadMiddleware(inner, exempt_paths=PROBE_PATHS, **options)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://test", timeout=30)
 
 

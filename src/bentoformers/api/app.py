@@ -15,11 +15,11 @@ from starlette.types import Scope
 from bentoformers.api.chat import chat_completions
 from bentoformers.api.classification import classify
 from bentoformers.api.embeddings import embed, openai_embeddings
-from bentoformers.api.gateway import gateway_of, json_response
 from bentoformers.api.generation import generate, generate_text, openai_completions
 from bentoformers.api.openapi import DOCS_PAGE, SWAGGER_UI, openapi_document
 from bentoformers.api.rerank import rerank, rerank_v1, rerank_v2
 from bentoformers.api.routes import ROUTES
+from bentoformers.api.steps import chooser_of, json_response
 from bentoformers.api.token_classification import ner
 from bentoformers.api.tokenize import tokenize
 from bentoformers.errors import ApiError, ErrorType, error_response
@@ -29,7 +29,7 @@ logger = logging.getLogger("bentoformers.gateway")
 
 
 async def list_models(request: Request) -> Response:
-    gw = gateway_of(request)
+    gw = chooser_of(request)
     data = await asyncio.gather(*(e.describe() for e in gw.models.values()))
     return json_response({"object": "list", "data": list(data)})
 

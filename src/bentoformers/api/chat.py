@@ -8,8 +8,6 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bentoformers.api.endpoint import ModelEndpoint
-from bentoformers.api.gateway import Gateway, gateway_of, json_response, parse_body
 from bentoformers.api.generation import (
     Piece,
     StreamUsage,
@@ -22,8 +20,12 @@ from bentoformers.api.generation import (
 )
 from bentoformers.api.schemas import ChatCompletionRequest
 from bentoformers.api.sse import event_stream
+from bentoformers.api.steps import chooser_of, json_response, parse_body
 from bentoformers.errors import ApiError, ErrorType
+from bentoformers.gateway.chooser import ModelChooser
+from bentoformers.gateway.endpoint import GeneratorEndpoint
 from bentoformers.runtime.chat import ChatTemplateError
+from bentoformers.runtime.generation import Sampling
 
 # OpenAI fields this server cannot honour, with the values that ask for nothing: any other value is a 400
 # that names the field, never a silent ignore.
@@ -68,7 +70,7 @@ def refuse_unsupported(data: Any) -> None:
                 )
 
 
-def _pick(gateway: Gateway, requested: str | None) -> ModelEndpoint:
+def _pick(gateway: ModelChooser, requested: str | None) -> GeneratorEndpoint:
     """Without `model`: the default model if it chats, else the first served model with a chat template."""
     if requested is None:
         chatting = [e for e in gateway.models.values() if e.task == "generation" and e.chat is not None]
@@ -82,7 +84,7 @@ async def chat_completions(request: Request) -> Response:
     """POST /v1/chat/completions: {"messages", "max_completion_tokens"? (or "max_tokens"), "temperature"?,
     "top_p"?, "seed"?, "stop"?, "n"?, "stream"?, "stream_options"?, "model"?}."""
     body = parse_body(ChatCompletionRequest, await request.body(), refuse=refuse_unsupported)
-    endpoint = _pick(gateway_of(request), body.model)
+    endpoint = _pick(chooser_of(request), body.model)
     if endpoint.chat is None:
         raise ApiError(
             ErrorType.INVALID_REQUEST,
@@ -102,7 +104,7 @@ async def chat_completions(request: Request) -> Response:
     if max_new is None:
         max_new, max_param = body.max_tokens, "max_tokens"
     temperature = 1.0 if body.temperature is None else body.temperature  # the OpenAI default
-    sampling = {"temperature": temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": seeded(body.seed, 0)}
+    sampling = Sampling(temperature, body.top_p, body.top_k, seeded(body.seed, 0))
     plan = await plan_generation(endpoint, ids, max_new, max_param, sampling, body.stop, body.n)
     events, first = await start_generation(request, endpoint, [plan])
     head = openai_head(request, "chatcmpl", "chat.completion", endpoint.name)

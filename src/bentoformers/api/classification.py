@@ -7,10 +7,10 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bentoformers.api.endpoint import ModelEndpoint
-from bentoformers.api.gateway import gateway_of, infer_charged, json_response, parse_body
 from bentoformers.api.schemas import ClassifyRequest
+from bentoformers.api.steps import chooser_of, infer_charged, json_response, parse_body
 from bentoformers.errors import ApiError, ErrorType
+from bentoformers.gateway.endpoint import EncoderEndpoint
 from bentoformers.runtime.encoder import label_scores, softmax
 
 
@@ -18,7 +18,7 @@ async def classify(request: Request) -> Response:
     """POST /classify: {"inputs": str | [str], "top_k"?: int | null (all), "truncate"?, "model"?}, and for
     zero-shot {"candidate_labels": [str], "hypothesis_template"?, "multi_label"?}."""
     body = parse_body(ClassifyRequest, await request.body())
-    endpoint = gateway_of(request).pick(body.model, "classification")
+    endpoint = chooser_of(request).pick(body.model, "classification")
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     if body.candidate_labels is None:
         ids = await endpoint.tokenize(texts, body.truncate, "inputs")
@@ -36,7 +36,7 @@ async def classify(request: Request) -> Response:
 
 
 async def _zero_shot(
-    request: Request, endpoint: ModelEndpoint, texts: list[str], body: ClassifyRequest
+    request: Request, endpoint: EncoderEndpoint, texts: list[str], body: ClassifyRequest
 ) -> tuple[np.ndarray, int]:
     """Scores (texts x labels) as Transformers' zero-shot pipeline gives them: the entailment logits of the
     labels softmaxed against each other, or with multi_label (or a single label) each label's entailment

@@ -10,10 +10,10 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bentoformers.api.endpoint import ModelEndpoint
-from bentoformers.api.gateway import gateway_of, infer_charged, json_response, parse_body
 from bentoformers.api.schemas import EmbedRequest, OpenAIEmbeddingRequest
+from bentoformers.api.steps import chooser_of, infer_charged, json_response, parse_body
 from bentoformers.errors import ApiError, ErrorType
+from bentoformers.gateway.endpoint import EncoderEndpoint, ModelEndpoint
 from bentoformers.runtime.encoder import l2_normalize
 
 # OpenAI-compatible `input_type` values (Voyage, Cohere, NVIDIA NIM) -> the prompt names that serve them, in
@@ -31,7 +31,7 @@ async def embed(request: Request) -> Response:
     """POST /embed: {"inputs": str | [str], "normalize"?, "truncate"?, "truncation_direction"?, "prompt_name"?,
     "prompt"?, "dimensions"?, "model"?}."""
     body = parse_body(EmbedRequest, await request.body())
-    endpoint = gateway_of(request).pick(body.model, "embeddings")
+    endpoint = chooser_of(request).pick(body.model, "embeddings")
     prompt = prompt_for(endpoint, body.prompt_name, body.prompt)
     check_dimensions(endpoint, body.dimensions)
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
@@ -47,7 +47,7 @@ async def embed(request: Request) -> Response:
 async def openai_embeddings(request: Request) -> Response:
     """POST /v1/embeddings in the OpenAI shape."""
     body = parse_body(OpenAIEmbeddingRequest, await request.body())
-    endpoint = gateway_of(request).pick(body.model, "embeddings")
+    endpoint = chooser_of(request).pick(body.model, "embeddings")
     if body.input_type is not None and body.prompt_name is not None:
         raise ApiError(ErrorType.INVALID_REQUEST, "send input_type or prompt_name, not both", param="input_type")
     if body.input_type is None:
@@ -72,7 +72,7 @@ async def openai_embeddings(request: Request) -> Response:
 
 
 async def _embed(
-    request: Request, endpoint: ModelEndpoint, texts: list[str], truncate: bool, direction: str, prompt: str,
+    request: Request, endpoint: EncoderEndpoint, texts: list[str], truncate: bool, direction: str, prompt: str,
     normalize: bool | None, dimensions: int | None, param: str,
 ) -> tuple[np.ndarray, int]:
     ids = await endpoint.tokenize(texts, truncate, param, direction, prompt)
@@ -105,7 +105,7 @@ def prompt_for(endpoint: ModelEndpoint, prompt_name: str | None, prompt: str | N
     return prompt
 
 
-def _check_prompt(endpoint: ModelEndpoint, prompt: str, param: str) -> None:
+def _check_prompt(endpoint: EncoderEndpoint, prompt: str, param: str) -> None:
     limit = endpoint.settings.max_chars_per_item
     if len(prompt) > limit:
         raise ApiError(ErrorType.TOO_LARGE, f"the prompt has {len(prompt)} characters; at most {limit}", param=param)
@@ -119,7 +119,7 @@ def _check_prompt(endpoint: ModelEndpoint, prompt: str, param: str) -> None:
         )
 
 
-def _input_type_prompt(endpoint: ModelEndpoint, input_type: str) -> str | None:
+def _input_type_prompt(endpoint: EncoderEndpoint, input_type: str) -> str | None:
     """The prompt name an OpenAI-style `input_type` stands for on this model; None where the model has no
     prompt for it (a symmetric model, or one that prompts only its queries: the text goes in as it is)."""
     prompts = endpoint.card.prompts
@@ -132,13 +132,13 @@ def _input_type_prompt(endpoint: ModelEndpoint, input_type: str) -> str | None:
     return next((name for name in INPUT_TYPES[input_type] if name in prompts), None)
 
 
-def embedding_sizes(endpoint: ModelEndpoint) -> list[int]:
+def embedding_sizes(endpoint: EncoderEndpoint) -> list[int]:
     """The vector sizes a request may ask for, largest first: the full size and the Matryoshka ones."""
     card = endpoint.card
     return sorted({card.dimensions, *card.matryoshka_dimensions}, reverse=True)
 
 
-def check_dimensions(endpoint: ModelEndpoint, dimensions: int | None) -> None:
+def check_dimensions(endpoint: EncoderEndpoint, dimensions: int | None) -> None:
     sizes = embedding_sizes(endpoint)
     if dimensions is not None and dimensions not in sizes:
         what = f"its sizes: {', '.join(map(str, sizes))}" if len(sizes) > 1 else \

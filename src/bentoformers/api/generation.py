@@ -20,11 +20,12 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bentoformers.api.endpoint import ModelEndpoint, unavailable_error
-from bentoformers.api.gateway import account, gateway_of, json_response, parse_body
 from bentoformers.api.schemas import CompletionRequest, GenerateRequest, GenerateTextRequest
 from bentoformers.api.sse import event_stream, text_stream
+from bentoformers.api.steps import account, chooser_of, json_response, parse_body
 from bentoformers.errors import ApiError, ErrorType
+from bentoformers.gateway.endpoint import GeneratorEndpoint, unavailable_error
+from bentoformers.runtime.generation import Sampling
 
 logger = logging.getLogger("bentoformers.gateway")
 
@@ -40,7 +41,7 @@ class _Plan:
 
     ids: list[int]
     max_new_tokens: int
-    sampling: dict[str, Any]
+    sampling: Sampling
     stops: list[str]
     n: int = 1
     first: int = 0
@@ -57,8 +58,8 @@ class Piece:
 
 
 async def plan_generation(
-    endpoint: ModelEndpoint, prompt: str | list[int], max_new_tokens: int | None, max_param: str,
-    sampling: dict[str, Any], stop: str | list[str] | None, n: int = 1, first: int = 0, param: str = "prompt",
+    endpoint: GeneratorEndpoint, prompt: str | list[int], max_new_tokens: int | None, max_param: str,
+    sampling: Sampling, stop: str | list[str] | None, n: int = 1, first: int = 0, param: str = "prompt",
 ) -> _Plan:
     """`prompt`: text, or token ids already checked against the context (a rendered chat)."""
     limit = endpoint.settings.max_new_tokens
@@ -75,7 +76,7 @@ async def plan_generation(
     return _Plan(ids, min(wanted, endpoint.card.max_length - len(ids)), sampling, stops, n, first)
 
 
-async def _pieces(endpoint: ModelEndpoint, plan: _Plan) -> AsyncIterator[Piece]:
+async def _pieces(endpoint: GeneratorEndpoint, plan: _Plan) -> AsyncIterator[Piece]:
     """The pieces of one prompt's choices, as their tokens arrive. Text that might begin a stop string is held
     back until it is known not to; a stop string ends its choice and is not returned."""
     hold = max((len(s) for s in plan.stops), default=1) - 1
@@ -158,7 +159,7 @@ class StreamUsage:
         return []
 
 
-async def start_generation(request: Request, endpoint: ModelEndpoint, plans: list[_Plan]) -> tuple[AsyncIterator[Piece], Piece]:
+async def start_generation(request: Request, endpoint: GeneratorEndpoint, plans: list[_Plan]) -> tuple[AsyncIterator[Piece], Piece]:
     """Starts the generation and waits for its first piece, so a failure to start is still a plain HTTP error.
 
     Charges the prompt tokens and every new token the request may generate (each choice's `max_tokens`): a
@@ -184,7 +185,7 @@ async def start_generation(request: Request, endpoint: ModelEndpoint, plans: lis
     return events, first
 
 
-async def _released(endpoint: ModelEndpoint, sequences: int, events: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
+async def _released(endpoint: GeneratorEndpoint, sequences: int, events: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
     """`events`, and the reserved sequences released when they end, fail or are closed."""
     try:
         async with aclosing(events):
@@ -223,8 +224,8 @@ def seeded(seed: int | None, offset: int) -> int | None:
 
 async def _start_native(request: Request, model: type[GenerateRequest]):
     body = parse_body(model, await request.body())
-    endpoint = gateway_of(request).pick(body.model, "generation")
-    sampling = {"temperature": body.temperature or 0.0, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed}
+    endpoint = chooser_of(request).pick(body.model, "generation")
+    sampling = Sampling(body.temperature or 0.0, body.top_p, body.top_k, body.seed)
     plan = await plan_generation(endpoint, body.prompt, body.max_new_tokens, "max_new_tokens", sampling, body.stop)
     events, first = await start_generation(request, endpoint, [plan])
     return body, endpoint, len(plan.ids), events, first
@@ -268,15 +269,14 @@ async def openai_completions(request: Request) -> Response:
     """POST /v1/completions in the OpenAI shape: a prompt or a list of them, `n` choices each (choice
     k·n + i is prompt k's i-th), streaming too."""
     body = parse_body(CompletionRequest, await request.body())
-    endpoint = gateway_of(request).pick(body.model, "generation")
+    endpoint = chooser_of(request).pick(body.model, "generation")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or len(prompts) > MAX_PROMPTS:
         raise ApiError(ErrorType.VALIDATION, f"prompt: 1 to {MAX_PROMPTS} prompts per request", param="prompt")
     temperature = 1.0 if body.temperature is None else body.temperature  # the OpenAI default
     plans = []
     for k, prompt in enumerate(prompts):
-        sampling = {"temperature": temperature, "top_p": body.top_p, "top_k": body.top_k,
-                    "seed": seeded(body.seed, k * body.n)}
+        sampling = Sampling(temperature, body.top_p, body.top_k, seeded(body.seed, k * body.n))
         param = "prompt" if isinstance(body.prompt, str) else f"prompt.{k}"
         plans.append(await plan_generation(endpoint, prompt, body.max_tokens, "max_tokens", sampling, body.stop, body.n,
                                  k * body.n, param))

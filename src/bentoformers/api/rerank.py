@@ -13,10 +13,14 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bentoformers.api.endpoint import INLINE_TOKENIZE_CHARS, TRUNCATE_CHARS_PER_TOKEN, ModelEndpoint
-from bentoformers.api.gateway import gateway_of, infer_charged, json_response, parse_body
 from bentoformers.api.schemas import CohereRerankRequest, RerankRequest
+from bentoformers.api.steps import chooser_of, infer_charged, json_response, parse_body
 from bentoformers.errors import ApiError, ErrorType
+from bentoformers.gateway.endpoint import (
+    INLINE_TOKENIZE_CHARS,
+    TRUNCATE_CHARS_PER_TOKEN,
+    EncoderEndpoint,
+)
 from bentoformers.runtime.encoder import sigmoid
 
 # Cohere and Jina fields this server cannot honour, with the values that ask for nothing: any other value is
@@ -51,7 +55,7 @@ async def rank(
 ) -> Ranking:
     """The steps every rerank route shares: pick the model, check the query and documents, tokenize the
     pairs, charge their tokens, score them in the batched model call, sort best first, keep top_n."""
-    endpoint = gateway_of(request).pick(model, "rerank")
+    endpoint = chooser_of(request).pick(model, "rerank")
     if truncate:
         # Only the first tokens are kept: do not tokenize (nor count) far past them.
         keep = endpoint.card.max_length * TRUNCATE_CHARS_PER_TOKEN
@@ -68,7 +72,7 @@ async def rank(
     return Ranking(endpoint.name, order, logits, tokens)
 
 
-async def _check_query(endpoint: ModelEndpoint, query: str, param: str, truncate: bool) -> None:
+async def _check_query(endpoint: EncoderEndpoint, query: str, param: str, truncate: bool) -> None:
     if truncate:
         endpoint.check_text(query, param)
         return
@@ -83,7 +87,7 @@ async def _check_query(endpoint: ModelEndpoint, query: str, param: str, truncate
         )
 
 
-async def _cut(endpoint: ModelEndpoint, documents: list[str], count: int) -> list[str]:
+async def _cut(endpoint: EncoderEndpoint, documents: list[str], count: int) -> list[str]:
     def cut() -> list[str]:
         return [endpoint.tokenizer.first_tokens(d, count) for d in documents]
 

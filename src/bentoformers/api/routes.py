@@ -64,3 +64,7 @@ DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/swagger-ui.css", "/docs/
 # The paths a request can be refused on before routing (by auth, rate limits, overload): they get their
 # own metric label even then.
 PUBLIC_PATHS = frozenset(r.path for r in ROUTES) | PROBE_PATHS | DOC_PATHS
+# The methods each known path takes (HEAD too where it takes GET): a wrong one is a 405 in the one error body.
+ALLOWED_METHODS = {path: frozenset({"GET", "HEAD"}) for path in PROBE_PATHS | DOC_PATHS} | {
+    r.path: frozenset({r.method} | ({"HEAD"} if r.method == "GET" else set())) for r in ROUTES
+}

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
 from bentoformers.errors import ErrorType
-from bentoformers.spec import Task
+from bentoformers.tasks import Task
 
 # Which end of a text over the limit is cut: "right" keeps its start, "left" its end (TEI spells them Right, Left).
 TruncationDirection = Literal["right", "left", "Right", "Left"]

@@ -13,10 +13,10 @@ import asyncio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bentoformers.api.endpoint import INLINE_TOKENIZE_CHARS
-from bentoformers.api.gateway import gateway_of, infer_charged, json_response, parse_body
 from bentoformers.api.schemas import NerRequest
+from bentoformers.api.steps import chooser_of, infer_charged, json_response, parse_body
 from bentoformers.errors import ApiError, ErrorType
+from bentoformers.gateway.endpoint import INLINE_TOKENIZE_CHARS
 from bentoformers.runtime.encoder import softmax
 from bentoformers.runtime.entities import find_entities, plan_windows
 
@@ -24,7 +24,7 @@ from bentoformers.runtime.entities import find_entities, plan_windows
 async def ner(request: Request) -> Response:
     """POST /ner: {"inputs": str | [str], "aggregation_strategy"?, "ignore_labels"?, "model"?}."""
     body = parse_body(NerRequest, await request.body())
-    endpoint = gateway_of(request).pick(body.model, "token-classification")
+    endpoint = chooser_of(request).pick(body.model, "token-classification")
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     endpoint.check_texts(texts, "inputs")
     large = sum(map(len, texts)) > INLINE_TOKENIZE_CHARS  # then tokenize and aggregate off the event loop

@@ -12,16 +12,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from bentoformers.api.embeddings import prompt_for
-from bentoformers.api.endpoint import INLINE_TOKENIZE_CHARS, ModelEndpoint
-from bentoformers.api.gateway import gateway_of, json_response, parse_body
 from bentoformers.api.schemas import TokenizeRequest
+from bentoformers.api.steps import chooser_of, json_response, parse_body
+from bentoformers.gateway.endpoint import INLINE_TOKENIZE_CHARS, ModelEndpoint
 
 
 async def tokenize(request: Request) -> Response:
     """POST /tokenize: {"inputs": str | [str], "add_special_tokens"?, "prompt_name"?, "prompt"?, "model"?} ->
     per input, [{"id", "text", "special", "start", "stop", "prompt"}, ...]."""
     body = parse_body(TokenizeRequest, await request.body())
-    endpoint = gateway_of(request).pick_any(body.model)
+    endpoint = chooser_of(request).pick_any(body.model)
     request.state.model = endpoint.name
     prompt = prompt_for(endpoint, body.prompt_name, body.prompt)  # only embedding models have named prompts
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs

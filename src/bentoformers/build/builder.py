@@ -30,15 +30,22 @@ from bentoformers.build.export import (
     resolve_source,
     sentence_transformers_config,
 )
-from bentoformers.build.quantize import SCHEMES, quantize_decoder_int8, quantize_encoder_int8
+from bentoformers.build.quantize import int8_scheme, quantize_decoder_int8, quantize_encoder_int8
 from bentoformers.runtime import cpu, selfcheck
 from bentoformers.runtime.card import ONNX_FILE, ModelCard
 from bentoformers.runtime.chat import resolve_template
 from bentoformers.runtime.encoder import label_scores, sigmoid, softmax
-from bentoformers.runtime.fidelity import generation_prompts, nli_pairs, rerank_sets, shipped_sentences
+from bentoformers.runtime.fidelity import (
+    gate_failures,
+    generation_prompts,
+    nli_pairs,
+    rerank_sets,
+    shipped_sentences,
+)
 from bentoformers.runtime.session import pick_device
 from bentoformers.runtime.tokenizer import TextTokenizer
-from bentoformers.spec import ModelSpec, VariantSpec, gate_failures, store_name
+from bentoformers.spec import ModelSpec, VariantSpec, store_name
+from bentoformers.tasks import TASKS
 
 GREEDY_TOKENS = 16  # new tokens per validation prompt
 EMULATION_TIMEOUT = 1800  # seconds for one variant's check set under qemu (~50x slower than native)
@@ -105,7 +112,7 @@ class ValidationSet:
 
 def _validation_set(card: ModelCard, folder: Path, tokenizer: TextTokenizer, report: Report) -> ValidationSet:
     """The task's fixed inputs with their fp32 PyTorch reference."""
-    if card.task == "generation":
+    if TASKS[card.task].decoder:
         ids = tokenizer.encode(generation_prompts(), truncate=True)
         with step(report, f"fp32 PyTorch greedy reference on {len(ids)} prompts"):
             return ValidationSet(ids, reference_greedy(folder, ids, GREEDY_TOKENS))
@@ -178,7 +185,7 @@ def _build_variant(
         "gates": gates,
         "validation_texts": len(validation.ids),
         "isa": isa,
-        **({"quantization": SCHEMES[spec.task]} if precision == "int8" else {}),
+        **({"quantization": int8_scheme(spec.task)} if precision == "int8" else {}),
         "opset": _opset(out / ONNX_FILE),
         "onnx_bytes": size,
         **{k: v for k, v in variant_card.__dict__.items() if k not in ("name", "precision")},
@@ -192,13 +199,13 @@ def _build_variant(
 
 def _graph(spec: ModelSpec, precision: str, exported: Path, ids: list[list[int]], work: Path) -> Path:
     """The variant's graph: int8 quantized for its task (encoders calibrated on `ids`), else optimised (fp16 converted)."""
-    if precision == "int8" and spec.task == "generation":
+    if precision == "int8" and TASKS[spec.task].decoder:
         return quantize_decoder_int8(exported, work / "int8.onnx")
     if precision == "int8":
         return quantize_encoder_int8(exported, work / "int8.onnx", ids)
     return optimize(
         exported, work / f"{precision}-opt.onnx", for_gpu=precision == "fp16", fp16=precision == "fp16",
-        fuse=spec.task != "generation",
+        fuse=not TASKS[spec.task].decoder,
     )
 
 
@@ -267,7 +274,7 @@ def _prove_per_isa(
 def _card(spec: ModelSpec, folder: Path) -> ModelCard:
     config = json.loads((folder / "config.json").read_text())
     context = config.get("max_position_embeddings") or config.get("n_positions") or 1 << 30
-    if spec.task in ("classification", "rerank", "token-classification"):
+    if TASKS[spec.task].labelled:
         id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
         labels = tuple(str(id2label[str(i)]) for i in range(len(id2label)))
         if spec.task == "rerank" and len(labels) != 1:
@@ -283,7 +290,7 @@ def _card(spec: ModelSpec, folder: Path) -> ModelCard:
             multi_label=config.get("problem_type") == "multi_label_classification",
             entailment_index=entailment[0] if entailment and spec.task == "classification" else -1,
         )
-    if spec.task == "generation":
+    if TASKS[spec.task].decoder:
         eos = config.get("eos_token_id")
         generation_config = folder / "generation_config.json"
         if eos is None and generation_config.is_file():
@@ -328,7 +335,7 @@ def _version(spec: ModelSpec, variant: VariantSpec, revision: str, chat_template
     key = json.dumps(
         [
             spec.model_dump(exclude={"variants", "chat_template"}), variant.model_dump(), spec.gates(variant), revision,
-            __version__, SCHEMES[spec.task] if variant.precision == "int8" else None,
+            __version__, int8_scheme(spec.task) if variant.precision == "int8" else None,
             *([chat_template] if chat_template else []),  # the template's text: a .jinja file can change
         ],
         sort_keys=True,
@@ -370,7 +377,7 @@ Built by bentoformers {__version__} from `{spec.source}` (revision `{revision}`)
 
 - task: {card.task}; {_task_line(card)}
 - max input: {card.max_length} tokens; ONNX graph: {size / 2**20:.1f} MiB
-{f"- int8 scheme: {SCHEMES[card.task]}" if card.precision == "int8" else ""}
+{f"- int8 scheme: {int8_scheme(card.task)}" if card.precision == "int8" else ""}
 
 ## Fidelity against the fp32 PyTorch reference, per CPU instruction-set class
 
@@ -387,19 +394,5 @@ Figures named max_* are upper bounds; the rest are lower bounds.
 
 
 def _task_line(card: ModelCard) -> str:
-    if card.task == "classification":
-        kind = "multi-label (sigmoid)" if card.multi_label else "single-label (softmax)"
-        zero_shot = f"; zero-shot (NLI, entailment: {card.labels[card.entailment_index]})" if card.entailment_index >= 0 else ""
-        return f"{kind}; labels: {', '.join(card.labels)}{zero_shot}"
-    if card.task == "rerank":
-        return "cross-encoder: a relevance score per query/document pair (the sigmoid of its logit)"
-    if card.task == "token-classification":
-        return f"a label per token; labels: {', '.join(card.labels)}"
-    if card.task == "generation":
-        return f"causal LM with KV cache; greedy-validated on {GREEDY_TOKENS} new tokens per prompt"
-    line = f"{card.pooling} pooling; normalised: {card.normalize}; {card.dimensions} dimensions"
-    if card.matryoshka_dimensions:
-        line += f" (Matryoshka: {', '.join(map(str, card.matryoshka_dimensions))})"
-    if card.prompts:
-        line += f"; prompts: {', '.join(card.prompts)}"
-    return line + (f" (default: {card.default_prompt_name})" if card.default_prompt_name else "")
+    line = TASKS[card.task].summary(card)
+    return f"{line}; greedy-validated on {GREEDY_TOKENS} new tokens per prompt" if TASKS[card.task].decoder else line

@@ -17,6 +17,7 @@ import numpy as np
 
 from bentoformers.runtime.card import ONNX_FILE, ModelCard
 from bentoformers.runtime.encoder import l2_normalize, pool
+from bentoformers.tasks import TASKS
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json", "generation_config.json",
@@ -86,17 +87,6 @@ def sentence_transformers_config(folder: Path) -> dict[str, object]:
     return found
 
 
-# Our task -> optimum's export task. Generation is the decoder with its KV cache (one merged graph that
-# takes an empty cache for the prompt and the growing cache for each new token).
-EXPORT_TASKS = {
-    "embeddings": "feature-extraction",
-    "classification": "text-classification",
-    "rerank": "text-classification",
-    "token-classification": "token-classification",
-    "generation": "text-generation-with-past",
-}
-
-
 def export_onnx(folder: Path, out: Path, task: str = "embeddings") -> Path:
     """optimum's exporter, with dynamic batch and sequence axes. Without the framework warnings a user cannot
     act on: the tracer's and the exporter's notes on what a traced graph may get wrong (the build validates
@@ -113,7 +103,7 @@ def export_onnx(folder: Path, out: Path, task: str = "embeddings") -> Path:
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", "Exporting aten::index operator", UserWarning)
         main_export(
-            str(folder), output=str(out), task=EXPORT_TASKS[task], library_name="transformers", do_validation=False
+            str(folder), output=str(out), task=TASKS[task].export, library_name="transformers", do_validation=False
         )
     return out / ONNX_FILE
 

@@ -23,15 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
+from bentoformers.tasks import TASKS
+
 ENCODER_SCHEME = "per-token W7A8 (7-bit weights per channel, 8-bit activations per token), SmoothQuant 0.5, 1/96 outlier channels fp32"
-# What each task's int8 variant is, for the model card and the store version.
-SCHEMES = {
-    "embeddings": ENCODER_SCHEME,
-    "classification": ENCODER_SCHEME,
-    "rerank": ENCODER_SCHEME,
-    "token-classification": ENCODER_SCHEME,
-    "generation": "weight-only int8 (MatMulNBits, block 32, int8 compute per row block)",
-}
+DECODER_SCHEME = "weight-only int8 (MatMulNBits, block 32, int8 compute per row block)"
+
+
+def int8_scheme(task: str) -> str:
+    """What a task's int8 variant is, for the model card and the store version."""
+    return DECODER_SCHEME if TASKS[task].decoder else ENCODER_SCHEME
+
+
 WEIGHT_LEVELS = 63  # 7-bit weights: see the module docstring
 ACTIVATION_LEVELS = 127
 SMOOTHING_ALPHA = 0.5

@@ -16,7 +16,6 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bentoformers.api.routes import PROBE_PATHS
 from bentoformers.observability import metrics
 
 logger = logging.getLogger("bentoformers.access")
@@ -36,9 +35,15 @@ def _log_json_lines_to_stdout() -> None:
 class AccessLogMiddleware:
     """Pure ASGI. Its own failures are logged and swallowed: a log line must never cost a request."""
 
-    def __init__(self, app: ASGIApp, enabled: bool = True) -> None:
+    def __init__(
+        self, app: ASGIApp, enabled: bool = True, *, known_paths: frozenset[str] = frozenset(),
+        quiet_paths: frozenset[str] = frozenset(),
+    ) -> None:
+        """`known_paths` keep their own metric label when refused before routing; `quiet_paths` (probes, the
+        scrape) are logged only when they fail."""
         self.app = app
         self.enabled = enabled
+        self.known_paths, self.quiet_paths = known_paths, quiet_paths
         if enabled:
             _log_json_lines_to_stdout()
 
@@ -67,11 +72,20 @@ class AccessLogMiddleware:
             except Exception:
                 logging.getLogger("bentoformers").exception("access log failed")
 
+    def _route_label(self, scope: Scope) -> str:
+        """The route template that answered (Starlette records it in the scope), else a known path, else
+        "other": unknown paths end in a catch-all route, so a scan of random URLs adds no series."""
+        template = getattr(scope.get("route"), "path", None)
+        if isinstance(template, str) and template.startswith("/") and ":path}" not in template:
+            return template
+        path = scope.get("path", "")
+        return path if path in self.known_paths else "other"
+
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
-        route = metrics.route_label(scope)
+        route = self._route_label(scope)
         metrics.requests.labels(route, str(status)).inc()
         metrics.request_seconds.labels(route).observe(seconds)
-        if not self.enabled or (route in PROBE_PATHS and status < 400):
+        if not self.enabled or (route in self.quiet_paths and status < 400):
             return
         state: dict[str, Any] = scope.get("state") or {}
         identity = state.get("identity")

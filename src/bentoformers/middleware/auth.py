@@ -7,9 +7,10 @@ identity's scopes, and never raises: BentoML hangs a request whose middleware ra
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bentoformers.api.routes import DOC_PATHS, PROBE_PATHS, ROUTE_TASKS
 from bentoformers.errors import ApiError, ErrorType
 from bentoformers.middleware.client_address import ClientAddress
 from bentoformers.middleware.refusal import Refused, answer_failed_check, header
@@ -23,15 +24,19 @@ class AuthMiddleware:
     anonymous (identified by client address, for rate limits) with every scope."""
 
     def __init__(
-        self, app: ASGIApp, authenticator: Authenticator | None, client_address: ClientAddress | None = None
+        self, app: ASGIApp, authenticator: Authenticator | None, client_address: ClientAddress | None = None, *,
+        open_paths: frozenset[str] = frozenset(), route_tasks: Mapping[str, str] | None = None,
     ) -> None:
+        """`open_paths` need no credentials (probes, the scrape, the API's description); `route_tasks`: the scope
+        each route needs (any other path needs a valid identity and no particular scope)."""
         self.app, self.auth = app, authenticator
+        self.open_paths, self.route_tasks = open_paths, route_tasks or {}
         self.client_address = client_address or ClientAddress()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Probes, the metrics scrape, the API's description and CORS preflight need no credentials.
         path = scope.get("path")
-        if scope["type"] != "http" or path in PROBE_PATHS or path in DOC_PATHS or _is_preflight(scope):
+        if scope["type"] != "http" or path in self.open_paths or _is_preflight(scope):
             await self.app(scope, receive, send)
             return
         try:
@@ -58,7 +63,7 @@ class AuthMiddleware:
             raise _unauthorized("the token has expired", error="invalid_token", reason="expired_credentials") from None
         if identity is None:
             raise _unauthorized("invalid credentials", error="invalid_token")
-        task = ROUTE_TASKS.get(scope["path"].rstrip("/") or "/")
+        task = self.route_tasks.get(scope["path"].rstrip("/") or "/")
         if task is not None and not identity.may(task):
             raise Refused("forbidden", ApiError(
                 ErrorType.PERMISSION,

@@ -9,30 +9,27 @@ routes of the route table, so the methods call those routes like any other clien
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import orjson
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bentoformers.api.openapi import bentoml_schema
-from bentoformers.api.routes import DOC_PATHS, PROBE_PATHS, ROUTES
 from bentoformers.errors import ApiError, ErrorType, error_response
-
-ALLOWED = {path: frozenset({"GET", "HEAD"}) for path in PROBE_PATHS | DOC_PATHS}
-for _route in ROUTES:
-    ALLOWED[_route.path] = frozenset({_route.method} | ({"HEAD"} if _route.method == "GET" else set()))
 
 
 class BentoRoutesMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.schema = orjson.dumps(bentoml_schema())
+    def __init__(self, app: ASGIApp, *, allowed: Mapping[str, frozenset[str]], schema: dict) -> None:
+        """`allowed`: the methods of each known path (api/routes.py); `schema`: BentoML's client schema of them."""
+        self.app, self.allowed = app, allowed
+        self.schema = orjson.dumps(schema)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
-        allowed = ALLOWED.get(path)
+        allowed = self.allowed.get(path)
         if allowed is not None and method not in allowed and not _is_preflight(scope):
             error = ApiError(ErrorType.METHOD_NOT_ALLOWED, f"{path} takes {', '.join(sorted(allowed))}, not {method}",
                              headers={"Allow": ", ".join(sorted(allowed))})

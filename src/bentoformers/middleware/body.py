@@ -15,7 +15,6 @@ import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bentoformers.api.routes import PROBE_PATHS
 from bentoformers.errors import ApiError, ErrorType, error_response
 from bentoformers.observability import metrics
 
@@ -28,14 +27,15 @@ class _ClientGone(Exception):
 
 class BodyMiddleware:
     def __init__(
-        self, app: ASGIApp, *, max_body_bytes: int, body_timeout: float, max_header_bytes: int, max_headers: int
+        self, app: ASGIApp, *, max_body_bytes: int, body_timeout: float, max_header_bytes: int, max_headers: int,
+        exempt_paths: frozenset[str] = frozenset(),
     ) -> None:
-        self.app = app
+        self.app, self.exempt_paths = app, exempt_paths  # probes and the scrape: no body to read
         self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
         self.max_header_bytes, self.max_headers = max_header_bytes, max_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+        if scope["type"] != "http" or scope["path"] in self.exempt_paths:
             await self.app(scope, receive, send)
             return
         headers = scope["headers"]

@@ -14,7 +14,6 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bentoformers.api.routes import PROBE_PATHS
 from bentoformers.errors import ApiError, ErrorType, error_response
 from bentoformers.observability import metrics
 
@@ -22,14 +21,17 @@ logger = logging.getLogger("bentoformers.overload")
 
 
 class OverloadMiddleware:
-    def __init__(self, app: ASGIApp, *, max_in_flight: int, timeout: float, retry_after: int = 1) -> None:
-        self.app = app
+    def __init__(
+        self, app: ASGIApp, *, max_in_flight: int, timeout: float, retry_after: int = 1,
+        exempt_paths: frozenset[str] = frozenset(),
+    ) -> None:
+        self.app, self.exempt_paths = app, exempt_paths
         self.max_in_flight, self.timeout = max_in_flight, timeout
         self.retry_after = retry_after
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:  # they answer even when saturated
+        if scope["type"] != "http" or scope["path"] in self.exempt_paths:  # they answer even when saturated
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_in_flight:

@@ -11,8 +11,6 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from bentoformers.api.routes import PUBLIC_PATHS
-
 NAMESPACE = "bentoformers"
 # Seconds: from a fraction of a millisecond (a lone text on CPU) to the request timeout.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -90,16 +88,6 @@ for _reason in REJECTION_REASONS:  # exported at 0 from the start, so rate() and
     rejections.labels(_reason)
 
 
-
-
-def route_label(scope: dict) -> str:
-    """The route template that answered (Starlette records it in the scope), else a known public path,
-    else "other": unknown paths end in a catch-all route, so a scan of random URLs adds no series."""
-    template = getattr(scope.get("route"), "path", None)
-    if isinstance(template, str) and template.startswith("/") and ":path}" not in template:
-        return template
-    path = scope.get("path", "")
-    return path if path in PUBLIC_PATHS else "other"
 
 
 def count_rejection(reason: str) -> None:

@@ -15,6 +15,7 @@ from bentoformers.runtime.card import ONNX_FILE, ModelCard
 from bentoformers.runtime.cpu import usable_cores
 from bentoformers.runtime.session import open_session
 from bentoformers.runtime.tokenizer import SECOND_SEGMENT
+from bentoformers.tasks import TASKS
 
 
 class OnnxEncoder:
@@ -49,8 +50,8 @@ class OnnxEncoder:
         self._pool = ThreadPoolExecutor(max(1, intra_op), thread_name_prefix="onnx")
         self._input_names = {i.name for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
-        self._pooled = self.card.task == "embeddings"
-        self._per_token = self.card.task == "token-classification"
+        output = TASKS[self.card.task].output
+        self._pooled, self._per_token = output == "pooled", output == "token-logits"
         wanted = "last_hidden_state" if self._pooled else "logits"
         self._output = wanted if wanted in outputs else outputs[0]
 

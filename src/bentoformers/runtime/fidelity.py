@@ -1,4 +1,5 @@
-"""Fidelity of a built variant against the fp32 PyTorch reference, and the shipped sentences it is measured on."""
+"""Fidelity of a built variant against the fp32 PyTorch reference, the shipped sentences it is measured on, and
+the gates it is held to."""
 
 from __future__ import annotations
 
@@ -89,3 +90,16 @@ def compare_greedy(candidate: list[list[int]], reference: list[list[int]]) -> di
                 break
             agreed += 1
     return {"token_agreement": agreed / max(total, 1)}
+
+
+# Figures that must stay at or below their gate; every other figure must reach it.
+UPPER_BOUNDS = frozenset({"max_prob_diff", "max_score_diff"})
+
+
+def gate_failures(figures: dict[str, float], gates: dict[str, float]) -> list[str]:
+    failed = []
+    for name, bound in gates.items():
+        value = figures[name]
+        if (value > bound) if name in UPPER_BOUNDS else (value < bound):
+            failed.append(f"{name} {value:.5f} {'>' if name in UPPER_BOUNDS else '<'} {bound}")
+    return failed

@@ -20,8 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from bentoformers.runtime.fidelity import compare, compare_greedy, compare_ranking, compare_scores
-from bentoformers.spec import gate_failures
+from bentoformers.runtime.fidelity import (
+    compare,
+    compare_greedy,
+    compare_ranking,
+    compare_scores,
+    gate_failures,
+)
+from bentoformers.tasks import TASKS
 
 CHECK_FILE = "selfcheck.json"
 CHECK_INPUTS = 24  # evenly spaced over the shipped inputs: an unbiased sample, ~0.1 s for int8 MiniLM
@@ -42,7 +48,7 @@ def check_set(
 ) -> dict:
     """Token ids, the fp32 PyTorch reference for them (rows, a row per token, or greedy tokens), the gates, and
     how to compare. Rerank: `groups` are the sizes of the consecutive query/document sets."""
-    ragged = card.task in ("generation", "token-classification")
+    ragged = TASKS[card.task].ragged
     return {
         "task": card.task,
         "inputs": inputs,
@@ -97,7 +103,7 @@ def open_engine(folder: str | Path, device: str = "cpu", threads: int | None = N
     from bentoformers.runtime.encoder import OnnxEncoder
 
     card = ModelCard.load(folder)
-    if card.task == "generation":
+    if TASKS[card.task].decoder:
         return OnnxDecoder(folder, device=device, threads=threads)
     return OnnxEncoder(folder, device=device, threads=threads)
 

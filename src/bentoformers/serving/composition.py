@@ -16,8 +16,16 @@ from collections.abc import AsyncGenerator
 import bentoml
 
 from bentoformers.api.app import create_app
-from bentoformers.api.endpoint import ModelEndpoint
-from bentoformers.api.gateway import Gateway as ModelChooser
+from bentoformers.api.openapi import bentoml_schema
+from bentoformers.api.routes import (
+    ALLOWED_METHODS,
+    DOC_PATHS,
+    PROBE_PATHS,
+    PUBLIC_PATHS,
+    ROUTE_TASKS,
+)
+from bentoformers.gateway.chooser import ModelChooser
+from bentoformers.gateway.endpoint import EncoderEndpoint, GeneratorEndpoint
 from bentoformers.middleware.access_log import AccessLogMiddleware
 from bentoformers.middleware.auth import AuthMiddleware
 from bentoformers.middleware.bentoml_routes import BentoRoutesMiddleware
@@ -27,16 +35,16 @@ from bentoformers.middleware.internal import INTERNAL_TOKEN_HEADER, InternalCall
 from bentoformers.middleware.overload import OverloadMiddleware
 from bentoformers.middleware.rate_limit import RateLimitMiddleware
 from bentoformers.middleware.request_id import RequestIdMiddleware
-from bentoformers.middleware.shutdown import ShutdownMiddleware
+from bentoformers.middleware.shutdown import ShutdownDrain, ShutdownMiddleware
 from bentoformers.runtime.cpu import cap_malloc_arenas
 from bentoformers.runtime.session import cuda_likely
 from bentoformers.security.authenticator import Authenticator, startup_authenticator
 from bentoformers.security.ratelimit import RateLimiter
 from bentoformers.serving import head_timeout
-from bentoformers.serving.drain import ShutdownDrain
-from bentoformers.serving.model_services import BATCHED_METHODS, SERVICE_CLASSES
+from bentoformers.serving.model_services import service_class
 from bentoformers.serving.store import StoredModel, check_attributes_unique, served_models
 from bentoformers.settings import Settings
+from bentoformers.tasks import TASKS
 
 
 def compose(settings: Settings, served: list[StoredModel] | None = None) -> bentoml.Service:
@@ -80,7 +88,7 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     gateway = bentoml.service(
         name="bentoformers", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}},
         metrics={"enabled": False},
-        # /readyz is __is_ready__ (serving/health.py): BentoML's own probe of the dependencies waits on a dead one.
+        # /readyz is __is_ready__ (gateway/health.py): BentoML's own probe of the dependencies waits on a dead one.
         runner_probe={"enabled": False},
     )(bentoml.asgi_app(app, path="/")(cls))
     _add_middlewares(gateway, settings, authenticator)
@@ -109,7 +117,7 @@ def model_service(stored: StoredModel, settings: Settings, token: str, own_proce
     # Every stored variant is declared, so the bento and its image carry all of them.
     for precision, tag in stored.variants.items():
         attrs[f"model_{precision}"] = bentoml.models.BentoModel(tag)
-    cls = type(stored.attribute, (SERVICE_CLASSES[stored.task],), attrs)
+    cls = type(stored.attribute, (service_class(stored.task),), attrs)
     # Internal service: its per-call access log would only repeat the gateway's, at a real CPU cost; its HTTP
     # metrics too, and they label calls by raw path (unbounded, as on the gateway: observability/scrape.py).
     service = bentoml.service(
@@ -139,25 +147,23 @@ class _Gateway:
             _send_token(service, self._token)
             models[stored.name] = service
             folder = getattr(self, stored.files_attribute).path
-            call = stream = cancel = None
-            if stored.task == "generation":
-                stream, cancel = _streamer(service), _caller(service, "cancel")
-            else:
-                call = _caller(service, BATCHED_METHODS[stored.task])
-            endpoints.append(
-                ModelEndpoint(
-                    self._settings, folder, describe=_caller(service, "describe"), call=call, stream=stream,
-                    cancel=cancel,
+            describe = _caller(service, "describe")
+            row = TASKS[stored.task]
+            if row.decoder:
+                endpoint = GeneratorEndpoint(
+                    self._settings, folder, describe, stream=_streamer(service), cancel=_caller(service, "cancel")
                 )
-            )
-        self._asgi.state.gateway = ModelChooser(self._settings, endpoints)
+            else:
+                endpoint = EncoderEndpoint(self._settings, folder, describe, call=_caller(service, row.method))
+            endpoints.append(endpoint)
+        self._asgi.state.chooser = ModelChooser(self._settings, endpoints)
         self._asgi.state.models = models
         # On SIGTERM: finish the requests in flight, refuse new ones (middleware/shutdown.py), then stop.
         self._drain.install()
 
     async def __is_ready__(self) -> bool:
         """BentoML's /readyz hook: ready once every model service answers a real call (liveness stays BentoML's)."""
-        return await self._asgi.state.gateway.ready()
+        return await self._asgi.state.chooser.ready()
 
 
 def _send_token(service: object, token: str) -> None:
@@ -194,9 +200,14 @@ def _announces() -> bool:
 
 def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator: Authenticator | None) -> None:
     # The first added is the outermost: the access log sees every answer, the request id included.
-    gateway.add_asgi_middleware(AccessLogMiddleware, enabled=settings.access_log)
+    gateway.add_asgi_middleware(
+        AccessLogMiddleware, enabled=settings.access_log, known_paths=PUBLIC_PATHS, quiet_paths=PROBE_PATHS
+    )
     gateway.add_asgi_middleware(RequestIdMiddleware)
-    gateway.add_asgi_middleware(ShutdownMiddleware, drain=gateway.inner._drain, retry_after=settings.retry_after_seconds)
+    gateway.add_asgi_middleware(
+        ShutdownMiddleware, drain=gateway.inner._drain, retry_after=settings.retry_after_seconds,
+        probe_paths=PROBE_PATHS,
+    )
     # Security and overload, outermost first: who is calling (from the headers alone), then their body
     # (bounded in size and time, and read before a slot is taken, so a slow sender holds none), admission
     # (in-flight, timeout), then their rate limits.
@@ -204,6 +215,8 @@ def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator
         AuthMiddleware,
         authenticator=authenticator,
         client_address=ClientAddress(settings.trusted_proxies),
+        open_paths=PROBE_PATHS | DOC_PATHS,
+        route_tasks=ROUTE_TASKS,
     )
     gateway.add_asgi_middleware(
         BodyMiddleware,
@@ -211,14 +224,16 @@ def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator
         body_timeout=settings.body_timeout_seconds,
         max_header_bytes=settings.max_header_bytes,
         max_headers=settings.max_headers,
+        exempt_paths=PROBE_PATHS,
     )
     gateway.add_asgi_middleware(
         OverloadMiddleware,
         max_in_flight=settings.max_in_flight,
         timeout=settings.request_timeout_seconds,
         retry_after=settings.retry_after_seconds,
+        exempt_paths=PROBE_PATHS,
     )
     if (rate_limiter := RateLimiter.from_settings(settings, announce=_announces())) is not None:
         gateway.add_asgi_middleware(RateLimitMiddleware, limiter=rate_limiter)
     # Innermost: BentoML's /schema.json with our routes, and 405s in the one error body.
-    gateway.add_asgi_middleware(BentoRoutesMiddleware)
+    gateway.add_asgi_middleware(BentoRoutesMiddleware, allowed=ALLOWED_METHODS, schema=bentoml_schema())

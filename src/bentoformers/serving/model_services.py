@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator
 import bentoml
 import numpy as np
 
+from bentoformers.middleware.shutdown import ShutdownDrain
 from bentoformers.observability import metrics
 from bentoformers.observability.scrape import serve_metrics
 from bentoformers.runtime import cpu, selfcheck
@@ -24,9 +25,9 @@ from bentoformers.runtime.decoder import OnnxDecoder
 from bentoformers.runtime.encoder import OnnxEncoder
 from bentoformers.runtime.generation import Sampling, Scheduler
 from bentoformers.runtime.session import pick_device
-from bentoformers.serving.drain import ShutdownDrain
 from bentoformers.serving.store import StoredModel, candidate_precisions
 from bentoformers.settings import Settings
+from bentoformers.tasks import TASKS
 
 logger = logging.getLogger("bentoformers")
 
@@ -91,7 +92,7 @@ class _ModelService:
 
     @bentoml.api
     async def describe(self) -> dict[str, object]:
-        """Also the gateway's health call (serving/health.py): async, so it never waits behind inference."""
+        """Also the gateway's health call (gateway/health.py): async, so it never waits behind inference."""
         return {
             "precision": self.precision,
             "device": self.device,
@@ -108,33 +109,6 @@ class _EncoderService(_ModelService):
 
     def _open(self, folder) -> OnnxEncoder:
         return OnnxEncoder(folder, device=self.device, threads=self.settings.threads())
-
-
-class EmbeddingModel(_EncoderService):
-    @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
-    def embed(self, token_ids: list[list[int]]) -> np.ndarray:
-        return self._run(self.encoder.embed, token_ids)
-
-
-class ClassificationModel(_EncoderService):
-    @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
-    def classify(self, token_ids: list[list[int]]) -> np.ndarray:
-        """Logits, one row per text (the gateway turns them into label scores)."""
-        return self._run(self.encoder.classify, token_ids)
-
-
-class RerankModel(_EncoderService):
-    @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
-    def score(self, token_ids: list[list[int]]) -> np.ndarray:
-        """A relevance logit per query/document pair (the pair's document offset, runtime/tokenizer.py)."""
-        return self._run(self.encoder.classify, token_ids)
-
-
-class TokenClassificationModel(_EncoderService):
-    @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)
-    def classify_tokens(self, token_ids: list[list[int]]) -> np.ndarray:
-        """Logits per token, (texts, longest text, labels), zero past each text's end."""
-        return self._run(self.encoder.classify, token_ids)
 
 
 class GenerationModel(_ModelService):
@@ -185,11 +159,20 @@ class GenerationModel(_ModelService):
         return self.scheduler.cancel(key)
 
 
-SERVICE_CLASSES = {
-    "embeddings": EmbeddingModel, "classification": ClassificationModel, "rerank": RerankModel,
-    "token-classification": TokenClassificationModel, "generation": GenerationModel,
-}
-# The batched method of each encoder task's service: the gateway's one call to it (serving/composition.py).
-BATCHED_METHODS = {
-    "embeddings": "embed", "classification": "classify", "rerank": "score", "token-classification": "classify_tokens",
-}
+def _batched(method: str):
+    """The batched method of an encoder task's service (its row's `method`): token ids in, one row per sequence
+    out: a pooled vector, logits, or logits per token (texts, longest text, labels; zero past each text's end)."""
+
+    def call(self, token_ids: list[list[int]]) -> np.ndarray:
+        return self._run(self.encoder.embed, token_ids)
+
+    call.__name__ = call.__qualname__ = method  # BentoML names the method and its route after the function
+    return bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)(call)
+
+
+def service_class(task: str) -> type[_ModelService]:
+    """The model service class of a task (tasks.py): the generator's, or an encoder's with its batched method."""
+    row = TASKS[task]
+    if row.decoder:
+        return GenerationModel
+    return type(f"{row.name.title().replace('-', '')}Model", (_EncoderService,), {row.method: _batched(row.method)})

@@ -18,12 +18,14 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 
 from bentoformers.errors import ApiError, ErrorType
+from bentoformers.gateway.health import ModelDown, ModelHealth
+from bentoformers.gateway.queue import Coalescer
 from bentoformers.runtime.card import ModelCard
 from bentoformers.runtime.chat import ChatTemplate
+from bentoformers.runtime.generation import Sampling
 from bentoformers.runtime.tokenizer import InputTooLong, TextTokenizer
-from bentoformers.serving.batcher import Coalescer
-from bentoformers.serving.health import ModelDown, ModelHealth
 from bentoformers.settings import Settings
+from bentoformers.tasks import TASKS
 
 logger = logging.getLogger("bentoformers.gateway")
 
@@ -53,41 +55,123 @@ def unavailable_error(exc: BaseException) -> bool:
 
 
 class ModelEndpoint:
-    """One served model as the gateway sees it: its card and tokenizer, limits, and its model service."""
+    """One served model as the gateway sees it: its card and tokenizer, the checks on its texts, its health, and
+    what /v1/models says of it. EncoderEndpoint and GeneratorEndpoint add the calls to its model service."""
+
+    def __init__(self, settings: Settings, model_folder: str | Path, describe: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        self.settings = settings
+        self.card = ModelCard.load(model_folder)
+        self.name, self.task = self.card.name, self.card.task
+        self.tokenizer = TextTokenizer(model_folder, self.card.max_length)
+        self._describe = describe
+        self.health = ModelHealth(self.name, describe)
+        self._served: dict[str, Any] | None = None
+        self.created = int(time.time())
+
+    async def served(self) -> dict[str, Any]:
+        """Precision and device, as the model service reports them (asked once)."""
+        if self._served is None:
+            self._served = await self._describe()
+        return self._served
+
+    async def describe(self) -> dict[str, Any]:
+        try:
+            served = await self.served()
+        except Exception:
+            logger.exception("model service describe failed (%s)", self.name)
+            served = {}
+        card = self.card
+        entry: dict[str, Any] = {
+            "id": card.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "bentoformers",
+            "task": card.task,
+            "precision": served.get("precision"),
+            "device": served.get("device"),
+            # The start-up check on the serving CPU, and any variant it refused (then a fallback serves).
+            "cpu": served.get("cpu"),
+            "selfcheck": served.get("selfcheck"),
+            "refused_variants": served.get("refused", []),
+        }
+        return entry | TASKS[card.task].describe(card)
+
+    def unavailable(self) -> ApiError:
+        return ApiError(
+            ErrorType.OVERLOADED,
+            "the model service is unavailable; retry shortly",
+            headers={"Retry-After": str(self.settings.retry_after_seconds)},
+        )
+
+    def check_text(self, text: str, param: str, shown: str | None = None) -> None:
+        """One text: not empty (nothing but invisible characters) and within the characters a text may have.
+        `shown` names it in the message (default: `param`)."""
+        shown = shown or param
+        if blank(text):
+            raise ApiError(ErrorType.VALIDATION, f"{shown} is empty", param=param)
+        if len(text) > self.settings.max_chars_per_item:
+            raise ApiError(
+                ErrorType.TOO_LARGE, f"{shown} has {len(text)} characters; at most {self.settings.max_chars_per_item}",
+                param=param,
+            )
+
+    async def text_ids(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """One text checked (check_text) and tokenized whole, off the event loop when it is long."""
+        self.check_text(text, param)
+        if len(text) > INLINE_TOKENIZE_CHARS:
+            return await asyncio.to_thread(self.tokenizer.ids, text, add_special_tokens)
+        return self.tokenizer.ids(text, add_special_tokens)
+
+    def check_texts(self, texts: list[str], param: str) -> None:
+        limits = self.settings
+        if not texts:
+            raise ApiError(ErrorType.VALIDATION, f"{param} must hold at least one text", param=param)
+        if len(texts) > limits.max_items_per_request:
+            raise ApiError(
+                ErrorType.TOO_LARGE,
+                f"{param} holds {len(texts)} texts; at most {limits.max_items_per_request} per request",
+                param=param,
+            )
+        total = 0
+        for i, text in enumerate(texts):
+            self.check_text(text, f"{param}.{i}", shown=f"{param}[{i}]")
+            total += len(text)
+        if total > limits.max_chars_per_request:
+            raise ApiError(
+                ErrorType.TOO_LARGE,
+                f"{param} holds {total} characters in all; at most {limits.max_chars_per_request} per request "
+                "(with truncate: true, only the first "
+                f"{self.card.max_length * TRUNCATE_CHARS_PER_TOKEN} characters of each text count, or the last when "
+                "cut on the left)",
+                param=param,
+            )
+
+
+class EncoderEndpoint(ModelEndpoint):
+    """An encoder (embeddings, classification, rerank, token classification): texts are tokenized here and queued
+    (the Coalescer) into batched calls of its model service, one row per sequence back."""
 
     def __init__(
         self,
         settings: Settings,
         model_folder: str | Path,
         describe: Callable[[], Awaitable[dict[str, Any]]],
-        call: Callable[[list[list[int]]], Awaitable[np.ndarray]] | None = None,
-        stream: Callable[..., AsyncIterator[str]] | None = None,
-        cancel: Callable[[str], Awaitable[bool]] | None = None,
+        call: Callable[[list[list[int]]], Awaitable[np.ndarray]],
     ) -> None:
-        self.settings = settings
-        self.card = ModelCard.load(model_folder)
-        self.name, self.task = self.card.name, self.card.task
-        self.tokenizer = TextTokenizer(model_folder, self.card.max_length)
-        self.chat = ChatTemplate.load(model_folder, self.card.chat_template) if self.card.chat_template else None
-        self.coalescer = None
-        if call is not None:
-            self.coalescer = Coalescer(
-                self._model_call,
-                max_items=settings.max_batch_items,
-                max_tokens=settings.max_batch_tokens,
-                max_queued=settings.max_queued_items,
-                max_wait=settings.max_queue_seconds,
-                retry_after=settings.retry_after_seconds,
-                model=self.name,
-            )
+        super().__init__(settings, model_folder, describe)
         self._call = call
-        self._stream = stream
-        self._cancel = cancel
-        self.generating = 0  # sequences admitted to the model service (generation): reserve_generations
-        self._describe = describe
-        self.health = ModelHealth(self.name, describe)
-        self._served: dict[str, Any] | None = None
-        self.created = int(time.time())
+        self.coalescer = Coalescer(
+            self._model_call,
+            max_items=settings.max_batch_items,
+            max_tokens=settings.max_batch_tokens,
+            max_queued=settings.max_queued_items,
+            max_wait=settings.max_queue_seconds,
+            retry_after=settings.retry_after_seconds,
+            model=self.name,
+        )
+
+    async def describe(self) -> dict[str, Any]:
+        return await super().describe() | {"max_items_per_request": self.settings.max_items_per_request}
 
     async def tokenize(
         self, texts: list[str], truncate: bool, param: str, direction: str = "right", prompt: str = ""
@@ -98,8 +182,7 @@ class ModelEndpoint:
             keep = self.card.max_length * TRUNCATE_CHARS_PER_TOKEN
             texts = [text[-keep:] if direction == "left" else text[:keep] for text in texts]
         self.check_texts(texts, param)
-        if self.coalescer is not None:
-            self.coalescer.check_room(len(texts))
+        self.coalescer.check_room(len(texts))
         try:
             if sum(map(len, texts)) + len(prompt) * len(texts) > INLINE_TOKENIZE_CHARS:
                 return await asyncio.to_thread(self.tokenizer.encode, texts, truncate, direction, prompt)
@@ -129,8 +212,7 @@ class ModelEndpoint:
                 f"the request makes {len(pairs)} pairs for the model; at most {self.settings.max_items_per_request}",
                 param=param,
             )
-        if self.coalescer is not None:
-            self.coalescer.check_room(len(pairs))
+        self.coalescer.check_room(len(pairs))
         try:
             if sum(len(a) + len(b) for a, b in pairs) > INLINE_TOKENIZE_CHARS:
                 return await asyncio.to_thread(self.tokenizer.encode_pairs, pairs, truncate, strategy)
@@ -146,7 +228,6 @@ class ModelEndpoint:
 
     async def infer(self, ids: list[list[int]]) -> np.ndarray:
         """One row per sequence from the model service (embeddings or logits), batched with other requests."""
-        assert self.coalescer is not None
         if self.health.down:  # a dead model service's calls would wait for its restart
             raise self.unavailable()
         return await self.coalescer.submit(ids)
@@ -155,7 +236,6 @@ class ModelEndpoint:
         """The model service call, its failure sorted once per call (not once per request of its batch): the
         model service unreachable or shedding is a retryable 503, logged quietly (a traceback per shed request
         would bury everything else); anything else is a bug, a 500 with its traceback."""
-        assert self._call is not None
         try:
             try:
                 return await self.health.unless_down(self._call(ids))
@@ -174,6 +254,29 @@ class ModelEndpoint:
             self.health.failed(exc)
             logger.warning("model service unavailable (%s): %s: %s", self.name, type(exc).__name__, exc)
             raise self.unavailable() from None
+
+
+class GeneratorEndpoint(ModelEndpoint):
+    """A causal LM: its chat template, the sequences it has admitted, and its model service's token streams."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model_folder: str | Path,
+        describe: Callable[[], Awaitable[dict[str, Any]]],
+        stream: Callable[..., AsyncIterator[str]],
+        cancel: Callable[[str], Awaitable[bool]],
+    ) -> None:
+        super().__init__(settings, model_folder, describe)
+        self.chat = ChatTemplate.load(model_folder, self.card.chat_template) if self.card.chat_template else None
+        self._stream = stream
+        self._cancel = cancel
+        self.generating = 0  # sequences admitted to the model service: reserve_generations
+
+    async def describe(self) -> dict[str, Any]:
+        return await super().describe() | {
+            "max_new_tokens": self.settings.max_new_tokens, "chat_template": self.chat is not None
+        }
 
     async def prompt_ids(self, prompt: str, param: str, add_special_tokens: bool = True) -> list[int]:
         ids = await self.text_ids(prompt, param, add_special_tokens)
@@ -204,17 +307,15 @@ class ModelEndpoint:
         self.generating -= sequences
 
     async def generate(
-        self, prompt: list[int], max_new_tokens: int, sampling: dict[str, Any], n: int = 1
+        self, prompt: list[int], max_new_tokens: int, sampling: Sampling, n: int = 1
     ) -> AsyncGenerator[tuple[int, int | str], int | None]:
         """(choice, new token id) from the model service, then (choice, finish reason: "stop" or "length") once
         per choice; the `n` choices decode together. `asend(i)` after a choice's event stops choice i early
         (a stop string): it is cancelled in the model service while the others go on."""
-        assert self._stream is not None
         if self.health.down:
             raise self.unavailable()
         key = uuid.uuid4().hex
-        args = (prompt, max_new_tokens, sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["seed"],
-                key, n)
+        args = (prompt, max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, key, n)
         lines = _reopened(lambda: self._stream(*args))
         buffer, open_choices = "", set(range(n))
         idle = self.settings.stream_idle_timeout_seconds
@@ -270,108 +371,12 @@ class ModelEndpoint:
                 logger.warning("closing a generation in %s took over %gs; left it", self.name, CLOSE_SECONDS)
 
     async def _cancel_quietly(self, key: str) -> None:
-        if self._cancel is None:
-            return
         with anyio.CancelScope(shield=True):
             try:
                 with anyio.fail_after(CLOSE_SECONDS):
                     await self._cancel(key)
             except Exception:
                 logger.warning("could not cancel a generation in %s", self.name, exc_info=True)
-
-    def unavailable(self) -> ApiError:
-        return ApiError(
-            ErrorType.OVERLOADED,
-            "the model service is unavailable; retry shortly",
-            headers={"Retry-After": str(self.settings.retry_after_seconds)},
-        )
-
-    def check_text(self, text: str, param: str, shown: str | None = None) -> None:
-        """One text: not empty (nothing but invisible characters) and within the characters a text may have.
-        `shown` names it in the message (default: `param`)."""
-        shown = shown or param
-        if blank(text):
-            raise ApiError(ErrorType.VALIDATION, f"{shown} is empty", param=param)
-        if len(text) > self.settings.max_chars_per_item:
-            raise ApiError(
-                ErrorType.TOO_LARGE, f"{shown} has {len(text)} characters; at most {self.settings.max_chars_per_item}",
-                param=param,
-            )
-
-    async def text_ids(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-        """One text checked (check_text) and tokenized whole, off the event loop when it is long."""
-        self.check_text(text, param)
-        if len(text) > INLINE_TOKENIZE_CHARS:
-            return await asyncio.to_thread(self.tokenizer.ids, text, add_special_tokens)
-        return self.tokenizer.ids(text, add_special_tokens)
-
-    def check_texts(self, texts: list[str], param: str) -> None:
-        limits = self.settings
-        if not texts:
-            raise ApiError(ErrorType.VALIDATION, f"{param} must hold at least one text", param=param)
-        if len(texts) > limits.max_items_per_request:
-            raise ApiError(
-                ErrorType.TOO_LARGE,
-                f"{param} holds {len(texts)} texts; at most {limits.max_items_per_request} per request",
-                param=param,
-            )
-        total = 0
-        for i, text in enumerate(texts):
-            self.check_text(text, f"{param}.{i}", shown=f"{param}[{i}]")
-            total += len(text)
-        if total > limits.max_chars_per_request:
-            raise ApiError(
-                ErrorType.TOO_LARGE,
-                f"{param} holds {total} characters in all; at most {limits.max_chars_per_request} per request "
-                "(with truncate: true, only the first "
-                f"{self.card.max_length * TRUNCATE_CHARS_PER_TOKEN} characters of each text count, or the last when "
-                "cut on the left)",
-                param=param,
-            )
-
-    async def served(self) -> dict[str, Any]:
-        """Precision and device, as the model service reports them (asked once)."""
-        if self._served is None:
-            self._served = await self._describe()
-        return self._served
-
-    async def describe(self) -> dict[str, Any]:
-        try:
-            served = await self.served()
-        except Exception:
-            logger.exception("model service describe failed (%s)", self.name)
-            served = {}
-        card = self.card
-        entry: dict[str, Any] = {
-            "id": card.name,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "bentoformers",
-            "task": card.task,
-            "precision": served.get("precision"),
-            "device": served.get("device"),
-            # The start-up check on the serving CPU, and any variant it refused (then a fallback serves).
-            "cpu": served.get("cpu"),
-            "selfcheck": served.get("selfcheck"),
-            "refused_variants": served.get("refused", []),
-        }
-        if card.task == "embeddings":
-            entry |= {"dimensions": card.dimensions, "matryoshka_dimensions": list(card.matryoshka_dimensions),
-                      "prompts": card.prompts, "default_prompt_name": card.default_prompt_name or None,
-                      "max_input_tokens": card.max_length}
-        elif card.task == "classification":
-            entry |= {"labels": list(card.labels), "multi_label": card.multi_label, "max_input_tokens": card.max_length,
-                      "zero_shot": card.entailment_index >= 0}
-        elif card.task == "token-classification":
-            entry |= {"labels": list(card.labels), "max_input_tokens": card.max_length}
-        elif card.task == "rerank":
-            entry["max_input_tokens"] = card.max_length  # a query and a document together
-        if card.task != "generation":
-            entry["max_items_per_request"] = self.settings.max_items_per_request
-        else:
-            entry |= {"context_length": card.max_length, "max_new_tokens": self.settings.max_new_tokens,
-                      "chat_template": self.chat is not None}
-        return entry
 
 
 def closed_under_us(exc: aiohttp.ClientConnectionError) -> bool:
