@@ -61,7 +61,7 @@ def served_build(minilm_build):
 
     from bentoformers.build.builder import build_model
     from bentoformers.spec import load_model_list
-    from bentoformers.tiny_models import (
+    from bentoformers.tools.tiny_models import (
         make_tiny_classifier,
         make_tiny_encoder,
         make_tiny_gpt2,

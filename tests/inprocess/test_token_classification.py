@@ -15,7 +15,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from bentoformers.runtime.entities import STRATEGIES
-from bentoformers.tiny_models import entity_of
+from bentoformers.tools.tiny_models import entity_of
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from bentoformers import bench, cli
+from bentoformers import cli
+from bentoformers.tools import bench
 
 
 def run(capsys, *argv):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bentoformers import __version__
-from bentoformers.bench import LocalServer, event_loop_runner, load_texts, percentile, served_models
+from bentoformers.tools.bench import LocalServer, event_loop_runner, load_texts, percentile, served_models
 from bentoformers.exits import FAILED, OK, CliError
 
 BENCH_MODEL = "bench-gpt2"
@@ -76,7 +76,7 @@ def build_bench_model() -> tuple[Path, Path]:
 
     from bentoformers.build.builder import build_model
     from bentoformers.spec import load_model_list, store_name
-    from bentoformers.tiny_models import make_tiny_gpt2
+    from bentoformers.tools.tiny_models import make_tiny_gpt2
 
     work = Path(tempfile.gettempdir()) / "bentoformers-bench-model"
     source = make_tiny_gpt2(work / "checkpoint", **BENCH_SHAPE)

@@ -39,11 +39,11 @@ DISTINCT_BODIES = 64  # request bodies are encoded up front, so the load generat
 def run(args: argparse.Namespace) -> int:
 
     if args.generation:
-        from bentoformers import bench_generation
+        from bentoformers.tools import bench_generation
 
         return bench_generation.run(args)
     if args.rerank:
-        from bentoformers import bench_rerank
+        from bentoformers.tools import bench_rerank
 
         return bench_rerank.run(args)
     args.texts_per_request = args.texts_per_request or [1, 32]

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bentoformers import __version__
-from bentoformers.bench import (
+from bentoformers.tools.bench import (
     DISTINCT_BODIES,
     LocalServer,
     _errors,
