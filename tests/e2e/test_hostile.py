@@ -148,7 +148,7 @@ def _soak_requests(rng: random.Random, sentences: list[str], largest: bool):
 
 
 def test_soak_of_mixed_traffic_keeps_memory_flat(server, sentences):
-    from bentoformers.tools.bench import listening_pid
+    from bentoformers.tools.load import listening_pid
 
     pid = listening_pid(server)
     assert pid is not None
