@@ -1,4 +1,6 @@
-"""Test tiers by folder: unit (no model), build (real build step), inprocess (the app in process), e2e (real server).
+"""Test tiers by folder: unit (no model), build (real build step), inprocess (the app in process), e2e (real server),
+deploy (the image and the manifests). Each test is marked with its tier, and `slow` outside unit; a run goes tier
+by tier in that order (pytest_collection_modifyitems below), so `pytest -m unit` is the quick tier.
 
 Every run gets its own BentoML home, so the store starts empty and the real build step fills it.
 """
@@ -29,6 +31,24 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+TIERS = ("unit", "build", "inprocess", "e2e", "deploy")  # the folders under tests/, in the order they run
+
+
+def _tier(item: pytest.Item) -> str | None:
+    parts = item.path.relative_to(ROOT / "tests").parts
+    return parts[0] if len(parts) > 1 and parts[0] in TIERS else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test gets the marker of its tier (its folder), and `slow` in every tier but unit; the items run tier
+    by tier in TIERS' order, each tier in collection order, so a broken import fails in the first minute."""
+    for item in items:
+        tier = _tier(item)
+        if tier is not None:
+            item.add_marker(tier)
+            if tier != "unit":
+                item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: TIERS.index(tier) if (tier := _tier(item)) else len(TIERS))
 # The served chat model's template (ChatML, as SmolLM2-Instruct's): written here, saved in its checkpoint.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

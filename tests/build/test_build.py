@@ -15,8 +15,6 @@ from bentoformers.runtime.encoder import OnnxEncoder, l2_normalize
 from bentoformers.runtime.tokenizer import TextTokenizer
 from bentoformers.spec import ModelSpec
 
-pytestmark = pytest.mark.slow
-
 
 def test_minilm_variants_pass_their_gates_and_are_stored_with_labels_and_metadata(minilm_build):
     assert minilm_build["fp32"].status == "saved"

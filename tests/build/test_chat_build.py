@@ -9,8 +9,6 @@ from bentoformers.build.builder import _card, build_model
 from bentoformers.runtime.chat import BUILTIN_TEMPLATES
 from bentoformers.spec import ModelSpec
 
-pytestmark = pytest.mark.slow
-
 # GPT2Tokenizer's default_chat_template in the Transformers releases that had one: what DialoGPT was chatted with.
 DIALOGPT_TEMPLATE = "{% for message in messages %}{{ message.content }}{{ eos_token }}{% endfor %}"
 

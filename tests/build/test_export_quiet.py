@@ -7,10 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 from conftest import ROOT
-
-pytestmark = pytest.mark.slow
 
 
 def test_exporting_a_causal_lm_prints_no_framework_warnings(tmp_path):

@@ -19,8 +19,6 @@ from bentoformers.runtime.tokenizer import TextTokenizer
 from bentoformers.spec import ModelSpec
 from bentoformers.tools.tiny_models import make_tiny_classifier
 
-pytestmark = pytest.mark.slow
-
 
 def stored(result) -> bentoml.Model:
     return bentoml.models.get(result.tag)

@@ -18,7 +18,6 @@ import yaml
 from conftest import ROOT, free_port
 from deploytools import require_tool
 
-pytestmark = pytest.mark.slow
 TAG = "localhost/bentoformers:pytest"
 
 

@@ -21,8 +21,6 @@ from conftest import RedisServer, running_server
 
 import bentoformers
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def chat_folder(served_build):

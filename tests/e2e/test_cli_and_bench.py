@@ -8,10 +8,7 @@ import shlex
 import subprocess
 import sys
 
-import pytest
 from conftest import ROOT
-
-pytestmark = pytest.mark.slow
 
 
 def bentoformers(*args, timeout=120):

@@ -12,8 +12,6 @@ from conftest import free_port, running_server
 
 import bentoformers
 
-pytestmark = pytest.mark.slow
-
 
 def test_client_against_a_real_server(server, sentences):
     with bentoformers.Client(server, timeout=30) as client:

@@ -15,12 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import ROOT
 
 from bentoformers.api.routes import ROUTES
-
-pytestmark = pytest.mark.slow
 
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance", "response_headers_conformance",
           "response_schema_conformance", "negative_data_rejection", "unsupported_method", "one_error_body")

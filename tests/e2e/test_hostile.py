@@ -13,8 +13,6 @@ import httpx
 import orjson
 import pytest
 
-pytestmark = pytest.mark.slow
-
 PROMPTS = ["The cat sat on", "Rain fell over the", "She opened the door and", "Numbers like 42 and"]
 
 

@@ -12,8 +12,6 @@ import psutil
 import pytest
 from conftest import running_server
 
-pytestmark = pytest.mark.slow
-
 SERVE = [sys.executable, "-m", "bentoformers.cli", "serve"]
 
 

@@ -17,7 +17,6 @@ import httpx
 import pytest
 from conftest import ROOT, running_server
 
-pytestmark = pytest.mark.slow
 DEPLOY = ROOT / "deploy"
 
 

@@ -9,8 +9,6 @@ import httpx
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def query_set(sentences):

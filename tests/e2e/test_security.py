@@ -15,8 +15,6 @@ from conftest import ROOT, RedisServer, free_port, running_server
 
 from bentoformers.security.keys import create_key
 
-pytestmark = pytest.mark.slow
-
 JWT_SECRET = "e2e-secret-" + "x" * 32
 LIMIT = 10  # requests per day for the "ten" tier (a day window: no window edge during the test)
 MAX_IN_FLIGHT = 4  # per gateway worker

@@ -14,8 +14,6 @@ import httpx
 import pytest
 from conftest import running_server
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def strict_model(minilm_path):

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow
-
 
 def test_openai_sdk_works_unchanged(server):
     from openai import OpenAI

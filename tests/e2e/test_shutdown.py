@@ -12,8 +12,6 @@ import httpx
 import pytest
 from conftest import metric_value, running_server
 
-pytestmark = pytest.mark.slow
-
 
 # Both ways the models run: in the gateway's process (the CPU default) and in their own processes (the GPU default),
 # where `bentoml serve` used to delete the unix socket to the model service at once (serving/composition.py).

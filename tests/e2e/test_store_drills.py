@@ -19,8 +19,6 @@ from conftest import RedisServer, running_server
 
 from bentoformers.security.keys import create_key
 
-pytestmark = pytest.mark.slow
-
 JWT_SECRET = "drill-secret-" + "x" * 32
 LIMIT = 10  # requests per day for the "ten" tier
 WORKERS = 2

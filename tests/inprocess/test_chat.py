@@ -8,7 +8,6 @@ import orjson
 import pytest
 from chat_reference import CONVERSATIONS, expected_greedy
 
-pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def chat_folder(served_build):

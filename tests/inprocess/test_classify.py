@@ -6,8 +6,6 @@ import numpy as np
 import orjson
 import pytest
 
-pytestmark = pytest.mark.slow
-
 
 def classify(client, body):
     r = client.post("/classify", content=orjson.dumps(body), headers={"content-type": "application/json"})

@@ -15,8 +15,6 @@ from starlette.testclient import TestClient
 from bentoformers.client import AsyncClient, Client
 from tests.conftest import E5_PROMPTS
 
-pytestmark = pytest.mark.slow
-
 WORDS = "one two three four five six seven eight nine ten".split()
 
 

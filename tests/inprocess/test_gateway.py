@@ -8,8 +8,6 @@ import numpy as np
 import orjson
 import pytest
 
-pytestmark = pytest.mark.slow
-
 
 def post(client, path, body, **kw):
     data = body if isinstance(body, (bytes, str)) else orjson.dumps(body)

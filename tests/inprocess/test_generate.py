@@ -8,9 +8,6 @@ import concurrent.futures
 import orjson
 import pytest
 
-pytestmark = pytest.mark.slow
-
-
 PROMPTS = ["The cat sat on", "Rain fell over the", "She opened the door and", "A good", "Numbers like 42 and"]
 
 

@@ -9,8 +9,6 @@ import numpy as np
 import orjson
 import pytest
 
-pytestmark = pytest.mark.slow
-
 LONG = "word " * 600  # over the model's token limit, under every character limit
 
 

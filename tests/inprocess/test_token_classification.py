@@ -17,8 +17,6 @@ from starlette.testclient import TestClient
 from bentoformers.runtime.entities import STRATEGIES
 from bentoformers.tools.tiny_models import entity_of
 
-pytestmark = pytest.mark.slow
-
 # Sentences with the dates, places and numbers the tiny model was trained to tag, words it splits into pieces
 # (2024, tuesdays: it tags only some of their pieces, which the strategies treat apart) and a character it
 # does not know (a snowman).

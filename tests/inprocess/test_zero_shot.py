@@ -8,8 +8,6 @@ import orjson
 import pytest
 from starlette.testclient import TestClient
 
-pytestmark = pytest.mark.slow
-
 TEXTS = [
     "I ordered a pair of running shoes three weeks ago and the tracking page still says label created.",
     "Water boils at 100 degrees Celsius at sea level.",
