@@ -59,7 +59,7 @@ def test_gpu_variant_is_skipped_and_said_so_without_a_gpu(minilm_build):
 
 
 def test_running_the_build_again_changes_nothing(minilm_build):
-    from conftest import ROOT
+    from helpers import ROOT
 
     from bentoformers.spec import load_model_list
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_exporting_a_causal_lm_prints_no_framework_warnings(tmp_path):

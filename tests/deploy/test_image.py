@@ -15,8 +15,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, free_port
 from deploytools import require_tool
+from helpers import ROOT, free_port
 
 TAG = "localhost/bentoformers:pytest"
 

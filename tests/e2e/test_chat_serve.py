@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 from chat_reference import CONVERSATIONS, expected_greedy
-from conftest import RedisServer, running_server
+from helpers import RedisServer, running_server
 
 import bentoformers
 

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import free_port, running_server
+from helpers import free_port, running_server
 
 import bentoformers
 

@@ -14,7 +14,7 @@ import time
 import httpx
 import orjson
 import pytest
-from conftest import metric_value, running_server
+from helpers import metric_value, running_server
 
 from bentoformers.security.keys import create_key
 

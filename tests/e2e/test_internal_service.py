@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, running_server
+from helpers import free_port, running_server
 
 from bentoformers.middleware.internal import INTERNAL_TOKEN_HEADER, PICKLE_MEDIA_TYPE
 

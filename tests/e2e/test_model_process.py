@@ -10,7 +10,7 @@ import sys
 import httpx
 import psutil
 import pytest
-from conftest import running_server
+from helpers import running_server
 
 SERVE = [sys.executable, "-m", "bentoformers.cli", "serve"]
 

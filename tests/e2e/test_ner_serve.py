@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import httpx
-from conftest import ROOT
+from helpers import ROOT
 
 TEXT = "On Monday, 3 trains left Paris for Berlin and Tokyo in March."
 

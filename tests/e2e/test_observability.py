@@ -15,7 +15,7 @@ import time
 
 import httpx
 import pytest
-from conftest import ROOT, running_server
+from helpers import ROOT, running_server
 
 DEPLOY = ROOT / "deploy"
 

@@ -80,7 +80,7 @@ def test_bench_rerank_gives_pairs_per_second_beside_the_model_in_process(server,
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     out = subprocess.run(
         [sys.executable, "-m", "bentoformers.cli", "bench", "--rerank", server, "-c", "1,2", "-n", "8",

@@ -11,7 +11,7 @@ import time
 import httpx
 import jwt
 import pytest
-from conftest import ROOT, RedisServer, free_port, running_server
+from helpers import ROOT, RedisServer, free_port, running_server
 
 from bentoformers.security.keys import create_key
 

@@ -15,7 +15,7 @@ import httpx
 import jwt
 import pytest
 import yaml
-from conftest import RedisServer, running_server
+from helpers import RedisServer, running_server
 
 from bentoformers.security.keys import create_key
 

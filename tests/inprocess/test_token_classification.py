@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import re
 
-import orjson
 import pytest
+from helpers import post
 from starlette.testclient import TestClient
 
 from bentoformers.runtime.entities import STRATEGIES
@@ -92,12 +92,8 @@ def reference(checkpoint):
         return pipeline("token-classification", model=str(checkpoint), device="cpu")
 
 
-def post(client, body):
-    return client.post("/ner", content=orjson.dumps(body), headers={"content-type": "application/json"})
-
-
 def ner(client, body):
-    r = post(client, body)
+    r = post(client, "/ner", body)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -196,7 +192,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("body", "status", "kind", "param"), BAD_REQUESTS)
 def test_bad_requests_get_the_one_error_body(client, body, status, kind, param):
-    r = post(client, body)
+    r = post(client, "/ner", body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["type"] == kind and r.json()["error"]["param"] == param
     if param == "inputs" and status == 413:
