@@ -18,6 +18,9 @@ import yaml
 from deploytools import require_tool
 from helpers import ROOT, free_port
 
+# Above the ini timeout (900 s): the image build alone may take 1200 s, in the first test that needs it.
+pytestmark = pytest.mark.timeout(1800)
+
 TAG = "localhost/bentoformers:pytest"
 
 

@@ -145,6 +145,7 @@ def _soak_requests(rng: random.Random, sentences: list[str], largest: bool):
                               ("/embed", {"inputs": "x" * 200_000})])
 
 
+@pytest.mark.timeout(WARMUP_SECONDS + SOAK_SECONDS + 900)  # BENTOFORMERS_SOAK_SECONDS=1800 outlasts the ini timeout
 def test_soak_of_mixed_traffic_keeps_memory_flat(server, sentences):
     from bentoformers.tools.load import listening_pid
 
