@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Before anything imports bentoml, which reads these at import.
@@ -25,6 +26,8 @@ import pytest  # noqa: E402
 from helpers import CHAT_TEMPLATE, E5_PROMPTS, ROOT, RedisServer, running_server  # noqa: E402
 
 TIERS = ("unit", "build", "inprocess", "e2e", "deploy")  # the folders under tests/, in the order they run
+_TIER_OF: dict[str, str] = {}  # node id -> tier, for the time by tier
+_TIER_SPAN: dict[str, list[float]] = {}  # tier -> [its first test's start, its last test's end] (monotonic)
 
 
 def _tier(item: pytest.Item) -> str | None:
@@ -40,10 +43,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         tier = _tier(item)
         if tier is not None:
+            _TIER_OF[item.nodeid] = tier
             item.add_marker(tier)
             if tier != "unit":
                 item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: TIERS.index(tier) if (tier := _tier(item)) else len(TIERS))
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
+    if (tier := _TIER_OF.get(nodeid)) is not None:
+        _TIER_SPAN.setdefault(tier, [time.monotonic(), 0.0])
+
+
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    if (tier := _TIER_OF.get(nodeid)) is not None:
+        _TIER_SPAN[tier][1] = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The wall time of each tier that ran (tiers run one after another; the session fixtures a tier is the first
+    to use, such as the model builds, count in it)."""
+    if _TIER_SPAN:
+        spans = [f"{tier} {_TIER_SPAN[tier][1] - _TIER_SPAN[tier][0]:.0f} s" for tier in TIERS if tier in _TIER_SPAN]
+        terminalreporter.write_sep("-", "wall time by tier: " + ", ".join(spans))
 
 
 @pytest.fixture(scope="session")
