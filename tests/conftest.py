@@ -1,19 +1,16 @@
-"""Test tiers by folder: unit (no model), build (real build step), inprocess (the app in process), e2e (real server).
+"""Test tiers by folder: unit (no model), build (real build step), inprocess (the app in process), e2e (real server),
+deploy (the image and the manifests). Each test is marked with its tier, and `slow` outside unit; a run goes tier
+by tier in that order (pytest_collection_modifyitems below), so `pytest -m unit` is the quick tier.
 
 Every run gets its own BentoML home, so the store starts empty and the real build step fills it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 # Before anything imports bentoml, which reads these at import.
@@ -25,19 +22,50 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "True"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 
-import httpx  # noqa: E402
 import pytest  # noqa: E402
+from helpers import CHAT_TEMPLATE, E5_PROMPTS, ROOT, RedisServer, running_server  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-# The served chat model's template (ChatML, as SmolLM2-Instruct's): written here, saved in its checkpoint.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-# The served e5 model's prompts, as intfloat/e5 checkpoints name them.
-E5_PROMPTS = {"query": "query: ", "passage": "passage: "}
+TIERS = ("unit", "build", "inprocess", "e2e", "deploy")  # the folders under tests/, in the order they run
+_TIER_OF: dict[str, str] = {}  # node id -> tier, for the time by tier
+_TIER_SPAN: dict[str, list[float]] = {}  # tier -> [its first test's start, its last test's end] (monotonic)
+
+
+def _tier(item: pytest.Item) -> str | None:
+    if not item.path.is_relative_to(ROOT / "tests"):
+        return None
+    parts = item.path.relative_to(ROOT / "tests").parts
+    return parts[0] if len(parts) > 1 and parts[0] in TIERS else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test gets the marker of its tier (its folder), and `slow` in every tier but unit; the items run tier
+    by tier in TIERS' order, each tier in collection order, so a broken import fails in the first minute."""
+    for item in items:
+        tier = _tier(item)
+        if tier is not None:
+            _TIER_OF[item.nodeid] = tier
+            item.add_marker(tier)
+            if tier != "unit":
+                item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: TIERS.index(tier) if (tier := _tier(item)) else len(TIERS))
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
+    if (tier := _TIER_OF.get(nodeid)) is not None:
+        _TIER_SPAN.setdefault(tier, [time.monotonic(), 0.0])
+
+
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    if (tier := _TIER_OF.get(nodeid)) is not None:
+        _TIER_SPAN[tier][1] = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The wall time of each tier that ran (tiers run one after another; the session fixtures a tier is the first
+    to use, such as the model builds, count in it)."""
+    if _TIER_SPAN:
+        spans = [f"{tier} {_TIER_SPAN[tier][1] - _TIER_SPAN[tier][0]:.0f} s" for tier in TIERS if tier in _TIER_SPAN]
+        terminalreporter.write_sep("-", "wall time by tier: " + ", ".join(spans))
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +89,7 @@ def served_build(minilm_build):
 
     from bentoformers.build.builder import build_model
     from bentoformers.spec import load_model_list
-    from bentoformers.tiny_models import (
+    from bentoformers.tools.tiny_models import (
         make_tiny_classifier,
         make_tiny_encoder,
         make_tiny_gpt2,
@@ -160,62 +188,6 @@ def client(app):
         yield c
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class RunningServer:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
-
-@contextlib.contextmanager
-def running_server(
-    args: list[str], log: Path, env: dict[str, str] | None = None, ready_timeout: float = 180
-) -> Iterator[RunningServer]:
-    """A real server: `args` (a serve command line) with `--host 127.0.0.1 --port N` on a free port, run from ROOT
-    with stdout and stderr in `log`, yielded once GET /readyz answers 200; terminated (killed after 30 s) on exit."""
-    port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*args, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
-        )
-    server = RunningServer(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while not _ready(server.url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"server did not become ready:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def metric_value(page: str, sample: str) -> float:
-    """A sample's value in a Prometheus text page, e.g. 'name{label="x"}' (0 when absent)."""
-    for line in page.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def server(served_build, tmp_path_factory):
     """One real `bentoformers serve` (`bentoml serve`) of the served model list (MiniLM, `sentiment`, `gpt2`),
@@ -224,42 +196,6 @@ def server(served_build, tmp_path_factory):
     # Through our command line, so the e2e tests prove `bentoformers serve` too.
     with running_server([sys.executable, "-m", "bentoformers.cli", "serve"], log, ready_timeout=120) as running:
         yield running.url
-
-
-class RedisServer:
-    """A real redis-server on a free loopback port that a test can stop and start again."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port, self.workdir, self.proc = free_port(), workdir, None
-        self.url = f"redis://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        import shutil
-
-        exe = shutil.which("redis-server")
-        if exe is None:
-            if os.environ.get("CI") == "true":
-                pytest.fail("redis-server is missing (.ci/run installs it)")
-            pytest.skip("redis-server is not installed")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        pytest.fail("redis-server did not start within 10 s")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
 
 
 @pytest.fixture

@@ -384,7 +384,7 @@ def _rerank(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     _need("bench", "bench")
-    from bentoformers import bench
+    from bentoformers.tools import bench
 
     return bench.run(args)
 

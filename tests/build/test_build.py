@@ -15,8 +15,6 @@ from bentoformers.runtime.encoder import OnnxEncoder, l2_normalize
 from bentoformers.runtime.tokenizer import TextTokenizer
 from bentoformers.spec import ModelSpec
 
-pytestmark = pytest.mark.slow
-
 
 def test_minilm_variants_pass_their_gates_and_are_stored_with_labels_and_metadata(minilm_build):
     assert minilm_build["fp32"].status == "saved"
@@ -61,7 +59,7 @@ def test_gpu_variant_is_skipped_and_said_so_without_a_gpu(minilm_build):
 
 
 def test_running_the_build_again_changes_nothing(minilm_build):
-    from conftest import ROOT
+    from helpers import ROOT
 
     from bentoformers.spec import load_model_list
 

@@ -9,15 +9,13 @@ from bentoformers.build.builder import _card, build_model
 from bentoformers.runtime.chat import BUILTIN_TEMPLATES
 from bentoformers.spec import ModelSpec
 
-pytestmark = pytest.mark.slow
-
 # GPT2Tokenizer's default_chat_template in the Transformers releases that had one: what DialoGPT was chatted with.
 DIALOGPT_TEMPLATE = "{% for message in messages %}{{ message.content }}{{ eos_token }}{% endfor %}"
 
 
 @pytest.fixture(scope="module")
 def dialogpt_checkpoint(tmp_path_factory):
-    from bentoformers.tiny_models import make_tiny_gpt2
+    from bentoformers.tools.tiny_models import make_tiny_gpt2
 
     return make_tiny_gpt2(tmp_path_factory.mktemp("hub") / "DialoGPT-tiny")
 
@@ -53,7 +51,7 @@ def test_a_dialogpt_checkpoint_chats_with_turns_joined_by_the_end_of_text_token(
 
 
 def test_the_model_list_names_a_template_and_a_plain_checkpoint_has_none(tmp_path):
-    from bentoformers.tiny_models import make_tiny_gpt2
+    from bentoformers.tools.tiny_models import make_tiny_gpt2
 
     plain = make_tiny_gpt2(tmp_path / "gpt2")
     assert _card(_spec(plain), plain).chat_template == ""

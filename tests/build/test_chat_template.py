@@ -51,7 +51,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def chat_checkpoint(tmp_path_factory):
-    from bentoformers.tiny_models import make_tiny_gpt2
+    from bentoformers.tools.tiny_models import make_tiny_gpt2
 
     return make_tiny_gpt2(tmp_path_factory.mktemp("chat") / "ckpt", CHATML_WITH_DEFAULT_SYSTEM, CHAT_TOKENS)
 

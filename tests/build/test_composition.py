@@ -11,8 +11,6 @@ from bentoformers.serving.composition import compose
 from bentoformers.serving.store import served_models
 from bentoformers.settings import Settings
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def look_alike_models(minilm_path):

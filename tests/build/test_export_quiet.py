@@ -7,17 +7,14 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-from conftest import ROOT
-
-pytestmark = pytest.mark.slow
+from helpers import ROOT
 
 
 def test_exporting_a_causal_lm_prints_no_framework_warnings(tmp_path):
     code = textwrap.dedent(f"""
         from pathlib import Path
         from bentoformers.build.export import export_onnx
-        from bentoformers.tiny_models import make_tiny_gpt2
+        from bentoformers.tools.tiny_models import make_tiny_gpt2
         folder = make_tiny_gpt2(Path({str(tmp_path / "gpt2")!r}))
         print(export_onnx(folder, Path({str(tmp_path / "onnx")!r}), task="generation").is_file())
         """)

@@ -12,8 +12,6 @@ from bentoformers.runtime import cpu, selfcheck
 from bentoformers.runtime.encoder import OnnxEncoder, l2_normalize
 from bentoformers.runtime.tokenizer import TextTokenizer
 
-pytestmark = pytest.mark.slow
-
 
 def test_the_stored_check_set_is_a_sample_of_the_validation_texts_with_their_reference(minilm_path, sentences):
     check = selfcheck.load(minilm_path["int8"])

@@ -17,9 +17,7 @@ from bentoformers.runtime.decoder import DecodeBatch, OnnxDecoder
 from bentoformers.runtime.encoder import OnnxEncoder, label_scores
 from bentoformers.runtime.tokenizer import TextTokenizer
 from bentoformers.spec import ModelSpec
-from bentoformers.tiny_models import make_tiny_classifier
-
-pytestmark = pytest.mark.slow
+from bentoformers.tools.tiny_models import make_tiny_classifier
 
 
 def stored(result) -> bentoml.Model:

@@ -15,10 +15,12 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, free_port
 from deploytools import require_tool
+from helpers import ROOT, free_port
 
-pytestmark = pytest.mark.slow
+# Above the ini timeout (900 s): the image build alone may take 1200 s, in the first test that needs it.
+pytestmark = pytest.mark.timeout(1800)
+
 TAG = "localhost/bentoformers:pytest"
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
 from deploytools import require_tool
+from helpers import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
 COMPONENTS = sorted(p.name for p in (K8S / "components").iterdir() if p.is_dir())

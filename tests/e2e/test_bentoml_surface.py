@@ -10,8 +10,6 @@ import numpy as np
 import orjson
 import pytest
 
-pytestmark = pytest.mark.slow
-
 
 def _count(url: str, route: str, code: str) -> float:
     prefix = f'bentoformers_requests_total{{code="{code}",route="{route}"}}'

@@ -17,11 +17,9 @@ import time
 import httpx
 import pytest
 from chat_reference import CONVERSATIONS, expected_greedy
-from conftest import RedisServer, running_server
+from helpers import RedisServer, running_server
 
 import bentoformers
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

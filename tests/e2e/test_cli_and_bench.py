@@ -8,10 +8,7 @@ import shlex
 import subprocess
 import sys
 
-import pytest
-from conftest import ROOT
-
-pytestmark = pytest.mark.slow
+from helpers import ROOT
 
 
 def bentoformers(*args, timeout=120):
@@ -79,7 +76,7 @@ def test_bench_drives_the_openai_route_as_it_would_a_peer(server, tmp_path, sent
 
 
 def test_bench_of_a_dead_server_fails_and_says_why(tmp_path):
-    from conftest import free_port
+    from helpers import free_port
 
     out = bentoformers("bench", f"http://127.0.0.1:{free_port()}", "-c", "1", "-n", "1", "--duration", "0.2", "--warmup", "0",
                        "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))

@@ -8,11 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import free_port, running_server
+from helpers import free_port, running_server
 
 import bentoformers
-
-pytestmark = pytest.mark.slow
 
 
 def test_client_against_a_real_server(server, sentences):

@@ -13,9 +13,8 @@ import time
 import httpx
 import psutil
 import pytest
-from conftest import running_server
+from helpers import running_server
 
-pytestmark = pytest.mark.slow
 IDLE_TIMEOUT = 3  # BENTOFORMERS_STREAM_IDLE_TIMEOUT_SECONDS
 RECOVERY_BOUND = 120  # seconds: a bound on the drill, not a performance figure
 

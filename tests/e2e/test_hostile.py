@@ -13,8 +13,6 @@ import httpx
 import orjson
 import pytest
 
-pytestmark = pytest.mark.slow
-
 PROMPTS = ["The cat sat on", "Rain fell over the", "She opened the door and", "Numbers like 42 and"]
 
 
@@ -147,8 +145,9 @@ def _soak_requests(rng: random.Random, sentences: list[str], largest: bool):
                               ("/embed", {"inputs": "x" * 200_000})])
 
 
+@pytest.mark.timeout(WARMUP_SECONDS + SOAK_SECONDS + 900)  # BENTOFORMERS_SOAK_SECONDS=1800 outlasts the ini timeout
 def test_soak_of_mixed_traffic_keeps_memory_flat(server, sentences):
-    from bentoformers.bench import listening_pid
+    from bentoformers.tools.load import listening_pid
 
     pid = listening_pid(server)
     assert pid is not None

@@ -14,11 +14,10 @@ import time
 import httpx
 import orjson
 import pytest
-from conftest import metric_value, running_server
+from helpers import metric_value, running_server
 
 from bentoformers.security.keys import create_key
 
-pytestmark = pytest.mark.slow
 BODY_TIMEOUT = 6  # seconds a client has to send its whole body (BENTOFORMERS_BODY_TIMEOUT_SECONDS)
 HEADER_TIMEOUT = 3  # seconds a connection has to send its request head (BENTOFORMERS_HEADER_TIMEOUT_SECONDS)
 DRIBBLERS = 256

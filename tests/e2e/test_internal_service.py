@@ -11,11 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, running_server
+from helpers import free_port, running_server
 
 from bentoformers.middleware.internal import INTERNAL_TOKEN_HEADER, PICKLE_MEDIA_TYPE
 
-pytestmark = pytest.mark.slow
 TOKEN = "internal-test-token-" + "y" * 24
 
 

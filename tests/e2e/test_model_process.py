@@ -10,9 +10,7 @@ import sys
 import httpx
 import psutil
 import pytest
-from conftest import running_server
-
-pytestmark = pytest.mark.slow
+from helpers import running_server
 
 SERVE = [sys.executable, "-m", "bentoformers.cli", "serve"]
 
@@ -51,7 +49,7 @@ def test_the_split_runs_a_process_per_model_and_the_default_runs_one(server, spl
     served = len(_models(split.url))
     # The supervisor, the gateway worker, and one worker per model service.
     assert len(_python_processes(split.proc)) == 2 + served
-    from bentoformers.bench import listening_pid
+    from bentoformers.tools.load import listening_pid
 
     gateway = psutil.Process(listening_pid(server))
     supervisor = gateway.parent()

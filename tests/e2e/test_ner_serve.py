@@ -9,10 +9,7 @@ import subprocess
 import sys
 
 import httpx
-import pytest
-from conftest import ROOT
-
-pytestmark = pytest.mark.slow
+from helpers import ROOT
 
 TEXT = "On Monday, 3 trains left Paris for Berlin and Tokyo in March."
 

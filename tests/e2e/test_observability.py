@@ -15,9 +15,8 @@ import time
 
 import httpx
 import pytest
-from conftest import ROOT, running_server
+from helpers import ROOT, running_server
 
-pytestmark = pytest.mark.slow
 DEPLOY = ROOT / "deploy"
 
 

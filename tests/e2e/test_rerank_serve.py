@@ -9,8 +9,6 @@ import httpx
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def query_set(sentences):
@@ -82,7 +80,7 @@ def test_bench_rerank_gives_pairs_per_second_beside_the_model_in_process(server,
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     out = subprocess.run(
         [sys.executable, "-m", "bentoformers.cli", "bench", "--rerank", server, "-c", "1,2", "-n", "8",

@@ -11,11 +11,9 @@ import time
 import httpx
 import jwt
 import pytest
-from conftest import ROOT, RedisServer, free_port, running_server
+from helpers import ROOT, RedisServer, free_port, running_server
 
 from bentoformers.security.keys import create_key
-
-pytestmark = pytest.mark.slow
 
 JWT_SECRET = "e2e-secret-" + "x" * 32
 LIMIT = 10  # requests per day for the "ten" tier (a day window: no window edge during the test)

@@ -12,9 +12,7 @@ from pathlib import Path
 import bentoml
 import httpx
 import pytest
-from conftest import running_server
-
-pytestmark = pytest.mark.slow
+from helpers import running_server
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,7 @@ import sys
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT
-
-pytestmark = pytest.mark.slow
+from helpers import ROOT
 
 
 def test_openai_sdk_works_unchanged(server):

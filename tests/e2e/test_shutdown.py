@@ -10,9 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import metric_value, running_server
-
-pytestmark = pytest.mark.slow
+from helpers import metric_value, running_server
 
 
 # Both ways the models run: in the gateway's process (the CPU default) and in their own processes (the GPU default),

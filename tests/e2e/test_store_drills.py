@@ -15,11 +15,9 @@ import httpx
 import jwt
 import pytest
 import yaml
-from conftest import RedisServer, running_server
+from helpers import RedisServer, running_server
 
 from bentoformers.security.keys import create_key
-
-pytestmark = pytest.mark.slow
 
 JWT_SECRET = "drill-secret-" + "x" * 32
 LIMIT = 10  # requests per day for the "ten" tier

@@ -7,8 +7,8 @@ import concurrent.futures
 import orjson
 import pytest
 from chat_reference import CONVERSATIONS, expected_greedy
+from helpers import post
 
-pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def chat_folder(served_build):
@@ -22,10 +22,6 @@ def scheduler(client):
     import service
 
     return service.Gateway.inner._asgi.state.models["chat"].scheduler
-
-
-def post(client, path, body):
-    return client.post(path, content=orjson.dumps(body), headers={"content-type": "application/json"})
 
 
 def chat(client, body):

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import orjson
 import pytest
-
-pytestmark = pytest.mark.slow
+from helpers import post
 
 
 def classify(client, body):
-    r = client.post("/classify", content=orjson.dumps(body), headers={"content-type": "application/json"})
+    r = post(client, "/classify", body)
     assert r.status_code == 200, r.text
     return r.json()
 

@@ -12,8 +12,6 @@ from starlette.testclient import TestClient
 import bentoformers
 from bentoformers.client import AsyncClient, Client
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def client(app):

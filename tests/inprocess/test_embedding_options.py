@@ -8,14 +8,11 @@ import asyncio
 
 import httpx
 import numpy as np
-import orjson
 import pytest
+from helpers import E5_PROMPTS, post
 from starlette.testclient import TestClient
 
 from bentoformers.client import AsyncClient, Client
-from tests.conftest import E5_PROMPTS
-
-pytestmark = pytest.mark.slow
 
 WORDS = "one two three four five six seven eight nine ten".split()
 
@@ -27,10 +24,6 @@ def e5_tokenizer(served_build):
     from bentoformers.runtime.tokenizer import TextTokenizer
 
     return TextTokenizer(bentoml.models.get(served_build["e5"]["fp32"].tag).path, 128)
-
-
-def post(client, path, body):
-    return client.post(path, content=orjson.dumps(body), headers={"content-type": "application/json"})
 
 
 def embed(client, inputs, **options):

@@ -5,15 +5,8 @@ from __future__ import annotations
 import base64
 
 import numpy as np
-import orjson
 import pytest
-
-pytestmark = pytest.mark.slow
-
-
-def post(client, path, body, **kw):
-    data = body if isinstance(body, (bytes, str)) else orjson.dumps(body)
-    return client.post(path, content=data, headers={"content-type": "application/json"}, **kw)
+from helpers import post
 
 
 def test_openai_embeddings_shape_and_real_token_usage(client):

@@ -7,9 +7,7 @@ import concurrent.futures
 
 import orjson
 import pytest
-
-pytestmark = pytest.mark.slow
-
+from helpers import post
 
 PROMPTS = ["The cat sat on", "Rain fell over the", "She opened the door and", "A good", "Numbers like 42 and"]
 
@@ -19,10 +17,6 @@ def scheduler(client):
     import service
 
     return service.Gateway.inner._asgi.state.models["gpt2"].scheduler
-
-
-def post(client, path, body):
-    return client.post(path, content=orjson.dumps(body), headers={"content-type": "application/json"})
 
 
 def generate(client, body):

@@ -11,8 +11,6 @@ import orjson
 import pytest
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def gateway(client):

@@ -6,10 +6,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import orjson
 import pytest
-
-pytestmark = pytest.mark.slow
+from helpers import post
 
 LONG = "word " * 600  # over the model's token limit, under every character limit
 
@@ -28,11 +26,6 @@ def tokenizer(served_build):
 @pytest.fixture(scope="module")
 def served(client):
     return next(m for m in client.get("/v1/models").json()["data"] if m["id"] == "rerank")
-
-
-def post(client, path, body):
-    data = body if isinstance(body, bytes) else orjson.dumps(body)
-    return client.post(path, content=data, headers={"content-type": "application/json"})
 
 
 def ok(client, path, body):

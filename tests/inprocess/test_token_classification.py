@@ -10,14 +10,12 @@ from __future__ import annotations
 import math
 import re
 
-import orjson
 import pytest
+from helpers import post
 from starlette.testclient import TestClient
 
 from bentoformers.runtime.entities import STRATEGIES
-from bentoformers.tiny_models import entity_of
-
-pytestmark = pytest.mark.slow
+from bentoformers.tools.tiny_models import entity_of
 
 # Sentences with the dates, places and numbers the tiny model was trained to tag, words it splits into pieces
 # (2024, tuesdays: it tags only some of their pieces, which the strategies treat apart) and a character it
@@ -94,12 +92,8 @@ def reference(checkpoint):
         return pipeline("token-classification", model=str(checkpoint), device="cpu")
 
 
-def post(client, body):
-    return client.post("/ner", content=orjson.dumps(body), headers={"content-type": "application/json"})
-
-
 def ner(client, body):
-    r = post(client, body)
+    r = post(client, "/ner", body)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -198,7 +192,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("body", "status", "kind", "param"), BAD_REQUESTS)
 def test_bad_requests_get_the_one_error_body(client, body, status, kind, param):
-    r = post(client, body)
+    r = post(client, "/ner", body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["type"] == kind and r.json()["error"]["param"] == param
     if param == "inputs" and status == 413:

@@ -4,11 +4,9 @@ own zero-shot pipeline on the same checkpoint (the model is served in fp32 here:
 from __future__ import annotations
 
 import numpy as np
-import orjson
 import pytest
+from helpers import post
 from starlette.testclient import TestClient
-
-pytestmark = pytest.mark.slow
 
 TEXTS = [
     "I ordered a pair of running shoes three weeks ago and the tracking page still says label created.",
@@ -26,8 +24,7 @@ def pipeline(checkpoints):
 
 
 def classify(client, **body):
-    return client.post("/classify", content=orjson.dumps({"model": "nli", **body}),
-                       headers={"content-type": "application/json"})
+    return post(client, "/classify", {"model": "nli", **body})
 
 
 @pytest.mark.parametrize("multi_label", [False, True])

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from bentoformers import bench, cli
+from bentoformers import cli
+from bentoformers.tools import load
 
 
 def run(capsys, *argv):
@@ -92,9 +93,9 @@ def test_bench_finds_a_local_listener_and_samples_its_memory():
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        assert bench.listening_pid(f"http://127.0.0.1:{port}") == os.getpid()
-    assert bench.listening_pid("http://example.invalid:80") is None  # not this machine: no lookup
-    sampler = bench.MemorySampler(os.getpid(), every=0.01)
+        assert load.listening_pid(f"http://127.0.0.1:{port}") == os.getpid()
+    assert load.listening_pid("http://example.invalid:80") is None  # not this machine: no lookup
+    sampler = load.MemorySampler(os.getpid(), every=0.01)
     time.sleep(0.1)
     sampler.stop()
     assert sampler.peak_mib() > 10
@@ -102,8 +103,8 @@ def test_bench_finds_a_local_listener_and_samples_its_memory():
 
 def test_percentiles_are_nearest_rank():
     values = sorted(i / 1000 for i in range(1, 101))  # 1..100 ms
-    assert [bench.percentile(values, q) for q in (0.5, 0.95, 0.99)] == pytest.approx([50, 95, 99])
-    assert bench.percentile([], 0.5) is None
+    assert [load.percentile(values, q) for q in (0.5, 0.95, 0.99)] == pytest.approx([50, 95, 99])
+    assert load.percentile([], 0.5) is None
 
 
 class _Terminal(io.StringIO):

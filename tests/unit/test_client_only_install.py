@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 CORE = ["httpx", "httpcore", "h11", "anyio", "sniffio", "idna", "certifi", "pydantic", "pydantic_core",
         "annotated_types", "typing_extensions", "typing_inspection", "yaml"]

@@ -1,6 +1,6 @@
 import orjson
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 from pydantic import ValidationError
 
 from bentoformers.errors import ApiError, ErrorType, error_response

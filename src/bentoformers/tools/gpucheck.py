@@ -2,7 +2,7 @@
 
 Run it on the GPU machine, in an environment with the build extra and `onnxruntime-gpu`:
 
-    python -m bentoformers.gpucheck
+    python -m bentoformers.tools.gpucheck
 
 It builds a tiny BERT classifier and a tiny GPT-2 from a config (the same ones the tests use), and takes
 MiniLM from its package; runs the real build step on each with fp32, int8 and fp16 variants (the fp16
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bentoformers.tiny_models import make_tiny_classifier, make_tiny_gpt2
+from bentoformers.tools.tiny_models import make_tiny_classifier, make_tiny_gpt2
 
 
 def _check(name: str, ok: bool, detail: str, failures: list[str]) -> None:

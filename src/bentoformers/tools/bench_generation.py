@@ -25,8 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from bentoformers import __version__
-from bentoformers.bench import LocalServer, event_loop_runner, load_texts, percentile, served_models
 from bentoformers.exits import FAILED, OK, CliError
+from bentoformers.tools.load import (
+    LocalServer,
+    event_loop_runner,
+    format_ms,
+    load_texts,
+    percentile,
+    served_models,
+)
 
 BENCH_MODEL = "bench-gpt2"
 # 4 layers of width 256: big enough that a decoding step is real work, small enough to build in seconds.
@@ -76,7 +83,7 @@ def build_bench_model() -> tuple[Path, Path]:
 
     from bentoformers.build.builder import build_model
     from bentoformers.spec import load_model_list, store_name
-    from bentoformers.tiny_models import make_tiny_gpt2
+    from bentoformers.tools.tiny_models import make_tiny_gpt2
 
     work = Path(tempfile.gettempdir()) / "bentoformers-bench-model"
     source = make_tiny_gpt2(work / "checkpoint", **BENCH_SHAPE)
@@ -211,13 +218,9 @@ def decode_alone(folder: Path, prompts: list[str], max_tokens: int, seconds: flo
 HEADER = f"{'conc':>5} {'tokens/s':>9} {'streams':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}  failed"
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
 def _row(p: dict[str, Any], label: str | None = None) -> str:
-    return (f"{label or p['concurrency']:>5} {p['tokens_per_s']:>9.1f} {p['streams']:>8} {_ms(p['ttft_p50_ms']):>9} "
-            f"{_ms(p['ttft_p99_ms']):>9} {_ms(p['itl_p50_ms']):>8} {_ms(p['itl_p99_ms']):>8}  {p.get('failures', '-')}")
+    return (f"{label or p['concurrency']:>5} {p['tokens_per_s']:>9.1f} {p['streams']:>8} {format_ms(p['ttft_p50_ms']):>9} "
+            f"{format_ms(p['ttft_p99_ms']):>9} {format_ms(p['itl_p50_ms']):>8} {format_ms(p['itl_p99_ms']):>8}  {p.get('failures', '-')}")
 
 
 def print_report(report: dict[str, Any]) -> None:

@@ -15,23 +15,23 @@ import json
 import os
 import platform
 import sys
-import time
 from datetime import UTC, datetime
 from typing import Any
 
 from bentoformers import __version__
-from bentoformers.bench import (
+from bentoformers.exits import FAILED, OK, CliError
+from bentoformers.tools.load import (
     DISTINCT_BODIES,
     LocalServer,
-    _errors,
-    _ms,
     closed_loop,
     event_loop_runner,
+    format_errors,
+    format_ms,
     load_texts,
     percentile,
     served_models,
+    time_calls,
 )
-from bentoformers.exits import FAILED, OK, CliError
 
 DEFAULT_DOCUMENTS = 32
 QUERY_WORDS = 5  # a query is the opening words of one of its documents (as the build's ranking check)
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     dead = [p for p in points if p["ok"] == 0]
     for p in dead:
         print(f"error: no successful answer at concurrency {p['concurrency']}, {p['documents']} documents/request: "
-              f"{_errors(p['errors'])}", file=sys.stderr)
+              f"{format_errors(p['errors'])}", file=sys.stderr)
     return FAILED if dead else OK
 
 
@@ -132,13 +132,7 @@ def in_process(name: str, requests: dict[int, list[tuple[str, list[str]]]], seco
         for size, sets in requests.items():
             calls_ids = [tokenizer.encode_pairs([(q, d) for d in documents], truncate=True) for q, documents in sets]
             encoder.classify(calls_ids[0])
-            calls: list[float] = []
-            start = time.perf_counter()
-            while time.perf_counter() - start < seconds:
-                began = time.perf_counter()
-                encoder.classify(calls_ids[len(calls) % len(calls_ids)])
-                calls.append(time.perf_counter() - began)
-            elapsed = time.perf_counter() - start
+            calls, elapsed = time_calls(encoder.classify, lambda n, calls_ids=calls_ids: calls_ids[n % len(calls_ids)], seconds)
             out[f"{precision}, {size} pairs/call"] = {
                 "precision": precision, "pairs_per_call": size, "pairs_per_s": len(calls) * size / elapsed,
                 "p50_ms": percentile(sorted(calls), 0.5),
@@ -151,7 +145,7 @@ HEADER = f"{'docs/req':>8} {'conc':>5} {'pairs/s':>9} {'req/s':>8} {'p50 ms':>8}
 
 def _row(p: dict[str, Any]) -> str:
     return (f"{p['documents']:>8} {p['concurrency']:>5} {p['pairs_per_s']:>9.1f} {p['requests_per_s']:>8.1f} "
-            f"{_ms(p['p50_ms']):>8} {_ms(p['p95_ms']):>8} {_ms(p['p99_ms']):>8}  {_errors(p['errors'])}")
+            f"{format_ms(p['p50_ms']):>8} {format_ms(p['p95_ms']):>8} {format_ms(p['p99_ms']):>8}  {format_errors(p['errors'])}")
 
 
 def print_report(report: dict[str, Any]) -> None:
