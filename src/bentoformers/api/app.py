@@ -35,7 +35,7 @@ async def list_models(request: Request) -> Response:
 
 
 async def metrics_page(request: Request) -> Response:
-    return Response(await asyncio.to_thread(scrape.latest), media_type=scrape.CONTENT_TYPE_LATEST)
+    return Response(await request.app.state.metrics_page.get(), media_type=scrape.CONTENT_TYPE_LATEST)
 
 
 async def not_found(request: Request) -> Response:
@@ -115,4 +115,6 @@ def create_app(secured: bool = False, served: dict[str, str] | None = None) -> S
     routes.append(
         _Fallback("/{path:path}", _with_errors(not_found), methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     )
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes)
+    app.state.metrics_page = scrape.CachedPage()
+    return app
