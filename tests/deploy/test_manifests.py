@@ -144,3 +144,17 @@ def test_every_setting_the_manifests_name_is_one_the_service_reads(tmp_path):
     assert named, "the manifests set no BENTOFORMERS_* variable"
     unknown = sorted(n for n in named if n.lower() not in Settings.model_fields)
     assert not unknown, unknown
+
+
+def test_the_service_monitor_scrapes_metrics_ports_only(tmp_path):
+    """With the model service in pods of its own, every port the ServiceMonitor picks on each Service it selects
+    is a metrics page: never the model's API port, which refuses any caller without the internal token (its
+    target would always be down, and BentoformersTargetDown would fire)."""
+    docs = render(("gpu", "monitoring"), tmp_path)
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    wanted = {e["port"] for e in monitor["spec"]["endpoints"]}
+    selected = [d for d in docs if d["kind"] == "Service" and monitor["spec"]["selector"]["matchLabels"].items()
+                <= d["metadata"].get("labels", {}).items()]
+    scraped = {d["metadata"]["name"]: sorted(p["targetPort"] for p in d["spec"]["ports"] if p["name"] in wanted)
+               for d in selected}
+    assert scraped == {"bentoformers": [3000], "bentoformers-model": [3001]}, scraped
