@@ -51,7 +51,7 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     """The Gateway service of the served models (default: the built entries the settings select)."""
     served = served_models(settings) if served is None else served
     check_attributes_unique(served)
-    head_timeout.install(settings.header_timeout_seconds)
+    head_timeout.install(settings.header_timeout_seconds, settings.max_header_bytes)
     cap_malloc_arenas(max(2, settings.threads()))
     # Refuses to start in a container with no credentials (BentoML's images set BENTOML_CONTAINERIZED=true).
     authenticator = startup_authenticator(
