@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         30, gt=0, description="A generation whose model service sends nothing this long ends with a timeout error."
     )
 
+    # ---- issue 24: hostile transport and logging ----
+    access_log_queue_lines: int = Field(
+        10_000, ge=1, description="Access log lines waiting for stdout; beyond, a line is dropped and counted, so a "
+        "log reader that stops reading never blocks serving."
+    )
+
     def served_names(self) -> list[str]:
         return [n.strip() for n in self.models.split(",") if n.strip()]
 

@@ -201,7 +201,8 @@ def _announces() -> bool:
 def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator: Authenticator | None) -> None:
     # The first added is the outermost: the access log sees every answer, the request id included.
     gateway.add_asgi_middleware(
-        AccessLogMiddleware, enabled=settings.access_log, known_paths=PUBLIC_PATHS, quiet_paths=PROBE_PATHS
+        AccessLogMiddleware, enabled=settings.access_log, known_paths=PUBLIC_PATHS, quiet_paths=PROBE_PATHS,
+        queue_lines=settings.access_log_queue_lines,
     )
     gateway.add_asgi_middleware(RequestIdMiddleware)
     gateway.add_asgi_middleware(
