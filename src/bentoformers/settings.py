@@ -123,6 +123,11 @@ class Settings(BaseSettings):
         "log reader that stops reading never blocks serving."
     )
 
+    max_body_bytes_in_flight: int = Field(
+        256 * 1024 * 1024, ge=1024, description="Request body bytes being read at once per gateway worker (a declared "
+        "length counts before its first byte); a body past it gets 503 + Retry-After before it is read."
+    )
+
     def served_names(self) -> list[str]:
         return [n.strip() for n in self.models.split(",") if n.strip()]
 

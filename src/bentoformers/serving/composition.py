@@ -226,6 +226,9 @@ def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator
         max_header_bytes=settings.max_header_bytes,
         max_headers=settings.max_headers,
         exempt_paths=PROBE_PATHS,
+        bodiless_paths=DOC_PATHS,
+        max_bytes_in_flight=settings.max_body_bytes_in_flight,
+        retry_after=settings.retry_after_seconds,
     )
     gateway.add_asgi_middleware(
         OverloadMiddleware,
