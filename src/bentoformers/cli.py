@@ -210,24 +210,52 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, **kwargs)
 
 
-def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+def serve_command(args: argparse.Namespace, host: str) -> tuple[list[str], dict[str, str]]:
     """The `bentoml serve` command line and environment that `bentoformers serve` runs."""
+    env = serve_environment(args)
+    cmd = [sys.executable, "-m", "bentoml", "serve", args.target, "--host", host, "--port", str(args.port)]
+    if args.target == DEFAULT_TARGET:
+        cmd += ["--working-dir", str(args.working_dir)]
+    return cmd + args.bentoml_args, env
+
+
+def serve_environment(args: argparse.Namespace) -> dict[str, str]:
+    """This environment with the settings' flags as BENTOFORMERS_* variables."""
     env = dict(os.environ)
     for key, value in vars(args).items():
         if key.startswith("setting_") and value is not None:
             if isinstance(value, bool):
                 value = "true" if value else "false"
             env["BENTOFORMERS_" + key.removeprefix("setting_").upper()] = str(value)
-    cmd = [sys.executable, "-m", "bentoml", "serve", args.target, "--host", args.host, "--port", str(args.port)]
-    if args.target == DEFAULT_TARGET:
-        cmd += ["--working-dir", str(args.working_dir)]
-    return cmd + args.bentoml_args, env
+    return env
+
+
+def _listen_host(args: argparse.Namespace, settings: Any, env: dict[str, str]) -> str:
+    """--host when given; else loopback when the server would run open (no credentials), every interface when
+    it asks for credentials or runs in a container (where loopback would reach no one)."""
+    if args.host is not None:
+        return args.host
+    if env.get("BENTOML_CONTAINERIZED") == "true":
+        return "0.0.0.0"
+    from bentoformers.security.authenticator import startup_authenticator
+
+    try:
+        open_server = startup_authenticator(settings, containerized=False, announce=False) is None
+    except (RuntimeError, OSError, ValueError):  # refused: the server says why when it starts
+        open_server = False
+    if not open_server:
+        return "0.0.0.0"
+    print("no credentials configured (the server runs open): listening on 127.0.0.1 only; pass --host 0.0.0.0 "
+          "to serve other machines", file=sys.stderr)
+    return "127.0.0.1"
 
 
 def _serve(args: argparse.Namespace) -> int:
     _need("serve", "serve")
-    cmd, env = serve_command(args)
+    env = serve_environment(args)
     settings = _check_settings(env)
+    host = _listen_host(args, settings, env)
+    cmd, env = serve_command(args, host)
     if args.target == DEFAULT_TARGET:
         if not (args.working_dir / "service.py").is_file():
             raise CliError(
@@ -241,7 +269,7 @@ def _serve(args: argparse.Namespace) -> int:
         except (RuntimeError, OSError) as exc:
             raise CliError(str(exc)) from None
         names = ", ".join(f"{m.name} ({m.task}; {', '.join(sorted(m.variants))} built)" for m in served)
-        print(f"serving {names} on http://{args.host}:{args.port}", file=sys.stderr)
+        print(f"serving {names} on http://{host}:{args.port}", file=sys.stderr)
     if args.dry_run:
         changed = {k: v for k, v in env.items() if k.startswith("BENTOFORMERS_") and os.environ.get(k) != v}
         print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in sorted(changed.items())), *map(shlex.quote, cmd)]))
@@ -434,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("target", nargs="?", default=DEFAULT_TARGET,
                        help="service import path or a built bento's tag (default: %(default)s)")
-    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--host", help="address to listen on (default: 0.0.0.0, or 127.0.0.1 when the server "
+                       "would run open, without credentials)")
     serve.add_argument("--port", type=int, default=3000, help="(default: %(default)s)")
     serve.add_argument("--working-dir", type=Path, default=Path("."), help="the folder holding service.py")
     serve.add_argument("--dry-run", action="store_true", help="print the command and environment, do not run")

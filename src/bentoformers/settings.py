@@ -117,6 +117,17 @@ class Settings(BaseSettings):
         30, gt=0, description="A generation whose model service sends nothing this long ends with a timeout error."
     )
 
+    # ---- issue 24: hostile transport and logging ----
+    access_log_queue_lines: int = Field(
+        10_000, ge=1, description="Access log lines waiting for stdout; beyond, a line is dropped and counted, so a "
+        "log reader that stops reading never blocks serving."
+    )
+
+    max_body_bytes_in_flight: int = Field(
+        256 * 1024 * 1024, ge=1024, description="Request body bytes being read at once per gateway worker (a declared "
+        "length counts before its first byte); a body past it gets 503 + Retry-After before it is read."
+    )
+
     def served_names(self) -> list[str]:
         return [n.strip() for n in self.models.split(",") if n.strip()]
 

@@ -251,3 +251,16 @@ def test_overload_is_refused_fast_and_what_is_admitted_is_answered(hostile, sent
                 assert len(orjson.loads(body)["embeddings"]) == 32
     after = httpx.post(f"{url}/embed", json={"inputs": ["after the flood"]}, headers={"Authorization": f"Bearer {key}"})
     assert after.status_code == 200
+
+
+def test_a_preflight_announcing_a_body_is_refused_at_once(hostile):
+    url, _, _ = hostile
+    host, port = url.removeprefix("http://").split(":")
+    head = (b"OPTIONS /embed HTTP/1.1\r\nHost: test\r\nOrigin: http://x\r\nAccess-Control-Request-Method: POST\r\n"
+            b"Content-Length: 4194304\r\n\r\n")
+    with socket.create_connection((host, int(port)), timeout=2) as conn:  # no answer in 2 s fails
+        conn.sendall(head + b"x" * 1024)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += conn.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"x-request-id:" in answer.lower()

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
+import httpx
 import pytest
+from helpers import metric_value
 from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -132,3 +136,42 @@ def test_a_request_refused_before_routing_keeps_its_route_label(lines):
     client.post("/not/a/route", json={})
     assert count("/v1/embeddings", "401") == before + 1
     assert [json.loads(line)["route"] for line in lines] == ["/v1/embeddings", "other"]
+
+
+_SERVED = r'''
+import socket, sys, uvicorn
+from prometheus_client import generate_latest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from bentoformers.middleware.access_log import AccessLogMiddleware
+
+async def ok(request):
+    return JSONResponse({"ok": True})
+
+async def scrape(request):
+    return Response(generate_latest())
+
+app = Starlette(routes=[Route("/embed", ok), Route("/readyz", ok), Route("/scrape", scrape)])
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+print(sock.getsockname()[1], file=sys.stderr, flush=True)
+uvicorn.Server(uvicorn.Config(AccessLogMiddleware(app, queue_lines=100), log_level="error", lifespan="off")).run(
+    sockets=[sock])
+'''
+
+
+def test_a_log_reader_that_stops_reading_never_blocks_serving_and_the_drops_are_counted():
+    # stdout is a pipe this test never reads: it fills after ~64 KB, some 200 lines.
+    server = subprocess.Popen([sys.executable, "-c", _SERVED], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        port = int(server.stderr.readline())
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            statuses = [client.get("/embed").status_code for _ in range(2000)]
+            assert statuses == [200] * 2000
+            assert client.get("/readyz").status_code == 200
+            dropped = metric_value(client.get("/scrape").text, "bentoformers_access_log_lines_dropped_total")
+        assert dropped >= 1000  # 2,001 lines, of which the pipe and the queue hold a few hundred
+    finally:
+        server.kill()
+        server.wait()

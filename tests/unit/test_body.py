@@ -23,7 +23,7 @@ async def _echo(request: Request) -> JSONResponse:
 
 
 def _app(**limits):
-    inner = Starlette(routes=[Route("/echo", _echo, methods=["POST"])])
+    inner = Starlette(routes=[Route("/echo", _echo, methods=["POST", "OPTIONS"]), Route("/openapi.json", _echo)])
     return AccessLogMiddleware(RequestIdMiddleware(BodyMiddleware(inner, **(LIMITS | limits))))
 
 
@@ -89,3 +89,79 @@ def test_a_client_that_leaves_mid_upload_is_a_quiet_499_not_a_500(caplog):
     (line,) = [r.getMessage() for r in caplog.records if r.name == "bentoformers.access"]
     assert '"status":499' in line
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def _scope(method: str, path: str, headers: dict[str, str]) -> dict:
+    return {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+            "headers": [(k.encode(), v.encode()) for k, v in headers.items()], "client": ("127.0.0.1", 1),
+            "server": ("test", 80), "scheme": "http", "http_version": "1.1", "root_path": "", "state": {}}
+
+
+async def _call(app, scope: dict, chunks: list[bytes], then_wait: asyncio.Event | None = None) -> list[dict]:
+    """Calls `app` with a body sent as `chunks` (the last one ends it unless `then_wait` is given: the client
+    then sends nothing more until that event, and leaves); the messages it answered."""
+    answered, pending = [], list(chunks)
+
+    async def receive():
+        if pending:
+            return {"type": "http.request", "body": pending.pop(0), "more_body": bool(pending) or then_wait is not None}
+        await (then_wait or asyncio.Event()).wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        answered.append(message)
+
+    await app(scope, receive, send)
+    return answered
+
+
+def _status(answered: list[dict]) -> tuple[int, dict[bytes, bytes]]:
+    start = answered[0]
+    return start["status"], dict(start["headers"])
+
+
+def test_a_preflight_or_a_doc_request_with_a_body_is_refused_at_once_unread():
+    preflight = _scope("OPTIONS", "/echo", {"access-control-request-method": "POST", "origin": "http://x",
+                                            "content-length": "1000"})
+    docs = _scope("GET", "/openapi.json", {"transfer-encoding": "chunked"})
+
+    async def run():
+        app = _app(bodiless_paths=frozenset({"/openapi.json"}))
+        never = asyncio.Event()  # 1 KiB sent, then nothing: a read would wait for the body timeout
+        return [await asyncio.wait_for(_call(app, scope, [b"x" * 100], then_wait=never), 0.2)
+                for scope in (preflight, docs)]
+
+    for answered in asyncio.run(run()):
+        status, headers = _status(answered)
+        assert status == 413 and headers[b"connection"] == b"close" and headers[b"x-request-id"]
+        assert b'"type":"request_too_large"' in answered[1]["body"]
+
+
+def test_body_bytes_being_read_are_bounded_across_requests_503_before_reading():
+    async def run():
+        app = _app(max_body_bytes=4096, max_bytes_in_flight=5000)
+        slow_done = asyncio.Event()
+        slow = asyncio.ensure_future(_call(  # declares 3000 bytes, sends 10, then holds them being read
+            app, _scope("POST", "/echo", {"content-length": "3000"}), [b"x" * 10], then_wait=slow_done))
+        await asyncio.sleep(0.01)
+        declared = await _call(app, _scope("POST", "/echo", {"content-length": "2500"}), [b"x" * 2500])
+        chunked = await _call(app, _scope("POST", "/echo", {"transfer-encoding": "chunked"}), [b"x" * 1000] * 3)
+        small = await _call(app, _scope("POST", "/echo", {"content-length": "1500"}), [b"x" * 1500])
+        slow_done.set()
+        await slow
+        after = await _call(app, _scope("POST", "/echo", {"content-length": "2500"}), [b"x" * 2500])
+        return declared, chunked, small, after, app
+
+    declared, chunked, small, after, app = asyncio.run(run())
+    for answered in (declared, chunked):
+        status, headers = _status(answered)
+        assert status == 503 and headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
+        assert b'"type":"overloaded_error"' in answered[1]["body"]
+    assert _status(small)[0] == 200 and _status(after)[0] == 200  # within the budget; released once read
+    assert _middleware(app).bytes_in_flight == 0
+
+
+def _middleware(app):
+    while not isinstance(app, BodyMiddleware):
+        app = app.app
+    return app

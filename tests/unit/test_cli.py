@@ -62,7 +62,24 @@ def test_serve_dry_run_of_a_bento_tag_maps_flags_to_the_environment(capsys):
                        "--precision", "fp32", "--dry-run", "--", "--development")
     assert code == cli.OK
     assert "BENTOFORMERS_MAX_QUEUED_ITEMS=64" in out and "BENTOFORMERS_PRECISION=fp32" in out
-    assert out.rstrip().endswith("serve bentoformers:latest --host 0.0.0.0 --port 4000 --development")
+    assert out.rstrip().endswith("serve bentoformers:latest --host 127.0.0.1 --port 4000 --development")
+
+
+def test_serve_listens_on_loopback_only_when_it_would_run_open_unless_told_a_host(capsys, monkeypatch, tmp_path):
+    for name in ("API_KEYS_FILE", "API_KEYS", "JWT_SECRET", "JWT_PUBLIC_KEY_FILE", "AUTH"):
+        monkeypatch.delenv("BENTOFORMERS_" + name, raising=False)
+    monkeypatch.delenv("BENTOML_CONTAINERIZED", raising=False)
+    code, out, err = run(capsys, "serve", "bentoformers:latest", "--dry-run")
+    assert code == cli.OK and "--host 127.0.0.1 " in out
+    assert "listening on 127.0.0.1 only" in err and "--host 0.0.0.0" in err
+    code, out, err = run(capsys, "serve", "bentoformers:latest", "--auth", "disabled", "--dry-run")
+    assert "--host 127.0.0.1 " in out
+    code, out, err = run(capsys, "serve", "bentoformers:latest", "--host", "0.0.0.0", "--dry-run")
+    assert code == cli.OK and "--host 0.0.0.0 " in out and "127.0.0.1" not in err  # asked for: as asked
+    (tmp_path / "keys.yaml").write_text("[]\n")
+    monkeypatch.setenv("BENTOFORMERS_API_KEYS_FILE", str(tmp_path / "keys.yaml"))
+    code, out, err = run(capsys, "serve", "bentoformers:latest", "--dry-run")
+    assert code == cli.OK and "--host 0.0.0.0 " in out  # credentials asked for: every interface, as before
 
 
 def test_serve_choices_come_from_the_settings(capsys):

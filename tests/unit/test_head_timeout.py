@@ -1,5 +1,6 @@
-"""The request-head deadline on a real uvicorn server (loopback): a head that does not complete in time gets 408
-in our body, a silent connection is closed, and whole requests (slow bodies, keep-alive pauses) are never cut."""
+"""The request-head bounds on a real uvicorn server (loopback): a head that does not complete in time gets 408
+in our body, a silent connection is closed, and whole requests (slow bodies, keep-alive pauses) are never cut;
+a head over its size bound gets 431 in our body as soon as the bound is passed, before the rest is parsed."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import uvicorn
 from bentoformers.serving.head_timeout import with_head_deadline
 
 DEADLINE = 0.5
+MAX_HEAD_BYTES = 8 * 1024
 
 
 async def _app(scope, receive, send):
@@ -32,7 +34,7 @@ def address(request):
     base = {"httptools": HttpToolsProtocol, "h11": H11Protocol}[request.param]
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(_app, http=with_head_deadline(base, DEADLINE), log_level="warning",
+    config = uvicorn.Config(_app, http=with_head_deadline(base, DEADLINE, MAX_HEAD_BYTES), log_level="warning",
                             timeout_keep_alive=5, lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -105,7 +107,50 @@ def test_install_replaces_the_auto_protocol_once_however_often_it_is_called(monk
 
     original = auto.AutoHTTPProtocol
     monkeypatch.setattr(auto, "AutoHTTPProtocol", original)
-    head_timeout.install(7)
-    head_timeout.install(3)
-    assert auto.AutoHTTPProtocol.head_seconds == 3
+    head_timeout.install(7, 4096)
+    head_timeout.install(3, 2048)
+    assert auto.AutoHTTPProtocol.head_seconds == 3 and auto.AutoHTTPProtocol.head_max_bytes == 2048
     assert auto.AutoHTTPProtocol.__mro__[1] is getattr(original, "head_base", original)
+
+
+def _send_until_answered(conn: socket.socket, head: bytes, total: int, piece: int = 4096) -> tuple[int, bytes]:
+    """Sends `head`, then a header value of `total` bytes in `piece`-sized writes, stopping at the first answer;
+    the bytes sent and what came back."""
+    conn.sendall(head + b"X-Big: ")
+    sent, answer = 0, b""
+    conn.settimeout(0)
+    while sent < total:
+        try:
+            answer += conn.recv(65536)
+        except BlockingIOError:
+            pass
+        if answer:
+            break
+        try:
+            sent += conn.send(b"v" * min(piece, total - sent))
+        except BlockingIOError:
+            time.sleep(0.001)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    conn.settimeout(10)
+    return sent, answer + _read_all(conn)
+
+
+def test_a_head_over_the_bound_gets_431_in_our_body_before_the_rest_is_sent(address):
+    with socket.create_connection(address, timeout=10) as conn:
+        started = time.monotonic()
+        sent, answer = _send_until_answered(conn, b"GET / HTTP/1.1\r\nHost: x\r\n", 8_000_000)
+        seconds = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer[:200]
+    assert b"x-request-id: " in answer and b"connection: close" in answer
+    assert answer.endswith(b'{"error":{"type":"request_too_large","message":"the request head is over the limit of '
+                           + str(MAX_HEAD_BYTES).encode() + b' bytes","param":null}}')
+    assert sent < 4_000_000 and seconds < 5  # answered while the client was still sending, not hung
+    with socket.create_connection(address, timeout=10) as conn:  # under the bound: served, bodies not counted
+        value = b"v" * (MAX_HEAD_BYTES - 200)
+        body = b"b" * 1_000_000
+        conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nX-Big: " + value + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+                     + body)
+        assert _read_response(conn).startswith(b"HTTP/1.1 200 ")
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + value + b"\r\n\r\n")  # the count starts again
+        assert _read_response(conn).startswith(b"HTTP/1.1 200 ")

@@ -3,11 +3,19 @@
 It replaces BentoML's text access log on the gateway. The line is built from what the inner layers left
 in scope["state"]: request_id (RequestIdMiddleware), identity (the auth middleware: only its id, never a
 secret), model and tokens (the route handlers). The query string is never logged: clients put keys there.
+
+Lines are written by a thread of their own, from a bounded queue: a write to stdout blocks once a pipe nobody
+drains is full (64 KB), and from the event loop that froze the whole server, probes included. A line that
+finds the queue full is dropped and counted (bentoformers_access_log_lines_dropped_total): serving never
+waits on the log.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 from datetime import UTC, datetime
@@ -22,14 +30,39 @@ logger = logging.getLogger("bentoformers.access")
 MAX_PATH_CHARS = 256
 
 
-def _log_json_lines_to_stdout() -> None:
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread; a full queue drops the record (and counts it) instead of waiting."""
+
+    json_lines = True
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            metrics.access_log_lines_dropped.inc()
+
+
+def _log_json_lines_to_stdout(queue_lines: int) -> None:
     logger.setLevel(logging.INFO)
     logger.propagate = False  # BentoML's root handler would wrap the JSON in its text format
     if not any(getattr(h, "json_lines", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.json_lines = True
-        logger.addHandler(handler)
+        lines: queue.Queue = queue.Queue(maxsize=queue_lines)
+        writer = logging.StreamHandler(sys.stdout)
+        writer.setFormatter(logging.Formatter("%(message)s"))
+        listener = logging.handlers.QueueListener(lines, writer)
+        listener.start()
+        atexit.register(_flush_at_exit, listener)
+        logger.addHandler(_DroppingQueueHandler(lines))
+
+
+def _flush_at_exit(listener: logging.handlers.QueueListener, seconds: float = 2.0) -> None:
+    """Writes what is queued, for at most `seconds` (stdout may be a pipe nobody reads)."""
+    try:
+        listener.queue.put(listener._sentinel, timeout=seconds)
+    except queue.Full:
+        return
+    if listener._thread is not None:
+        listener._thread.join(seconds)
 
 
 class AccessLogMiddleware:
@@ -37,15 +70,16 @@ class AccessLogMiddleware:
 
     def __init__(
         self, app: ASGIApp, enabled: bool = True, *, known_paths: frozenset[str] = frozenset(),
-        quiet_paths: frozenset[str] = frozenset(),
+        quiet_paths: frozenset[str] = frozenset(), queue_lines: int = 10_000,
     ) -> None:
         """`known_paths` keep their own metric label when refused before routing; `quiet_paths` (probes, the
-        scrape) are logged only when they fail."""
+        scrape) are logged only when they fail; `queue_lines`: lines waiting to be written, beyond which they
+        are dropped (the first middleware of a process sets it)."""
         self.app = app
         self.enabled = enabled
         self.known_paths, self.quiet_paths = known_paths, quiet_paths
         if enabled:
-            _log_json_lines_to_stdout()
+            _log_json_lines_to_stdout(queue_lines)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -78,6 +78,10 @@ model_load_seconds = Gauge(
 rejections = Counter(
     "rejections", "Requests refused before any model work, by reason.", ["reason"], namespace=NAMESPACE,
 )
+access_log_lines_dropped = Counter(
+    "access_log_lines_dropped", "Access log lines dropped because stdout did not keep up (its queue was full).",
+    namespace=NAMESPACE,
+)
 gpu_memory_used_bytes = Gauge(
     "gpu_memory_used_bytes", "GPU memory in use on each visible device (NVML), where a GPU is present.",
     ["gpu"], namespace=NAMESPACE, multiprocess_mode="max",

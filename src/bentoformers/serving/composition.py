@@ -51,7 +51,7 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     """The Gateway service of the served models (default: the built entries the settings select)."""
     served = served_models(settings) if served is None else served
     check_attributes_unique(served)
-    head_timeout.install(settings.header_timeout_seconds)
+    head_timeout.install(settings.header_timeout_seconds, settings.max_header_bytes)
     cap_malloc_arenas(max(2, settings.threads()))
     # Refuses to start in a container with no credentials (BentoML's images set BENTOML_CONTAINERIZED=true).
     authenticator = startup_authenticator(
@@ -201,7 +201,8 @@ def _announces() -> bool:
 def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator: Authenticator | None) -> None:
     # The first added is the outermost: the access log sees every answer, the request id included.
     gateway.add_asgi_middleware(
-        AccessLogMiddleware, enabled=settings.access_log, known_paths=PUBLIC_PATHS, quiet_paths=PROBE_PATHS
+        AccessLogMiddleware, enabled=settings.access_log, known_paths=PUBLIC_PATHS, quiet_paths=PROBE_PATHS,
+        queue_lines=settings.access_log_queue_lines,
     )
     gateway.add_asgi_middleware(RequestIdMiddleware)
     gateway.add_asgi_middleware(
@@ -225,6 +226,9 @@ def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator
         max_header_bytes=settings.max_header_bytes,
         max_headers=settings.max_headers,
         exempt_paths=PROBE_PATHS,
+        bodiless_paths=DOC_PATHS,
+        max_bytes_in_flight=settings.max_body_bytes_in_flight,
+        retry_after=settings.retry_after_seconds,
     )
     gateway.add_asgi_middleware(
         OverloadMiddleware,

@@ -1,11 +1,20 @@
-"""A deadline for the request head: uvicorn bounds the idle time between requests (keep-alive), but not the time
-a client takes to send the request line and headers, nor a connection that sends nothing at all. A client that
-sends a header byte every few seconds would hold its socket (and a file descriptor) forever.
+"""Bounds on the request head, in the HTTP protocol itself: its time and its size. No ASGI middleware can do
+either: the app is called only once the head is complete and parsed.
 
-Here every connection that is waiting for a request head (just opened, or with a partial head after a
-response) has `seconds` to complete it; past that it gets 408 in our error body, with an X-Request-ID, and is
-closed (one that sent nothing at all is just closed). No ASGI middleware can do this: the app is called only
-once the head is complete.
+Time: uvicorn bounds the idle time between requests (keep-alive), but not the time a client takes to send the
+request line and headers, nor a connection that sends nothing at all. A client that sends a header byte every
+few seconds would hold its socket (and a file descriptor) forever. Here every connection that is waiting for a
+request head (just opened, or with a partial head after a response) has `seconds` to complete it; past that it
+gets 408 in our error body, with an X-Request-ID, and is closed (one that sent nothing at all is just closed).
+
+Size: httptools grows a header value by concatenation on every read (quadratic in the pieces: 6 s of CPU for
+an 8 MB header sent in 4 KiB pieces), and h11 answers a head past its own bound with a plain-text 400. Here
+the bytes of a head are counted as they come; past `max_bytes` the connection gets 431 in our error body and
+nothing more is parsed, so a head costs at most `max_bytes` and one read.
+
+After such an answer the connection's write side is shut and what the client still sends is read and dropped
+for a moment before closing (a lingering close, as nginx does): closing with unread bytes would reset the
+connection, and a client still sending its head would lose the answer.
 
 `bentoml serve` builds uvicorn's config itself (HTTP protocol "auto"), so `install` replaces the class that
 "auto" names before the worker's server loads it; the service module is imported before that.
@@ -16,37 +25,58 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import h11
 import uvicorn.protocols.http.auto as auto
 
 from bentoformers.errors import ErrorType, error_body
 from bentoformers.observability import metrics
 
+LINGER_SECONDS = 2.0  # after a refusal: how long the client's remaining bytes are read and dropped
+MAX_READ_BYTES = 1024 * 1024  # above the largest read asyncio or uvloop hands a protocol (256 KiB)
 
-def install(seconds: float) -> None:
-    """Give every HTTP connection uvicorn's "auto" protocol serves from now on a head deadline of `seconds`."""
+
+def install(seconds: float, max_bytes: int) -> None:
+    """Give every HTTP connection uvicorn's "auto" protocol serves from now on a head deadline of `seconds` and a
+    head size bound of `max_bytes` (request line and headers, as sent)."""
     base = getattr(auto.AutoHTTPProtocol, "head_base", auto.AutoHTTPProtocol)
-    auto.AutoHTTPProtocol = with_head_deadline(base, seconds)
+    auto.AutoHTTPProtocol = with_head_deadline(base, seconds, max_bytes)
 
 
-def with_head_deadline(base: type[asyncio.Protocol], seconds: float) -> type[asyncio.Protocol]:
-    """`base` (uvicorn's h11 or httptools protocol) with the head deadline."""
+def with_head_deadline(base: type[asyncio.Protocol], seconds: float, max_bytes: int) -> type[asyncio.Protocol]:
+    """`base` (uvicorn's h11 or httptools protocol) with the head deadline and size bound."""
 
     class HeadDeadline(base):  # type: ignore[valid-type, misc]
         head_base = base
         head_seconds = seconds
+        head_max_bytes = max_bytes
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            if isinstance(getattr(self, "conn", None), h11.Connection):  # h11's own bound must not answer first
+                self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_bytes + MAX_READ_BYTES)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._head_timer: asyncio.TimerHandle | None = None
             self._head_cycle = None  # the request whose head came last
             self._head_bytes = False  # part of a head has come
+            self._head_size = 0  # bytes received since the last head was complete, outside bodies
+            self._refused = False  # answered 408 or 431: what comes now is dropped, unparsed
             super().connection_made(transport)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            in_body = self.cycle is not None and self.cycle.more_body
+            if not in_body:
+                self._head_size += len(data)
             super().data_received(data)
             if self.cycle is not self._head_cycle:  # a new request's head is complete
-                self._head_cycle, self._head_bytes = self.cycle, False
+                self._head_cycle, self._head_bytes, self._head_size = self.cycle, False, 0
                 self._disarm()
+            elif self._head_size > self.head_max_bytes:
+                self._refuse(431, b"Request Header Fields Too Large", "request_too_large",
+                             f"the request head is over the limit of {self.head_max_bytes} bytes")
             elif self.cycle is None or self.cycle.response_complete:  # part of a head
                 self._head_bytes = True
                 if self._head_timer is None:
@@ -73,13 +103,30 @@ def with_head_deadline(base: type[asyncio.Protocol], seconds: float) -> type[asy
             if not self._head_bytes:  # a connection that never sent a byte: nobody to answer
                 self.transport.close()
                 return
-            metrics.count_rejection("header_timeout")
-            body = error_body(ErrorType.TIMEOUT, f"the request head did not arrive within {self.head_seconds:g}s")
+            self._refuse(408, b"Request Timeout", "header_timeout",
+                         f"the request head did not arrive within {self.head_seconds:g}s")
+
+        def _refuse(self, status: int, phrase: bytes, reason: str, message: str) -> None:
+            """Answer `status` in our error body and close; a connection still answering an earlier request
+            (pipelined) is just closed, and one upgraded to a WebSocket is not ours any more."""
+            if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                return
+            self._disarm()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.transport.close()
+                return
+            metrics.count_rejection(reason)
+            body = error_body(ErrorType.TIMEOUT if status == 408 else ErrorType.TOO_LARGE, message)
             self.transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
                 b"content-length: %d\r\nconnection: close\r\nx-request-id: %s\r\n\r\n%s"
-                % (len(body), uuid.uuid4().hex.encode(), body)
+                % (status, phrase, len(body), uuid.uuid4().hex.encode(), body)
             )
-            self.transport.close()
+            self._refused = True
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+                self.loop.call_later(LINGER_SECONDS, self.transport.close)
+            else:
+                self.transport.close()
 
     return HeadDeadline
