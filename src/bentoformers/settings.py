@@ -93,6 +93,11 @@ class Settings(BaseSettings):
         10, gt=0, le=3600, allow_inf_nan=False, description="The time a connection has to send its request line and "
         "headers (from its opening, or from the first byte after a response): 408 after it, then closed."
     )
+    write_stall_seconds: float = Field(
+        30, gt=0, le=3600, allow_inf_nan=False, description="How long a connection's answer may wait for its client "
+        "to read on (the transport's buffer full): past it the connection is closed, and the request's slot, its "
+        "generation and the buffered answer are released.",
+    )
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="All request headers together; beyond: 431.")
     max_headers: int = Field(100, ge=8, description="Request headers; beyond: 431.")
     internal_token: SecretStr | None = Field(

@@ -24,6 +24,10 @@ REJECTION_REASONS = frozenset({
     "too_many_in_flight", "request_too_large", "body_timeout", "header_timeout",
 })
 
+write_stalls = Counter(
+    "write_stalls", "Connections closed because their client stopped reading the answer (write_stall_seconds).",
+    namespace=NAMESPACE,
+)
 requests = Counter(
     "requests", "Requests answered by the gateway, by route template and status code.",
     ["route", "code"], namespace=NAMESPACE,

@@ -40,7 +40,7 @@ from bentoformers.runtime.cpu import cap_malloc_arenas
 from bentoformers.runtime.session import cuda_likely
 from bentoformers.security.authenticator import Authenticator, startup_authenticator
 from bentoformers.security.ratelimit import RateLimiter
-from bentoformers.serving import head_timeout
+from bentoformers.serving import connection_limits
 from bentoformers.serving.model_services import service_class
 from bentoformers.serving.store import StoredModel, check_attributes_unique, served_models
 from bentoformers.settings import Settings
@@ -51,7 +51,9 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     """The Gateway service of the served models (default: the built entries the settings select)."""
     served = served_models(settings) if served is None else served
     check_attributes_unique(served)
-    head_timeout.install(settings.header_timeout_seconds, settings.max_header_bytes)
+    connection_limits.install(
+        settings.header_timeout_seconds, settings.max_header_bytes, settings.write_stall_seconds
+    )
     cap_malloc_arenas(max(2, settings.threads()))
     # Refuses to start in a container with no credentials (BentoML's images set BENTOML_CONTAINERIZED=true).
     authenticator = startup_authenticator(

@@ -1,5 +1,6 @@
-"""Bounds on the request head, in the HTTP protocol itself: its time and its size. No ASGI middleware can do
-either: the app is called only once the head is complete and parsed.
+"""Bounds on a connection, in the HTTP protocol itself: the time and size of its request head, and how long its
+answer may wait for a client that stopped reading. No ASGI middleware can do these: the app is called only once
+the head is complete and parsed, and it cannot see the transport's buffer.
 
 Time: uvicorn bounds the idle time between requests (keep-alive), but not the time a client takes to send the
 request line and headers, nor a connection that sends nothing at all. A client that sends a header byte every
@@ -15,6 +16,12 @@ nothing more is parsed, so a head costs at most `max_bytes` and one read.
 After such an answer the connection's write side is shut and what the client still sends is read and dropped
 for a moment before closing (a lingering close, as nginx does): closing with unread bytes would reset the
 connection, and a client still sending its head would lose the answer.
+
+Writing: uvicorn awaits the transport's drain with no bound, so a client that stops reading would hold its
+request's slot (and a generation's reserved sequences) for ever, and an unread answer would sit in the
+transport. Here a connection whose writing stays paused (its buffer over the high-water mark) for
+`write_stall_seconds` is aborted: the buffered answer is dropped, and the app sees the client gone (a stream
+ends and releases what it holds). A client that reads, however slowly, resumes the writing and is never cut.
 
 `bentoml serve` builds uvicorn's config itself (HTTP protocol "auto"), so `install` replaces the class that
 "auto" names before the worker's server loads it; the service module is imported before that.
@@ -35,20 +42,23 @@ LINGER_SECONDS = 2.0  # after a refusal: how long the client's remaining bytes a
 MAX_READ_BYTES = 1024 * 1024  # above the largest read asyncio or uvloop hands a protocol (256 KiB)
 
 
-def install(seconds: float, max_bytes: int) -> None:
-    """Give every HTTP connection uvicorn's "auto" protocol serves from now on a head deadline of `seconds` and a
-    head size bound of `max_bytes` (request line and headers, as sent)."""
+def install(seconds: float, max_bytes: int, write_stall_seconds: float = 30.0) -> None:
+    """Give every HTTP connection uvicorn's "auto" protocol serves from now on a head deadline of `seconds`, a
+    head size bound of `max_bytes` (request line and headers, as sent) and a write stall bound."""
     base = getattr(auto.AutoHTTPProtocol, "head_base", auto.AutoHTTPProtocol)
-    auto.AutoHTTPProtocol = with_head_deadline(base, seconds, max_bytes)
+    auto.AutoHTTPProtocol = with_head_deadline(base, seconds, max_bytes, write_stall_seconds)
 
 
-def with_head_deadline(base: type[asyncio.Protocol], seconds: float, max_bytes: int) -> type[asyncio.Protocol]:
-    """`base` (uvicorn's h11 or httptools protocol) with the head deadline and size bound."""
+def with_head_deadline(
+    base: type[asyncio.Protocol], seconds: float, max_bytes: int, write_stall_seconds: float = 30.0
+) -> type[asyncio.Protocol]:
+    """`base` (uvicorn's h11 or httptools protocol) with the head deadline and size bound and the write stall bound."""
 
     class HeadDeadline(base):  # type: ignore[valid-type, misc]
         head_base = base
         head_seconds = seconds
         head_max_bytes = max_bytes
+        stall_seconds = write_stall_seconds
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
@@ -61,6 +71,7 @@ def with_head_deadline(base: type[asyncio.Protocol], seconds: float, max_bytes: 
             self._head_bytes = False  # part of a head has come
             self._head_size = 0  # bytes received since the last head was complete, outside bodies
             self._refused = False  # answered 408 or 431: what comes now is dropped, unparsed
+            self._stall_timer: asyncio.TimerHandle | None = None
             super().connection_made(transport)
             self._arm()
 
@@ -84,7 +95,28 @@ def with_head_deadline(base: type[asyncio.Protocol], seconds: float, max_bytes: 
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._writing_again()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._stall_timer is None:
+                self._stall_timer = self.loop.call_later(self.stall_seconds, self._write_stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._writing_again()
+
+        def _writing_again(self) -> None:
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+                self._stall_timer = None
+
+        def _write_stalled(self) -> None:
+            self._stall_timer = None
+            if not self.transport.is_closing() and self.transport.get_protocol() is self:
+                metrics.write_stalls.inc()
+                self.transport.abort()
 
         def _arm(self) -> None:
             if not self.transport.is_closing():

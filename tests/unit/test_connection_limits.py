@@ -1,9 +1,11 @@
-"""The request-head bounds on a real uvicorn server (loopback): a head that does not complete in time gets 408
+"""The connection bounds on a real uvicorn server (loopback): a head that does not complete in time gets 408
 in our body, a silent connection is closed, and whole requests (slow bodies, keep-alive pauses) are never cut;
-a head over its size bound gets 431 in our body as soon as the bound is passed, before the rest is parsed."""
+a head over its size bound gets 431 in our body as soon as the bound is passed, before the rest is parsed; a
+client that stops reading its answer is closed and its stream released, one that reads slowly never is."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -11,7 +13,7 @@ import time
 import pytest
 import uvicorn
 
-from bentoformers.serving.head_timeout import with_head_deadline
+from bentoformers.serving.connection_limits import with_head_deadline
 
 DEADLINE = 0.5
 MAX_HEAD_BYTES = 8 * 1024
@@ -103,12 +105,12 @@ def test_slow_bodies_and_keep_alive_pauses_are_not_cut(address):
 def test_install_replaces_the_auto_protocol_once_however_often_it_is_called(monkeypatch):
     import uvicorn.protocols.http.auto as auto
 
-    from bentoformers.serving import head_timeout
+    from bentoformers.serving import connection_limits
 
     original = auto.AutoHTTPProtocol
     monkeypatch.setattr(auto, "AutoHTTPProtocol", original)
-    head_timeout.install(7, 4096)
-    head_timeout.install(3, 2048)
+    connection_limits.install(7, 4096)
+    connection_limits.install(3, 2048)
     assert auto.AutoHTTPProtocol.head_seconds == 3 and auto.AutoHTTPProtocol.head_max_bytes == 2048
     assert auto.AutoHTTPProtocol.__mro__[1] is getattr(original, "head_base", original)
 
@@ -154,3 +156,85 @@ def test_a_head_over_the_bound_gets_431_in_our_body_before_the_rest_is_sent(addr
         assert _read_response(conn).startswith(b"HTTP/1.1 200 ")
         conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + value + b"\r\n\r\n")  # the count starts again
         assert _read_response(conn).startswith(b"HTTP/1.1 200 ")
+
+
+STALL = 3.0
+
+
+class _Streams:
+    """A Starlette app streaming 64 KiB pieces for ever, noting each stream that ended (its generator closed)."""
+
+    def __init__(self) -> None:
+        from starlette.applications import Starlette
+        from starlette.responses import StreamingResponse
+        from starlette.routing import Route
+
+        self.ended = threading.Event()
+        self.sent = 0
+
+        async def pieces():
+            try:
+                while True:
+                    self.sent += 1
+                    yield b"x" * 65536
+                    await asyncio.sleep(0)  # as a real source does (a model's next tokens): others get the loop
+            finally:
+                self.ended.set()
+
+        self.app = Starlette(routes=[Route("/stream", lambda request: StreamingResponse(pieces()))])
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def streams(request):
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    base = {"httptools": HttpToolsProtocol, "h11": H11Protocol}[request.param]
+    app = _Streams()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app.app, http=with_head_deadline(base, 10, MAX_HEAD_BYTES, STALL), log_level="warning",
+                            lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield app, sock.getsockname()
+    server.should_exit = True
+    thread.join(5)
+
+
+def _open_stream(address, window: int | None = 4096) -> socket.socket:
+    conn = socket.socket()
+    if window:  # a small window: the server's buffer fills soon
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+    conn.connect(address)
+    conn.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.recv(1024)  # the head and the first bytes; then this client stops reading
+    return conn
+
+
+def test_a_client_that_stops_reading_is_closed_and_its_stream_released(streams):
+    app, address = streams
+    with _open_stream(address) as conn:
+        # Not read for a stall's worth: the server gives up on it, and the app's stream ends (what it held, freed).
+        assert app.ended.wait(STALL + 10), "the stream still waits on a client that stopped reading"
+        conn.settimeout(10)
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            while conn.recv(65536):  # what was in flight, then the reset of an aborted connection
+                pass
+            raise ConnectionResetError  # an orderly end is an end too
+
+
+def test_a_client_that_reads_slowly_is_never_cut(streams):
+    app, address = streams
+    with _open_stream(address, window=None) as conn:
+        conn.settimeout(5)
+        received, stop = 0, time.monotonic() + 2 * STALL
+        # Up to 64 KiB every 20 ms: far slower than the app writes, so the server's buffers stay full and its
+        # writing pauses, but each pause ends as the reader frees a third of the kernel's send buffer.
+        while time.monotonic() < stop:
+            received += len(conn.recv(65536))
+            time.sleep(0.02)
+        assert not app.ended.is_set() and received > 65536
