@@ -34,7 +34,7 @@ from bentoformers.build.quantize import int8_scheme, quantize_decoder_int8, quan
 from bentoformers.runtime import cpu, selfcheck
 from bentoformers.runtime.card import ONNX_FILE, ModelCard
 from bentoformers.runtime.chat import resolve_template
-from bentoformers.runtime.encoder import label_scores, sigmoid, softmax
+from bentoformers.runtime.encoder import POOLED_OUTPUT, label_scores, sigmoid, softmax
 from bentoformers.runtime.fidelity import (
     gate_failures,
     generation_prompts,
@@ -94,7 +94,7 @@ def build_model(spec: ModelSpec, *, force: bool = False, report: Report = print)
     with tempfile.TemporaryDirectory(prefix="bentoformers-build-") as tmp:
         work = Path(tmp)
         with step(report, "export to ONNX (optimum)"):
-            exported = export_onnx(folder, work / "export", spec.task)
+            exported = export_onnx(folder, work / "export", spec.task, card.pooling)
         # The validation inputs as token ids: they calibrate int8, validate every variant, and seed the check set.
         validation = _validation_set(card, folder, TextTokenizer(exported.parent, card.max_length), report)
         for variant, tag in todo:
@@ -336,6 +336,7 @@ def _version(spec: ModelSpec, variant: VariantSpec, revision: str, chat_template
         [
             spec.model_dump(exclude={"variants", "chat_template"}), variant.model_dump(), spec.gates(variant), revision,
             __version__, int8_scheme(spec.task) if variant.precision == "int8" else None,
+            *([POOLED_OUTPUT] if TASKS[spec.task].output == "pooled" else []),  # built since the pooling is in the graph
             *([chat_template] if chat_template else []),  # the template's text: a .jinja file can change
         ],
         sort_keys=True,
@@ -377,7 +378,7 @@ Built by bentoformers {__version__} from `{spec.source}` (revision `{revision}`)
 
 - task: {card.task}; {_task_line(card)}
 - max input: {card.max_length} tokens; ONNX graph: {size / 2**20:.1f} MiB
-{f"- int8 scheme: {int8_scheme(card.task)}" if card.precision == "int8" else ""}
+{_pooling_line(card)}{f"- int8 scheme: {int8_scheme(card.task)}" if card.precision == "int8" else ""}
 
 ## Fidelity against the fp32 PyTorch reference, per CPU instruction-set class
 
@@ -391,6 +392,13 @@ re-runs the stored check set ({selfcheck.CHECK_FILE}) on its own CPU before it s
 
 Figures named max_* are upper bounds; the rest are lower bounds.
 """
+
+
+def _pooling_line(card: ModelCard) -> str:
+    if card.task != "embeddings":
+        return ""
+    return (f"- pooling: in the graph ({card.pooling}, in fp32, output `{POOLED_OUTPUT}`: only the vectors leave the "
+            f"session); L2 normalisation after the model, unless a request asks for the raw vector\n")
 
 
 def _task_line(card: ModelCard) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bentoformers.runtime.card import ONNX_FILE, ModelCard
-from bentoformers.runtime.encoder import l2_normalize, pool
+from bentoformers.runtime.encoder import POOLED_OUTPUT, l2_normalize, pool
 from bentoformers.tasks import TASKS
 
 TOKENIZER_FILES = (
@@ -87,8 +87,9 @@ def sentence_transformers_config(folder: Path) -> dict[str, object]:
     return found
 
 
-def export_onnx(folder: Path, out: Path, task: str = "embeddings") -> Path:
-    """optimum's exporter, with dynamic batch and sequence axes. Without the framework warnings a user cannot
+def export_onnx(folder: Path, out: Path, task: str = "embeddings", pooling: str = "mean") -> Path:
+    """optimum's exporter, with dynamic batch and sequence axes; an embeddings graph gets its pooling appended
+    (`append_pooling`), so every variant built from it has it. Without the framework warnings a user cannot
     act on: the tracer's and the exporter's notes on what a traced graph may get wrong (the build validates
     the graph against PyTorch instead), optimum's tied-weight deduplication asking for `accelerate` (it only
     shrinks the file) and transformers' deprecation of the `torch_dtype` that optimum passes."""
@@ -105,7 +106,90 @@ def export_onnx(folder: Path, out: Path, task: str = "embeddings") -> Path:
         main_export(
             str(folder), output=str(out), task=TASKS[task].export, library_name="transformers", do_validation=False
         )
+    if TASKS[task].output == "pooled":
+        append_pooling(out / ONNX_FILE, pooling)
     return out / ONNX_FILE
+
+
+POOLING_PREFIX = "pooling_"  # the appended nodes' and tensors' names: fp16 conversion leaves these in fp32
+
+
+def append_pooling(path: Path, pooling: str) -> None:
+    """Adds the pooling to an encoder graph as ONNX nodes: `sentence_embedding` (batch, dims), the mean of
+    `last_hidden_state` over the attention mask (or its first token, for CLS), as `pool` computes it in numpy.
+    Only that leaves the session, not the hidden state (on a GPU, fetching the hidden state and pooling it on
+    the host cost 16x the throughput). Each row is a product of its own mask and hidden state (padding weighted
+    0, no sum across rows), so a text's vector does not depend on its batch. L2 normalisation stays after
+    the model (api/embeddings.py): a request may ask for the raw vector (`normalize: false`).
+    `last_hidden_state` stays an output, unfetched, for checks against the numpy pooling."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    p = POOLING_PREFIX
+    hidden = "last_hidden_state"
+    if pooling == "cls":
+        constants = {f"{p}first": np.array(0, np.int64)}
+        nodes = [helper.make_node("Gather", [hidden, f"{p}first"], [POOLED_OUTPUT], name=f"{p}gather", axis=1)]
+    else:
+        constants = {
+            f"{p}last_axis": np.array([-1], np.int64),
+            f"{p}sequence_axis": np.array(1, np.int32),
+            f"{p}last_token": np.array(-1, np.int64),
+            f"{p}tiny": np.array(1e-9, np.float32),
+        }
+        step = [
+            ("Cast", ["attention_mask"], "mask", {"to": TensorProto.FLOAT}),
+            ("Unsqueeze", ["mask", "last_axis"], "weights", {}),
+            ("Mul", [hidden, "weights"], "weighted", {}),
+            # A running sum over the tokens, read at the last one: each row summed in token order, so padding
+            # (adding zeros) changes nothing; ReduceSum's order, and so its rounding, varies with the length.
+            ("CumSum", ["weighted", "sequence_axis"], "running", {}),
+            ("Gather", ["running", "last_token"], "sum", {"axis": 1}),
+            ("ReduceSum", ["weights", "sequence_axis_list"], "count", {"keepdims": 0}),  # whole numbers: exact
+            ("Max", ["count", "tiny"], "divisor", {}),
+            ("Div", ["sum", "divisor"], POOLED_OUTPUT, {}),
+        ]
+        constants[f"{p}sequence_axis_list"] = np.array([1], np.int64)
+        local = {hidden, "attention_mask", POOLED_OUTPUT}
+        nodes = [
+            helper.make_node(op, [i if i in local else p + i for i in inputs],
+                             [out if out in local else p + out], name=f"{p}{index}_{op.lower()}", **attrs)
+            for index, (op, inputs, out, attrs) in enumerate(step)
+        ]
+    graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items())
+    graph.node.extend(nodes)
+    graph.output.append(helper.make_tensor_value_info(POOLED_OUTPUT, TensorProto.FLOAT, ["batch_size", "dimensions"]))
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+
+
+def sum_pooling_for_gpu(model) -> None:
+    """Swaps the pooling's running sum for a ReduceSum over the tokens, in place: ONNX Runtime's CUDA CumSum
+    loops over each element's whole prefix (tokens squared), while ReduceSum is one reduction. On a GPU, as
+    with fp16 there, results are not bit-exact across batches anyway."""
+    from onnx import helper
+
+    p = POOLING_PREFIX
+    nodes = list(model.graph.node)
+    running = next((i for i, n in enumerate(nodes) if n.name.startswith(p) and n.op_type == "CumSum"), None)
+    if running is None:  # CLS pooling sums nothing
+        return
+    weighted, axes, out = nodes[running].input[0], f"{p}sequence_axis_list", nodes[running + 1].output[0]
+    nodes[running : running + 2] = [
+        helper.make_node("ReduceSum", [weighted, axes], [out], name=f"{p}sum_reducesum", keepdims=0)
+    ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    kept = [t for t in model.graph.initializer if t.name not in (f"{p}sequence_axis", f"{p}last_token")]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def pooling_nodes(model) -> list[str]:
+    """The names of the nodes `append_pooling` added."""
+    return [n.name for n in model.graph.node if n.name.startswith(POOLING_PREFIX)]
 
 
 @contextlib.contextmanager
@@ -135,10 +219,12 @@ def optimize(onnx_path: Path, out_path: Path, for_gpu: bool, fp16: bool = False,
     model_type = config.get("model_type", "bert")
     if not fuse or model_type not in MODEL_TYPES:
         model = onnx.load(str(onnx_path))
+        if for_gpu:
+            sum_pooling_for_gpu(model)
         if fp16:
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
-            model = convert_float_to_float16(model, keep_io_types=True)
+            model = convert_float_to_float16(model, keep_io_types=True, node_block_list=pooling_nodes(model))
         onnx.save_model(model, str(out_path))
         return out_path
     optimized = optimize_model(
@@ -149,8 +235,10 @@ def optimize(onnx_path: Path, out_path: Path, for_gpu: bool, fp16: bool = False,
         opt_level=1,
         use_gpu=for_gpu,
     )
-    if fp16:
-        optimized.convert_float_to_float16(keep_io_types=True)
+    if for_gpu:
+        sum_pooling_for_gpu(optimized.model)
+    if fp16:  # the pooling stays fp32: a sum over hundreds of tokens
+        optimized.convert_float_to_float16(keep_io_types=True, node_block_list=pooling_nodes(optimized.model))
     onnx.save_model(optimized.model, str(out_path))
     return out_path
 

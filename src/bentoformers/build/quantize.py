@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bentoformers.build.export import POOLING_PREFIX
 from bentoformers.tasks import TASKS
 
 ENCODER_SCHEME = "per-token W7A8 (7-bit weights per channel, 8-bit activations per token), SmoothQuant 0.5, 1/96 outlier channels fp32"
@@ -50,6 +51,7 @@ def quantize_encoder_int8(onnx_path: Path, out_path: Path, calibration: list[lis
     weights = {w.name: w for w in graph.initializer}
     targets = [
         n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights and len(weights[n.input[1]].dims) == 2
+        and not n.name.startswith(POOLING_PREFIX)  # the appended pooling stays float
     ]
     consumers: dict[str, list] = {}
     for node in targets:

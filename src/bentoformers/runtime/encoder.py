@@ -17,6 +17,8 @@ from bentoformers.runtime.session import open_session
 from bentoformers.runtime.tokenizer import SECOND_SEGMENT
 from bentoformers.tasks import TASKS
 
+POOLED_OUTPUT = "sentence_embedding"  # an embeddings graph's pooled output (build/export.py appends the pooling)
+
 
 class OnnxEncoder:
     """Runs a built encoder graph: pooled embeddings, or a classifier's logits (a row per text; for token
@@ -51,8 +53,11 @@ class OnnxEncoder:
         self._input_names = {i.name for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         output = TASKS[self.card.task].output
-        self._pooled, self._per_token = output == "pooled", output == "token-logits"
-        wanted = "last_hidden_state" if self._pooled else "logits"
+        self._per_token = output == "token-logits"
+        # Graphs built since the pooling moved into the graph give `sentence_embedding`; older ones the hidden
+        # state, pooled here.
+        self._pool_here = output == "pooled" and POOLED_OUTPUT not in outputs
+        wanted = "last_hidden_state" if self._pool_here else POOLED_OUTPUT if output == "pooled" else "logits"
         self._output = wanted if wanted in outputs else outputs[0]
 
     def embed(self, batch: list[list[int]]) -> np.ndarray:
@@ -93,10 +98,25 @@ class OnnxEncoder:
 
     def _run(self, seqs: list[list[int]]) -> np.ndarray:
         inputs = feed(seqs, self._input_names)
-        out = self.session.run([self._output], inputs)[0].astype(np.float32, copy=False)
-        return pool(out, inputs["attention_mask"], self.card.pooling) if self._pooled else out
+        if self.device == "cuda":
+            out = run_bound(self.session, self._output, inputs, "cuda")
+        else:
+            out = self.session.run([self._output], inputs)[0]
+        out = out.astype(np.float32, copy=False)
+        return pool(out, inputs["attention_mask"], self.card.pooling) if self._pool_here else out
 
     classify = embed
+
+
+def run_bound(session, output: str, inputs: dict[str, np.ndarray], device: str) -> np.ndarray:
+    """One output of a run through ONNX Runtime's I/O binding: the output is bound on `device` and only it is
+    copied to the host (the service uses this on CUDA; the tests run it on CPU)."""
+    binding = session.io_binding()
+    for name, value in inputs.items():
+        binding.bind_cpu_input(name, value)
+    binding.bind_output(output, device)
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()[0]
 
 
 def feed(seqs: list[list[int]], input_names: set[str]) -> dict[str, np.ndarray]:
