@@ -117,6 +117,16 @@ class Settings(BaseSettings):
         30, gt=0, description="A generation whose model service sends nothing this long ends with a timeout error."
     )
 
+    # ---- request bodies: what a request may make the gateway do (api/, gateway/endpoint.py) ----
+    max_template_chars: int = Field(
+        1000, ge=2, description="Characters of a zero-shot `hypothesis_template` (413 beyond); it is repeated in "
+        "every text-and-label pair, each of which counts against max_chars_per_request.",
+    )
+    max_tokenize_tokens: int = Field(
+        65_536, ge=1, description="Tokens /tokenize returns per request, all inputs together (413 beyond): each is a "
+        "JSON object of some 80 bytes. They are charged to the caller's token budget too.",
+    )
+
     def served_names(self) -> list[str]:
         return [n.strip() for n in self.models.split(",") if n.strip()]
 
