@@ -122,15 +122,24 @@ class Settings(BaseSettings):
         30, gt=0, description="A generation whose model service sends nothing this long ends with a timeout error."
     )
 
-    # ---- issue 24: hostile transport and logging ----
+    # logging and transport
     access_log_queue_lines: int = Field(
         10_000, ge=1, description="Access log lines waiting for stdout; beyond, a line is dropped and counted, so a "
         "log reader that stops reading never blocks serving."
     )
-
     max_body_bytes_in_flight: int = Field(
         256 * 1024 * 1024, ge=1024, description="Request body bytes being read at once per gateway worker (a declared "
         "length counts before its first byte); a body past it gets 503 + Retry-After before it is read."
+    )
+
+    # what a request body may make the gateway do (api/, gateway/endpoint.py)
+    max_template_chars: int = Field(
+        1000, ge=2, description="Characters of a zero-shot `hypothesis_template` (413 beyond); it is repeated in "
+        "every text-and-label pair, each of which counts against max_chars_per_request.",
+    )
+    max_tokenize_tokens: int = Field(
+        65_536, ge=1, description="Tokens /tokenize returns per request, all inputs together (413 beyond): each is a "
+        "JSON object of some 80 bytes. They are charged to the caller's token budget too.",
     )
 
     def served_names(self) -> list[str]:

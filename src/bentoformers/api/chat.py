@@ -3,6 +3,7 @@ it generates as /v1/completions does (n choices decoding together, stop strings,
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from starlette.requests import Request
@@ -23,7 +24,7 @@ from bentoformers.api.sse import event_stream
 from bentoformers.api.steps import chooser_of, json_response, parse_body
 from bentoformers.errors import ApiError, ErrorType
 from bentoformers.gateway.chooser import ModelChooser
-from bentoformers.gateway.endpoint import GeneratorEndpoint
+from bentoformers.gateway.endpoint import INLINE_TOKENIZE_CHARS, GeneratorEndpoint
 from bentoformers.runtime.chat import ChatTemplateError
 from bentoformers.runtime.generation import Sampling
 
@@ -80,6 +81,25 @@ def _pick(gateway: ModelChooser, requested: str | None) -> GeneratorEndpoint:
     return gateway.pick(requested, "generation")
 
 
+async def _prompt_ids(endpoint: GeneratorEndpoint, parts: list[tuple[str, bool]]) -> list[int]:
+    """The rendered conversation's ids, the messages' text never making a special token (runtime/tokenizer.py,
+    chat_ids), within the model's context."""
+    rendered = "".join(text for text, _ in parts)
+    endpoint.check_text(rendered, "messages")
+    if len(rendered) > INLINE_TOKENIZE_CHARS:
+        ids = await asyncio.to_thread(endpoint.tokenizer.chat_ids, parts)
+    else:
+        ids = endpoint.tokenizer.chat_ids(parts)
+    if len(ids) >= endpoint.card.max_length:
+        raise ApiError(
+            ErrorType.TOO_LARGE,
+            f"messages has {len(ids)} tokens; the model's context is {endpoint.card.max_length} tokens, "
+            "prompt and new tokens together",
+            param="messages",
+        )
+    return ids
+
+
 async def chat_completions(request: Request) -> Response:
     """POST /v1/chat/completions: {"messages", "max_completion_tokens"? (or "max_tokens"), "temperature"?,
     "top_p"?, "seed"?, "stop"?, "n"?, "stream"?, "stream_options"?, "model"?}."""
@@ -95,11 +115,11 @@ async def chat_completions(request: Request) -> Response:
         )
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     try:
-        rendered = endpoint.chat.render(messages, add_generation_prompt=True)
+        parts = endpoint.chat.render_parts(messages, add_generation_prompt=True)
     except ChatTemplateError as exc:
         raise ApiError(ErrorType.INVALID_REQUEST, f"the model's chat template refused the messages: {exc}",
                        param="messages") from None
-    ids = await endpoint.prompt_ids(rendered, "messages", add_special_tokens=False)
+    ids = await _prompt_ids(endpoint, parts)
     max_new, max_param = body.max_completion_tokens, "max_completion_tokens"
     if max_new is None:
         max_new, max_param = body.max_tokens, "max_tokens"

@@ -10,7 +10,7 @@ from starlette.responses import Response
 from bentoformers.api.schemas import ClassifyRequest
 from bentoformers.api.steps import chooser_of, infer_charged, json_response, parse_body
 from bentoformers.errors import ApiError, ErrorType
-from bentoformers.gateway.endpoint import EncoderEndpoint
+from bentoformers.gateway.endpoint import TRUNCATE_CHARS_PER_TOKEN, EncoderEndpoint
 from bentoformers.runtime.encoder import label_scores, softmax
 
 
@@ -51,11 +51,19 @@ async def _zero_shot(
             param="candidate_labels",
         )
     template = body.hypothesis_template
+    limit = endpoint.settings.max_template_chars
+    if len(template) > limit:
+        raise ApiError(
+            ErrorType.TOO_LARGE, f"hypothesis_template has {len(template)} characters; at most {limit}",
+            param="hypothesis_template",
+        )
     if template.count("{}") != 1:
         raise ApiError(
             ErrorType.VALIDATION, "hypothesis_template must hold {} once, where each label goes",
             param="hypothesis_template",
         )
+    if body.truncate:  # only the premise's first tokens are kept: do not tokenize (nor count) far past them
+        texts = [text[: card.max_length * TRUNCATE_CHARS_PER_TOKEN] for text in texts]
     endpoint.check_texts(texts, "inputs")
     endpoint.check_texts(labels, "candidate_labels")
     if len(set(labels)) != len(labels):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,13 +25,24 @@ PROMPT_NAME = Field(None, description="One of the model's prompts (GET /v1/model
 DIMENSIONS = Field(None, ge=1, description="Cut each vector to its first `dimensions` values and L2-normalise it: "
                    "the model's full size, or one of its Matryoshka sizes (GET /v1/models).")
 TRUNCATION_DIRECTION = Field("right", description="With truncate: right keeps each text's first tokens, left its last.")
+# Every list a request may send is bounded here, above the routes' own limits (max_items_per_request, ...), and
+# stops at its first wrong item (fail_fast): a body of a million wrong items costs one error, not a million.
+MAX_LIST_ITEMS = 65_536
+MAX_IGNORE_LABELS = 1024
+
+
+def bounded(item: Any, max_length: int = MAX_LIST_ITEMS, min_length: int = 0) -> Any:
+    return Annotated[list[item], Field(min_length=min_length, max_length=max_length, fail_fast=True)]
+
+
+Texts = bounded(StrictStr)
 
 
 class EmbedRequest(BaseModel):
     """POST /embed (native)."""
 
     model_config = ConfigDict(extra="forbid")
-    inputs: StrictStr | list[StrictStr]
+    inputs: StrictStr | Texts
     normalize: StrictBool | None = Field(None, description="Default: as the model was trained.")
     truncate: StrictBool = Field(False, description="Cut texts over the model's token limit instead of refusing them.")
     model: StrictStr | None = None
@@ -46,7 +57,7 @@ class OpenAIEmbeddingRequest(BaseModel):
     """POST /v1/embeddings, as the OpenAI API defines it (extra fields such as `user` are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
-    input: StrictStr | list[StrictStr]
+    input: StrictStr | Texts
     model: StrictStr | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = DIMENSIONS
@@ -64,7 +75,7 @@ class TokenizeRequest(BaseModel):
     """POST /tokenize (TEI's shape): the tokens a model sees, without running it."""
 
     model_config = ConfigDict(extra="forbid")
-    inputs: StrictStr | list[StrictStr]
+    inputs: StrictStr | Texts
     add_special_tokens: StrictBool = True
     prompt_name: StrictStr | None = Field(None, description="As on /embed: the prompt's tokens come first, marked "
                                           "`prompt`; absent: an embeddings model's default prompt, if any.")
@@ -80,12 +91,12 @@ class ClassifyRequest(BaseModel):
     is the premise, and each label in the template the hypothesis, as Transformers' zero-shot pipeline does."""
 
     model_config = ConfigDict(extra="forbid")
-    inputs: StrictStr | list[StrictStr]
+    inputs: StrictStr | Texts
     top_k: StrictInt | None = Field(None, ge=1, description="Labels per text, best first; null or absent: all labels.")
     truncate: StrictBool = Field(False, description="Cut texts over the model's token limit instead of refusing them.")
     model: StrictStr | None = None
-    candidate_labels: list[StrictStr] | None = Field(
-        None, min_length=1, max_length=MAX_CANDIDATE_LABELS,
+    candidate_labels: bounded(StrictStr, MAX_CANDIDATE_LABELS, min_length=1) | None = Field(
+        None,
         description="Zero-shot: the labels to score, on a model served as zero-shot (an NLI model).",
     )
     hypothesis_template: StrictStr = Field(
@@ -97,7 +108,7 @@ class ClassifyRequest(BaseModel):
     )
 
 
-Stop = StrictStr | list[StrictStr] | None
+Stop = StrictStr | Texts | None
 MAX_CHOICES = 16  # `n`
 
 
@@ -132,7 +143,7 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions, as the OpenAI API defines it (a prompt or a list, `n` choices each; `user` etc. ignored)."""
 
     model_config = ConfigDict(extra="ignore")
-    prompt: StrictStr | list[StrictStr]
+    prompt: StrictStr | Texts
     max_tokens: StrictInt | None = Field(16, ge=1)
     stop: Stop = None
     n: StrictInt = Field(1, ge=1, le=MAX_CHOICES, description="Choices per prompt, decoded together.")
@@ -152,7 +163,7 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart]
+    content: StrictStr | bounded(TextPart)
     name: StrictStr | None = None
 
     def text(self) -> str:
@@ -164,7 +175,7 @@ class ChatCompletionRequest(_Sampling):
     fields this server cannot honour are refused by name: api/chat.py)."""
 
     model_config = ConfigDict(extra="ignore")
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: bounded(ChatMessage, min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1, description="Deprecated by OpenAI for max_completion_tokens.")
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     stop: Stop = None
@@ -316,7 +327,7 @@ class RerankRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     query: StrictStr
-    texts: list[StrictStr]
+    texts: Texts
     raw_scores: StrictBool = Field(False, description="The model's logit instead of its sigmoid.")
     return_text: StrictBool = Field(False, description="Each result with its text.")
     truncate: StrictBool = Field(False, description="Cut pairs over the model's token limit instead of refusing them.")
@@ -341,7 +352,7 @@ class CohereRerankRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     query: StrictStr
-    documents: list[StrictStr] = Field(json_schema_extra={"items": _DOCUMENT_SCHEMA})
+    documents: Texts = Field(json_schema_extra={"items": _DOCUMENT_SCHEMA})
     model: StrictStr | None = None
     top_n: StrictInt | None = Field(None, ge=1, description="The best n results; absent, or more than the documents: all.")
     return_documents: StrictBool | None = Field(
@@ -354,7 +365,7 @@ class CohereRerankRequest(BaseModel):
     @field_validator("documents", mode="before")
     @classmethod
     def _text_of_objects(cls, value: Any) -> Any:
-        if isinstance(value, list):
+        if isinstance(value, list) and len(value) <= MAX_LIST_ITEMS:  # longer: refused as it is
             return [v["text"] if isinstance(v, dict) and "text" in v else v for v in value]
         return value
 
@@ -409,14 +420,16 @@ class NerRequest(BaseModel):
     """POST /ner (native): entities as Transformers' token-classification pipeline finds them."""
 
     model_config = ConfigDict(extra="forbid")
-    inputs: StrictStr | list[StrictStr] = Field(description="Texts of any length: one over the model's token limit "
+    inputs: StrictStr | Texts = Field(description="Texts of any length: one over the model's token limit "
                                                 "is read in overlapping windows.")
     aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = Field(
         "simple", description="As the pipeline's: none (a result per token), simple (adjacent tokens of one type "
         "grouped), first, average or max (grouped, and a word never split between types: the label of its first "
         "token, of its tokens' average scores, or of its surest token). The pipeline's default is none."
     )
-    ignore_labels: list[StrictStr] = Field(["O"], description="Labels (or, grouped, types) left out of the answer.")
+    ignore_labels: bounded(StrictStr, MAX_IGNORE_LABELS) = Field(
+        ["O"], description="Labels (or, grouped, types) left out of the answer."
+    )
     model: StrictStr | None = None
 
 

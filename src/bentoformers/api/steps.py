@@ -31,8 +31,11 @@ def parse_body(model: type[M], body: bytes, refuse: Callable[[Any], None] | None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        # With `str | list[str]` pydantic reports both branches; the deepest location is the useful one.
-        first = max(exc.errors(include_url=False, include_input=False), key=lambda e: len(e["loc"]))
+        # Few errors to build: every list of a request stops at its first wrong item (schemas.bounded). With
+        # `str | list[str]` pydantic reports both branches; the deepest location is the useful one, and at one
+        # depth an error other than a wrong type (the branch not taken), such as a list too long.
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        first = max(errors, key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")))
         loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("list[", "str")))
         raise ApiError(ErrorType.VALIDATION, f"{loc or 'body'}: {first['msg']}", param=loc or None) from None
 

@@ -40,6 +40,7 @@ async def ner(request: Request) -> Response:
             param="inputs",
         )
     logits, tokens = await infer_charged(request, endpoint, [ids for plan in plans for ids in plan.ids])
+    ignore_labels = frozenset(body.ignore_labels)  # looked up once per entity
 
     def entities() -> list[list[dict]]:
         results, first = [], 0
@@ -48,7 +49,7 @@ async def ner(request: Request) -> Response:
             first += len(plan.ids)
             results.append(find_entities(
                 text, encoding, probabilities, endpoint.tokenizer, endpoint.card.labels, body.aggregation_strategy,
-                body.ignore_labels,
+                ignore_labels,
             ))
         return results
 

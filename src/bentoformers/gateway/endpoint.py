@@ -122,7 +122,9 @@ class ModelEndpoint:
             return await asyncio.to_thread(self.tokenizer.ids, text, add_special_tokens)
         return self.tokenizer.ids(text, add_special_tokens)
 
-    def check_texts(self, texts: list[str], param: str) -> None:
+    def check_texts(self, texts: list[str], param: str, prompt: str = "") -> None:
+        """The texts of a request: how many, each one (check_text), and their characters in all, `prompt` (put
+        before each text) counted once per text, as it is tokenized."""
         limits = self.settings
         if not texts:
             raise ApiError(ErrorType.VALIDATION, f"{param} must hold at least one text", param=param)
@@ -136,10 +138,12 @@ class ModelEndpoint:
         for i, text in enumerate(texts):
             self.check_text(text, f"{param}.{i}", shown=f"{param}[{i}]")
             total += len(text)
+        total += len(prompt) * len(texts)
         if total > limits.max_chars_per_request:
+            with_prompt = f", the prompt's {len(prompt)} counted with each text," if prompt else ""
             raise ApiError(
                 ErrorType.TOO_LARGE,
-                f"{param} holds {total} characters in all; at most {limits.max_chars_per_request} per request "
+                f"{param} holds {total} characters in all{with_prompt}; at most {limits.max_chars_per_request} per request "
                 "(with truncate: true, only the first "
                 f"{self.card.max_length * TRUNCATE_CHARS_PER_TOKEN} characters of each text count, or the last when "
                 "cut on the left)",
@@ -181,7 +185,7 @@ class EncoderEndpoint(ModelEndpoint):
             # Only the first tokens (the last, cut on the left) are kept: do not tokenize (nor count) far past them.
             keep = self.card.max_length * TRUNCATE_CHARS_PER_TOKEN
             texts = [text[-keep:] if direction == "left" else text[:keep] for text in texts]
-        self.check_texts(texts, param)
+        self.check_texts(texts, param, prompt)
         self.coalescer.check_room(len(texts))
         try:
             if sum(map(len, texts)) + len(prompt) * len(texts) > INLINE_TOKENIZE_CHARS:
@@ -205,16 +209,26 @@ class EncoderEndpoint(ModelEndpoint):
     ) -> list[list[int]]:
         """Pairs of texts (query and document, premise and hypothesis) as one sequence each; the caller checks
         its texts (check_texts). A pair over the limit is named `param.<item_of(pair)>`: the item of the
-        request it came from."""
-        if len(pairs) > self.settings.max_items_per_request:
+        request it came from. The pairs' characters count against max_chars_per_request as they are tokenized:
+        a query (a hypothesis) repeated in every pair counts every time."""
+        limits = self.settings
+        if len(pairs) > limits.max_items_per_request:
             raise ApiError(
                 ErrorType.TOO_LARGE,
-                f"the request makes {len(pairs)} pairs for the model; at most {self.settings.max_items_per_request}",
+                f"the request makes {len(pairs)} pairs for the model; at most {limits.max_items_per_request}",
+                param=param,
+            )
+        chars = sum(len(a) + len(b) for a, b in pairs)
+        if chars > limits.max_chars_per_request:
+            raise ApiError(
+                ErrorType.TOO_LARGE,
+                f"the request makes {len(pairs)} pairs of {chars} characters in all (the text repeated in each pair "
+                f"counted in each); at most {limits.max_chars_per_request} per request",
                 param=param,
             )
         self.coalescer.check_room(len(pairs))
         try:
-            if sum(len(a) + len(b) for a, b in pairs) > INLINE_TOKENIZE_CHARS:
+            if chars > INLINE_TOKENIZE_CHARS:
                 return await asyncio.to_thread(self.tokenizer.encode_pairs, pairs, truncate, strategy)
             return self.tokenizer.encode_pairs(pairs, truncate, strategy)
         except InputTooLong as exc:

@@ -98,6 +98,27 @@ class ChatTemplate:
             raise ChatTemplateError(f"{type(exc).__name__}: {exc}") from None
 
 
+    def render_parts(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+        """The rendering as parts, (text, written by the caller): each message's content apart from the template's
+        text, so that the tokenizer keeps the caller's text from making special tokens (TextTokenizer.chat_ids).
+        The template renders a marker in place of each content. One that renders a content more than once gets
+        the whole rendering as the template's, or a refusal where a content holds a special token's text."""
+        markers = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        marked = self.render([{**m, "content": k} for m, k in zip(messages, markers, strict=True)], add_generation_prompt)
+        pieces = _MARKER.split(marked)  # text, index, text, index, ..., text
+        indices = pieces[1::2]
+        if len(set(indices)) == len(indices):
+            return [(messages[int(p)]["content"], True) if i % 2 else (p, False) for i, p in enumerate(pieces) if p]
+        specials = [t for v in self.tokens.values() for t in (v if isinstance(v, list) else [v]) if isinstance(t, str) and t]
+        for m in messages:
+            if any(t in m["content"] for t in specials):
+                raise ChatTemplateError("a message holds a special token's text, which this template cannot keep apart")
+        return [(self.render(messages, add_generation_prompt), False)]
+
+
+_MARKER = re.compile("\ue000([0-9]+)\ue001")
+
+
 def _raise(message: str) -> None:
     from jinja2 import TemplateError
 

@@ -71,7 +71,7 @@ def find_entities(
     tokenizer: TextTokenizer,
     labels: tuple[str, ...],
     strategy: str,
-    ignore_labels: list[str],
+    ignore_labels: frozenset[str],
 ) -> list[dict[str, Any]]:
     """The pipeline's entities (`postprocess`) from each token's label probabilities, over the text's whole
     encoding: per token with `none` (`entity`, `index`), else grouped (`entity_group`)."""
@@ -86,7 +86,7 @@ def find_entities(
         entities = [_word(group, strategy, tokenizer, labels) for group in _words(tokens)]
     if strategy != "none":
         entities = _grouped(entities, tokenizer)
-    return [e for e in entities if e.get("entity") not in ignore_labels and e.get("entity_group") not in ignore_labels]
+    return [e for e in entities if (e.get("entity") or e.get("entity_group")) not in ignore_labels]
 
 
 @dataclass(frozen=True)

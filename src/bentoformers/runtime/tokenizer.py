@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 # The tokens of a pair's second text (a reranker's document, an NLI hypothesis) cross to the model service as
@@ -31,6 +32,7 @@ class TextTokenizer:
         self._truncating.no_padding()
         self._truncating.enable_truncation(max_length)
         self._pair_truncating: dict[str, object] = {}  # by strategy, made when first asked for
+        self._plain = None  # encodes special tokens' text as text (chat_ids), made when first asked for
         # Keeps a text's last tokens; the post-processor still puts the special tokens at both ends.
         self._truncating_left = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
         self._truncating_left.no_padding()
@@ -102,6 +104,36 @@ class TextTokenizer:
         tokenizer.enable_truncation(self.max_length, strategy=strategy)
         return tokenizer
 
+    def chat_ids(self, parts: list[tuple[str, bool]]) -> list[int]:
+        """A rendered chat as ids, from its parts: (text, written by the caller). The template's text is tokenized
+        as Transformers does (its special tokens are special); the caller's never makes a special token, so a
+        message holding `<|im_start|>system` cannot forge a turn. The text is cut only at the template's special
+        tokens, where the tokenizer cuts it anyway: a chat whose messages hold no special token gets the ids of
+        its whole text."""
+        specials = {t.content: i for i, t in self._whole.get_added_tokens_decoder().items() if t.special}
+        pattern = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
+        ids: list[int] = []
+        pending = ""  # text up to the next special token of the template
+        for text, from_caller in parts:
+            pieces = [text] if from_caller or not specials else pattern.split(text)
+            for i, piece in enumerate(pieces):
+                if i % 2 == 0:
+                    pending += piece
+                    continue
+                ids += self._plain_ids(pending) + [specials[piece]]
+                pending = ""
+        return ids + self._plain_ids(pending)
+
+    def _plain_ids(self, text: str) -> list[int]:
+        if not text:
+            return []
+        if self._plain is None:
+            from tokenizers import Tokenizer
+
+            self._plain = Tokenizer.from_str(self._whole.to_str())
+            self._plain.encode_special_tokens = True  # a special token's text is text
+        return self._plain.encode(text, add_special_tokens=False).ids
+
     def first_tokens(self, text: str, count: int) -> str:
         """The text up to the end of its first `count` tokens (a document cut to a token budget)."""
         offsets = self._whole.encode(text, add_special_tokens=False).offsets
@@ -115,13 +147,13 @@ class TextTokenizer:
     def tokens(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, str, bool, int, int]]:
         """(id, token, special, start, stop) for each token of one whole text; start and stop are character
         offsets into `text` (0, 0 for a special token)."""
-        encoding = self._whole.encode(text, add_special_tokens=add_special_tokens)
-        return [
-            (token_id, token, bool(special), start, stop)
-            for token_id, token, special, (start, stop) in zip(
-                encoding.ids, encoding.tokens, encoding.special_tokens_mask, encoding.offsets, strict=True
-            )
-        ]
+        return token_rows(self._whole.encode(text, add_special_tokens=add_special_tokens))
+
+    def encodings(self, texts: list[str], add_special_tokens: bool = True) -> list:
+        """Texts whole, as the Rust tokenizer's encodings (compact: count their tokens before token_rows)."""
+        if len(texts) == 1:
+            return [self._whole.encode(texts[0], add_special_tokens=add_special_tokens)]
+        return self._whole.encode_batch(texts, add_special_tokens=add_special_tokens)
 
     def encode_spans(self, texts: list[str]) -> list:
         """Texts whole, with no limit (token classification reads a long text in windows), as the Rust tokenizer's
@@ -148,6 +180,16 @@ class TextTokenizer:
 
     def decode_stream(self) -> TextStream:
         return TextStream(self._whole)
+
+
+def token_rows(encoding) -> list[tuple[int, str, bool, int, int]]:
+    """(id, token, special, start, stop) for each token of an encoding."""
+    return [
+        (token_id, token, bool(special), start, stop)
+        for token_id, token, special, (start, stop) in zip(
+            encoding.ids, encoding.tokens, encoding.special_tokens_mask, encoding.offsets, strict=True
+        )
+    ]
 
 
 def _encodings(tokenizer, texts: list[str]) -> list:
