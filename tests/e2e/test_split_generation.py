@@ -1,7 +1,7 @@
 """Generation with the models in their own processes (`BENTOFORMERS_MODEL_PROCESS=separate`): the gateway streams
 tokens from the model service over BentoML's dependency client, whose HTTP session was replaced every 100 calls
 (cutting the streams still on it) and whose calls were bounded in total by the model service's traffic timeout
-(cutting long streams). Here that timeout is lowered to 2 s, so a stream of a few seconds is a "long" one."""
+(cutting long streams). Here that timeout is lowered to 1 s, so a stream of a few seconds is a "long" one."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from helpers import running_server
 
 SERVE = [sys.executable, "-m", "bentoformers.cli", "serve"]
-MODEL_TIMEOUT_SECONDS = 2
+MODEL_TIMEOUT_SECONDS = 1
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def split(served_build, tmp_path_factory):
     log = tmp_path_factory.mktemp("split-generation") / "serve.log"
     env = {
         **os.environ, "BENTOFORMERS_MODEL_PROCESS": "separate", "BENTOFORMERS_MODELS": "gpt2,chat",
-        "BENTOML_CONFIG_OPTIONS": " ".join(
-            f"services.model-{name}.traffic.timeout={MODEL_TIMEOUT_SECONDS}" for name in ("gpt2", "chat")
+        "BENTOML_CONFIG_OVERRIDES": json.dumps(
+            {"services": {f"model-{name}": {"traffic": {"timeout": MODEL_TIMEOUT_SECONDS}} for name in ("gpt2", "chat")}}
         ),
     }
     with running_server(SERVE, log, env) as running:
@@ -83,7 +83,8 @@ def test_sixteen_concurrent_streams_in_the_split_all_complete(split):
 
 
 def test_a_stream_longer_than_the_model_service_timeout_completes(split):
-    results = _streams(split.url, "chat", max_tokens=400, concurrency=16)
-    failed = [r for r in results if not _complete(r, 400)]
+    # 32 streams of up to 480 tokens decoding together (the chat model's context is 512): seconds each.
+    results = _streams(split.url, "chat", max_tokens=480, concurrency=32)
+    failed = [r for r in results if not _complete(r, 480)]
     assert not failed, f"{len(failed)} of {len(results)} streams failed, e.g. {failed[:3]}"
     assert max(r["seconds"] for r in results) > MODEL_TIMEOUT_SECONDS  # the mechanism was really exercised
