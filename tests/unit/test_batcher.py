@@ -200,3 +200,75 @@ def test_a_slow_full_call_lowers_the_rate_by_a_tenth_and_a_lasting_slowdown_is_f
         assert rates[2] < rates[1] < rates[0]
 
     asyncio.run(main())
+
+
+class GatedModel(RecordingModel):
+    """A model service call that returns only when the test opens the gate: a call held in flight."""
+
+    def __init__(self) -> None:
+        super().__init__(delay=0)
+        self.gate = asyncio.Event()
+
+    async def __call__(self, seqs: list[list[int]]) -> np.ndarray:
+        await self.gate.wait()
+        return await super().__call__(seqs)
+
+
+def test_the_call_in_flight_counts_in_a_requests_expected_wait():
+    # Was: only the queued tokens counted, so a flood behind a long call waited that call on top of max_wait.
+    async def main():
+        model = GatedModel()
+        c = coalescer(model, max_wait=1.0, max_tokens=1000)
+        c.tokens_per_second = 1000.0  # as learned from full calls
+        in_flight = asyncio.create_task(c.submit([[1] * 900]))  # ~0.9 s of work, in the model service now
+        await asyncio.sleep(0.01)
+        first = asyncio.create_task(c.submit([[1] * 10]))  # the first in the queue always waits its turn
+        await asyncio.sleep(0)
+        with pytest.raises(ApiError) as info:  # at once (admitted, it would wait on the gate: a TimeoutError)
+            await asyncio.wait_for(c.submit([[1] * 500]), 2)  # ~0.9 s left in flight + 0.01 queued + 0.5 its own
+        assert info.value.status == 503 and "Retry-After" in info.value.headers
+        fits = asyncio.create_task(c.submit([[1] * 50]))  # ~0.96 s
+        await asyncio.sleep(0)
+        model.gate.set()
+        await asyncio.gather(in_flight, first, fits)
+
+    asyncio.run(main())
+
+
+def test_before_any_rate_is_learned_only_the_count_bounds_the_queue():
+    # A cold server's first burst is not refused on a guess of the model's speed (one call's budget refused
+    # most of it); the count still bounds it.
+    async def main():
+        model = GatedModel()
+        c = coalescer(model, max_wait=1.0, max_tokens=100, max_queued=25)
+        in_flight = asyncio.create_task(c.submit([[1] * 10]))  # the first call ever: no rate yet
+        await asyncio.sleep(0.01)
+        queued = [asyncio.create_task(c.submit([[1] * 10])) for _ in range(25)]  # 250 tokens: past one call
+        await asyncio.sleep(0)
+        assert c.queued_items == 25
+        with pytest.raises(ApiError) as info:
+            await asyncio.wait_for(c.submit([[1] * 10]), 2)
+        assert info.value.status == 503
+        model.gate.set()
+        await asyncio.gather(in_flight, *queued)
+
+    asyncio.run(main())
+
+
+def test_the_check_before_tokenizing_counts_the_texts_at_the_recent_tokens_per_text():
+    # Was: before tokenizing a request counted as no tokens, so a big one passed the early check whole.
+    async def main():
+        model = GatedModel()
+        c = coalescer(model, max_wait=1.0, max_tokens=10_000, max_queued=1000)
+        c.tokens_per_second = 1000.0
+        in_flight = asyncio.create_task(c.submit([[1] * 10] * 10))  # 100 tokens, 10 per text
+        await asyncio.sleep(0.01)
+        queued = asyncio.create_task(c.submit([[1] * 10] * 50))  # 500 tokens queued: ~0.6 s of work in all
+        await asyncio.sleep(0)
+        c.check_room(10)  # ~0.1 s more: room
+        with pytest.raises(ApiError):
+            c.check_room(64)  # ~0.64 s more, before its tokens are known
+        model.gate.set()
+        await asyncio.gather(in_flight, queued)
+
+    asyncio.run(main())

@@ -10,6 +10,7 @@ import pytest
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
 from bentoformers.gateway.endpoint import _reopened, unavailable_error
+from bentoformers.gateway.health import ModelHealth
 
 
 @pytest.mark.parametrize("exc,retryable", [
@@ -54,3 +55,43 @@ def test_a_stream_whose_connection_was_closed_under_it_is_opened_once_more():
 
     with pytest.raises(aiohttp.ClientConnectionError):  # once more, not forever
         asyncio.run(fails())
+
+
+def test_a_stream_sent_on_a_keep_alive_connection_the_model_service_had_closed_is_sent_once_more():
+    opened = []
+
+    async def stream(fail: bool):
+        if fail:  # what aiohttp raises for a request that went out on a connection the server had just closed
+            raise aiohttp.ServerDisconnectedError()
+        yield "0 5\n"
+        yield "0 length\n"
+
+    def open_stream():
+        opened.append(len(opened))
+        return stream(fail=len(opened) == 1)
+
+    async def run():
+        return [chunk async for chunk in _reopened(open_stream)]
+
+    assert asyncio.run(run()) == ["0 5\n", "0 length\n"] and opened == [0, 1]
+
+
+def test_a_failed_call_marks_the_model_service_down_only_when_its_health_check_fails_too():
+    answers = {"ping": True}
+
+    async def ping():
+        if not answers["ping"]:
+            raise aiohttp.ClientConnectionError("Cannot connect")
+        return {}
+
+    async def run():
+        health = ModelHealth("m", ping, interval=3600)
+        health.failed(aiohttp.ServerDisconnectedError())  # a keep-alive connection it had closed; it answers
+        await asyncio.sleep(0.05)
+        still_up = not health.down
+        answers["ping"] = False
+        health.failed(aiohttp.ServerDisconnectedError())  # now it does not answer
+        await asyncio.sleep(0.05)
+        return still_up, health.down
+
+    assert asyncio.run(run()) == (True, True)

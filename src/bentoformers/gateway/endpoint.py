@@ -254,8 +254,8 @@ class EncoderEndpoint(ModelEndpoint):
             try:
                 return await self.health.unless_down(self._call(ids))
             except aiohttp.ClientConnectionError as exc:
-                if not closed_under_us(exc):
-                    raise  # a dead model service: health hears of it below, and every waiter gets 503 at once
+                if not reached_no_model(exc):
+                    raise  # health hears of it below, checks the model service, and 503s its waiters if it is down
                 return await self.health.unless_down(self._call(ids))  # once more: it reached no model service
         except ApiError:
             raise
@@ -330,7 +330,7 @@ class GeneratorEndpoint(ModelEndpoint):
             raise self.unavailable()
         key = uuid.uuid4().hex
         args = (prompt, max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, key, n)
-        lines = _reopened(lambda: self._stream(*args))
+        lines = _reopened(lambda: self._stream(*args), self.health)
         buffer, open_choices = "", set(range(n))
         idle = self.settings.stream_idle_timeout_seconds
         try:
@@ -340,6 +340,8 @@ class GeneratorEndpoint(ModelEndpoint):
                         chunk = await anext(lines)
                 except StopAsyncIteration:
                     break
+                except ModelDown:
+                    raise self.unavailable() from None
                 except TimeoutError:
                     raise ApiError(
                         ErrorType.TIMEOUT, f"the model service sent nothing for {idle:g}s",
@@ -395,27 +397,34 @@ class GeneratorEndpoint(ModelEndpoint):
 
 def closed_under_us(exc: aiohttp.ClientConnectionError) -> bool:
     """BentoML's client closed its own session under this call (see _reopened), as opposed to a model service
-    that went away: only aiohttp's words tell them apart. Retrying a dead one would wait on its socket, which
-    BentoML's supervisor keeps open, until the health watcher notices."""
+    that went away: only aiohttp's words tell them apart."""
     return any(words in str(exc) for words in ("Connector is closed", "Can not write request body"))
 
 
-async def _reopened(open_stream: Callable[[], AsyncIterator[str]]) -> AsyncIterator[str]:
-    """A model service stream, opened once more when its connection fails before the first chunk: BentoML's
-    dependency client replaces its HTTP session every 100 calls and closes the old one under the calls still
-    on it ("Connector is closed"), which reach no model service."""
+def reached_no_model(exc: aiohttp.ClientConnectionError) -> bool:
+    """The call failed in a way that says nothing of the model service, so one more try is worth it: its
+    session was closed under it, or it went out on a keep-alive connection that the model service had just
+    closed (aiohttp's keep-alive outlives uvicorn's, and it finds out only from the request it sends). A dead
+    model service fails so too: the retry then waits on its socket, which BentoML's supervisor keeps open, until
+    the health check (ModelHealth.unless_down) says it is down."""
+    return closed_under_us(exc) or isinstance(exc, aiohttp.ServerDisconnectedError)
+
+
+async def _reopened(open_stream: Callable[[], AsyncIterator[str]], health: ModelHealth | None = None) -> AsyncIterator[str]:
+    """A model service stream, opened once more when it fails before the first chunk without having reached
+    the model service (reached_no_model); the second try gives way (ModelDown) if `health` finds the service down."""
     lines = open_stream()
     try:
         first = await anext(lines)
     except StopAsyncIteration:
         return
     except aiohttp.ClientConnectionError as exc:
-        if not closed_under_us(exc):
+        if not reached_no_model(exc):
             raise
         await lines.aclose()
         lines = open_stream()
         try:
-            first = await anext(lines)
+            first = await (health.unless_down(anext(lines)) if health is not None else anext(lines))
         except StopAsyncIteration:
             return
     try:

@@ -4,7 +4,7 @@ A watcher per model service and gateway worker makes a real call (`describe`, an
 service's own process once its start-up check has passed) every `interval` seconds, bounded by `timeout`.
 The gateway is ready only when every model service answered its last call. A model service that is down
 (killed: BentoML's supervisor holds its socket, so calls wait instead of failing, for the whole restart;
-stopped; hung) is known within `timeout`, or at once when a call fails the way a dead service fails; while
+stopped; hung) is known within `timeout`, or as soon as a check made at once confirms a failed call; while
 it is down its requests get 503 + Retry-After at once instead of waiting, and the watcher notices when
 BentoML has restarted it. /readyz only reads the state: it never waits on a model service.
 """
@@ -36,6 +36,7 @@ class ModelHealth:
         self.state: State = "unknown"
         self._since = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        self._confirming: asyncio.Task[None] | None = None
         self._went_down = asyncio.Event()  # set while down; a new one each time it is back
         self._decided = asyncio.Event()  # set at the first answer or failure
 
@@ -61,9 +62,11 @@ class ModelHealth:
         return self.state == "down"
 
     def failed(self, exc: BaseException) -> None:
-        """A call failed: if it failed as a dead service fails (no connection), the service is down now."""
-        if is_connection_failure(exc):
-            self._set("down", f"{type(exc).__name__}: {exc}")
+        """A call failed as a dead service fails (no connection): check the service now, and mark it down only
+        if that check fails too. A keep-alive connection that the service had just closed fails a call the same
+        way while the service answers: marking it down then refused every call waiting on it."""
+        if is_connection_failure(exc) and (self._confirming is None or self._confirming.done()):
+            self._confirming = asyncio.get_running_loop().create_task(self._check(), name=f"health check {self.name}")
 
     async def unless_down(self, awaitable: Awaitable[T]) -> T:
         """The call's result, or ModelDown as soon as the service is known down (the call is then cancelled):
@@ -81,16 +84,19 @@ class ModelHealth:
 
     async def _watch(self) -> None:
         while True:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await self.ping()
-            except TimeoutError:
-                self._set("down", f"no answer within {self.timeout:g}s")
-            except Exception as exc:  # any failed call means it does not answer; the reason goes in the log line
-                self._set("down", f"{type(exc).__name__}: {exc}")
-            else:
-                self._set("up")
+            await self._check()
             await asyncio.sleep(self.interval)
+
+    async def _check(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.ping()
+        except TimeoutError:
+            self._set("down", f"no answer within {self.timeout:g}s")
+        except Exception as exc:  # any failed call means it does not answer; the reason goes in the log line
+            self._set("down", f"{type(exc).__name__}: {exc}")
+        else:
+            self._set("up")
 
     def _set(self, state: State, reason: str = "") -> None:
         self._decided.set()

@@ -6,14 +6,18 @@ the batches grow by themselves. One call in flight per gateway worker also keeps
 batcher in the model service from learning to wait for company.
 
 The queue is bounded by time: from the tokens per second the model's recent calls ran at, a request
-that would wait longer than `max_wait` seconds behind the tokens already queued is refused at once with
-503 and Retry-After (and by count, `max_queued` texts, as a backstop). A refusal costs microseconds;
-what is admitted is answered within about `max_wait` plus its own call.
+whose expected wait (what is left of the call in flight, the tokens queued ahead of it, and its own) would
+pass `max_wait` seconds is refused at once with 503 and Retry-After (and by count, `max_queued` texts, as a
+backstop). The first request in the queue is always admitted, so calls go on and a stale rate mends. Before
+any call has taught a rate (the first burst after a start) only the count bounds it: refusing there on a
+guess turned most of a cold server's first burst away. A refusal costs microseconds, and is made before
+tokenizing too, with the request's tokens estimated from the recent tokens per text.
 
 The rate is the recent best, not an average: a call never runs faster than the model can, so any faster
 call raises it at once, and a slow full call (its texts long, the CPU shared for a moment) lowers it by at
 most a tenth. An average let one slow call refuse work for as long as the refusals kept the queue too
-short to produce the full calls it learned from.
+short to produce the full calls it learned from. Until a full call (one the budgets cut) has run, the best
+rate of any call stands in: a lone call's is slower per token, so it refuses early rather than late.
 """
 
 from __future__ import annotations
@@ -58,21 +62,30 @@ class Coalescer:
         self.max_wait, self.retry_after = max_wait, retry_after
         self._pending: deque[_Job] = deque()
         self.queued_items = self.queued_tokens = 0
-        self.tokens_per_second: float | None = None  # of the model's calls, a moving average
+        self.tokens_per_second: float | None = None  # of the model's full calls: the recent best (_learn_rate)
+        self._any_call_rate: float | None = None  # the best of any call, until a full call has run
+        self._tokens_per_item = 0.0  # of recent requests: a request's tokens before it is tokenized
+        self._in_flight_tokens = 0
+        self._in_flight_since = 0.0
         self._drainer: asyncio.Task[None] | None = None
 
     def expected_wait(self, tokens: int = 0) -> float:
-        """Seconds until a request of `tokens` queued now would start, at the recent rate (0 before any call)."""
-        if not self.tokens_per_second:
+        """Seconds until a request of `tokens` queued now would be answered: what is left of the call in flight,
+        the queued tokens and its own, at the recent rate (0 before any call)."""
+        rate = self.tokens_per_second or self._any_call_rate
+        if not rate:
             return 0.0
-        return (self.queued_tokens + tokens) / self.tokens_per_second
+        left = max(0.0, self._in_flight_tokens - (time.perf_counter() - self._in_flight_since) * rate)
+        return (left + self.queued_tokens + tokens) / rate
 
     def check_room(self, items: int, tokens: int = 0) -> None:
         """503 + Retry-After when `items` texts of `tokens` would not fit the queue. Called before tokenizing
-        too (with tokens 0: a queue already past `max_wait` refuses anything), so a flood's refusals cost no
-        tokenizing on the event loop; `submit` checks again with the real count."""
+        too (tokens 0: estimated from the recent tokens per text), so a flood's refusals cost no tokenizing on
+        the event loop; `submit` checks again with the real count."""
+        tokens = tokens or round(items * self._tokens_per_item)
         if self.queued_items and (
-            self.queued_items + items > self.max_queued or self.expected_wait(tokens) > self.max_wait
+            self.queued_items + items > self.max_queued
+            or self.expected_wait(tokens) > self.max_wait
         ):
             metrics.count_rejection("queue_full")
             raise ApiError(
@@ -85,6 +98,8 @@ class Coalescer:
     async def submit(self, seqs: list[list[int]]) -> np.ndarray:
         tokens = sum(map(len, seqs))
         self.check_room(len(seqs), tokens)
+        per_item = tokens / max(1, len(seqs))
+        self._tokens_per_item += (0.1 if self._tokens_per_item else 1.0) * (per_item - self._tokens_per_item)
         job = _Job(seqs, tokens, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._pending.append(job)
         self._queued(len(seqs), tokens)
@@ -100,7 +115,8 @@ class Coalescer:
             saturated = bool(self._pending)  # the budgets cut this call: it runs at the model's batched rate
             seqs = [seq for job in jobs for seq in job.seqs]
             self._observe(jobs, seqs)
-            started = time.perf_counter()
+            started = self._in_flight_since = time.perf_counter()
+            self._in_flight_tokens = sum(job.tokens for job in jobs)
             try:
                 rows = await self._call(seqs)
             except Exception as exc:  # every waiter gets the failure; the drainer goes on
@@ -108,6 +124,8 @@ class Coalescer:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
+            finally:
+                self._in_flight_tokens = 0
             self._learn_rate(sum(job.tokens for job in jobs), time.perf_counter() - started, saturated)
             start = 0
             for job in jobs:
@@ -142,6 +160,7 @@ class Coalescer:
         if seconds <= 0 or tokens <= 0:
             return
         rate = tokens / seconds
+        self._any_call_rate = max(rate, self._any_call_rate or 0.0)
         if self.tokens_per_second is None:
             # Only a full call sets the first rate: a lone small call runs several times slower per token, and
             # a rate learned from one refused while capacity sat idle.

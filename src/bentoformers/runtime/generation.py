@@ -131,7 +131,8 @@ class Scheduler:
                     return
         finally:
             seq.gone = True
-            self._by_key.pop(key, None)
+            if self._by_key.get(key) is seq:  # a retried call (gateway/endpoint.py) may have taken the key since
+                del self._by_key[key]
 
     async def generate_n(
         self, prompt: list[int], max_new_tokens: int, samplings: list[Sampling], key: str = ""

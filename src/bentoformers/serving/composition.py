@@ -13,6 +13,7 @@ import os
 import secrets
 from collections.abc import AsyncGenerator
 
+import aiohttp
 import bentoml
 
 from bentoformers.api.app import create_app
@@ -125,6 +126,11 @@ def model_service(stored: StoredModel, settings: Settings, token: str, own_proce
     service = bentoml.service(
         name=f"model-{stored.name}", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}},
         metrics={"enabled": False},
+        # BentoML's dependency client replaces its HTTP session every 100 calls or 300 s by closing the old one,
+        # which cuts every call still on it: under concurrent generation, streams died mid-way ("Connection
+        # closed", "Server disconnected"). One session for the client's life instead; its idle connections
+        # still close after the model service's keep-alive, so new ones spread over the replicas behind a URL.
+        runner_connection={"max_requests": 2**31 - 1, "max_age": float(2**31)},
     )(cls)
     service.add_asgi_middleware(InternalCallerMiddleware, token=token)
     return service
@@ -147,6 +153,7 @@ class _Gateway:
             local = self._local.get(stored.name)
             service = local() if local is not None else getattr(self, stored.attribute)
             _send_token(service, self._token)
+            _bound_reads_not_calls(service)
             models[stored.name] = service
             folder = getattr(self, stored.files_attribute).path
             describe = _caller(service, "describe")
@@ -175,6 +182,18 @@ def _send_token(service: object, token: str) -> None:
         headers = getattr(client, "default_headers", None)
         if isinstance(headers, dict):
             headers[INTERNAL_TOKEN_HEADER] = token
+
+
+def _bound_reads_not_calls(service: object) -> None:
+    """BentoML's dependency client bounds each call's whole duration by the model service's traffic timeout, so
+    a generation streamed for longer (90 s of tokens) was cut mid-way. Bound the wait for each read instead, by
+    the same seconds: a call still fails when its model service goes silent that long (a stream's silence is
+    bounded sooner by `stream_idle_timeout_seconds`). Set before the client's first call opens its session."""
+    manager = getattr(getattr(service, "to_async", None), "_session_manager", None)
+    if manager is None:  # a model service in this process: no HTTP
+        return
+    seconds = manager._timeout.total
+    manager._timeout = aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
 
 
 def _caller(service: object, method: str):
