@@ -118,6 +118,13 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(64, ge=1)
     max_active_sequences: int = Field(32, ge=1, description="Sequences decoding together in one model service.")
     max_waiting_sequences: int = Field(256, ge=0, description="Beyond this, generation requests get 503.")
+    max_sequences_per_request: int = Field(
+        32, ge=1, description="Sequences one generation request may ask for, prompts times n together (413 beyond)."
+    )
+    max_sequences_per_caller: int = Field(
+        64, ge=1, description="Sequences one caller (identity) may have generating at once in a gateway worker "
+        "(429 + Retry-After beyond); the model service admits waiting sequences round-robin by caller.",
+    )
     stream_idle_timeout_seconds: float = Field(
         30, gt=0, description="A generation whose model service sends nothing this long ends with a timeout error."
     )

@@ -76,14 +76,15 @@ async def plan_generation(
     return _Plan(ids, min(wanted, endpoint.card.max_length - len(ids)), sampling, stops, n, first)
 
 
-async def _pieces(endpoint: GeneratorEndpoint, plan: _Plan) -> AsyncIterator[Piece]:
+async def _pieces(endpoint: GeneratorEndpoint, plan: _Plan, caller: str) -> AsyncIterator[Piece]:
     """The pieces of one prompt's choices, as their tokens arrive. Text that might begin a stop string is held
     back until it is known not to; a stop string ends its choice and is not returned."""
     hold = max((len(s) for s in plan.stops), default=1) - 1
     decoders = [endpoint.tokenizer.decode_stream() for _ in range(plan.n)]
     text, sent, tokens = [""] * plan.n, [0] * plan.n, [0] * plan.n
     open_choices = plan.n
-    async with aclosing(endpoint.generate(plan.ids, plan.max_new_tokens, plan.sampling, plan.n)) as items:
+    generation = endpoint.generate(plan.ids, plan.max_new_tokens, plan.sampling, plan.n, caller)
+    async with aclosing(generation) as items:
         async for i, item in items:
             index = plan.first + i
             if isinstance(item, str):
@@ -166,13 +167,14 @@ async def start_generation(request: Request, endpoint: GeneratorEndpoint, plans:
     generation can never cost more than the caller's budget held when it started."""
     # Before the tokens are charged: a refused request costs nothing.
     sequences = sum(p.n for p in plans)
-    endpoint.reserve_generations(sequences)
+    caller = caller_of(request)
+    endpoint.reserve_generations(sequences, caller, param="prompt" if len(plans) > 1 else "n")
     try:
         await account(request, endpoint, sum(len(p.ids) for p in plans), sum(p.n * p.max_new_tokens for p in plans))
     except BaseException:
-        endpoint.release_generations(sequences)
+        endpoint.release_generations(sequences, caller)
         raise
-    events = _released(endpoint, sequences, _merged([_pieces(endpoint, p) for p in plans]))
+    events = _released(endpoint, sequences, caller, _merged([_pieces(endpoint, p, caller) for p in plans]))
     try:
         first = await anext(events)  # a failure here has run _released's finally
     except ApiError:
@@ -185,14 +187,23 @@ async def start_generation(request: Request, endpoint: GeneratorEndpoint, plans:
     return events, first
 
 
-async def _released(endpoint: GeneratorEndpoint, sequences: int, events: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
+async def _released(
+    endpoint: GeneratorEndpoint, sequences: int, caller: str, events: AsyncIterator[Piece]
+) -> AsyncIterator[Piece]:
     """`events`, and the reserved sequences released when they end, fail or are closed."""
     try:
         async with aclosing(events):
             async for piece in events:
                 yield piece
     finally:
-        endpoint.release_generations(sequences)
+        endpoint.release_generations(sequences, caller)
+
+
+def caller_of(request: Request) -> str:
+    """Who is generating, for the per-caller bounds and the model service's round-robin: the identity's name
+    (a key's id, a JWT subject, an anonymous client's address), never a secret."""
+    identity = request.scope.get("state", {}).get("identity")
+    return identity.name if identity is not None else ""
 
 
 async def collect_generation(request: Request, events: AsyncIterator[Piece], first: Piece) -> dict[int, Piece]:

@@ -58,7 +58,9 @@ class ModelEndpoint:
     """One served model as the gateway sees it: its card and tokenizer, the checks on its texts, its health, and
     what /v1/models says of it. EncoderEndpoint and GeneratorEndpoint add the calls to its model service."""
 
-    def __init__(self, settings: Settings, model_folder: str | Path, describe: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    def __init__(
+        self, settings: Settings, model_folder: str | Path, describe: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> None:
         self.settings = settings
         self.card = ModelCard.load(model_folder)
         self.name, self.task = self.card.name, self.card.task
@@ -286,6 +288,7 @@ class GeneratorEndpoint(ModelEndpoint):
         self._stream = stream
         self._cancel = cancel
         self.generating = 0  # sequences admitted to the model service: reserve_generations
+        self.generating_by_caller: dict[str, int] = {}
 
     async def describe(self) -> dict[str, Any]:
         return await super().describe() | {
@@ -303,11 +306,29 @@ class GeneratorEndpoint(ModelEndpoint):
             )
         return ids
 
-    def reserve_generations(self, sequences: int) -> None:
-        """Counts `sequences` in flight, or 503 past the model service's active and waiting sequences. Checked and
-        counted at once (no await between), so concurrent requests cannot all pass the check before any counts;
-        the caller releases them (release_generations) once their generation has ended or failed to start."""
-        limit = self.settings.max_active_sequences + self.settings.max_waiting_sequences
+    def reserve_generations(self, sequences: int, caller: str = "", param: str = "n") -> None:
+        """Counts `sequences` in flight for `caller`: 413 past the sequences one request may ask for (naming
+        `param`), 429 past those one caller may have in flight in this worker, 503 past the model service's
+        active and waiting sequences. Checked and counted at once (no await between), so concurrent requests
+        cannot all pass the check before any counts; the route releases them (release_generations) once their
+        generation has ended or failed to start."""
+        settings = self.settings
+        if sequences > settings.max_sequences_per_request:
+            raise ApiError(
+                ErrorType.TOO_LARGE,
+                f"the request asks for {sequences} sequences (prompts x n); at most "
+                f"{settings.max_sequences_per_request} per request",
+                param=param,
+            )
+        held = self.generating_by_caller.get(caller, 0)
+        if held + sequences > settings.max_sequences_per_caller:
+            raise ApiError(
+                ErrorType.RATE_LIMITED,
+                f"you have {held} sequences generating; at most {settings.max_sequences_per_caller} at once. "
+                f"Retry after {settings.retry_after_seconds}s",
+                headers={"Retry-After": str(settings.retry_after_seconds)},
+            )
+        limit = settings.max_active_sequences + settings.max_waiting_sequences
         if self.generating + sequences > limit:
             raise ApiError(
                 ErrorType.OVERLOADED,
@@ -316,12 +337,16 @@ class GeneratorEndpoint(ModelEndpoint):
                 headers={"Retry-After": str(self.settings.retry_after_seconds)},
             )
         self.generating += sequences
+        self.generating_by_caller[caller] = held + sequences
 
-    def release_generations(self, sequences: int) -> None:
+    def release_generations(self, sequences: int, caller: str = "") -> None:
         self.generating -= sequences
+        left = self.generating_by_caller.pop(caller, 0) - sequences
+        if left > 0:
+            self.generating_by_caller[caller] = left
 
     async def generate(
-        self, prompt: list[int], max_new_tokens: int, sampling: Sampling, n: int = 1
+        self, prompt: list[int], max_new_tokens: int, sampling: Sampling, n: int = 1, caller: str = ""
     ) -> AsyncGenerator[tuple[int, int | str], int | None]:
         """(choice, new token id) from the model service, then (choice, finish reason: "stop" or "length") once
         per choice; the `n` choices decode together. `asend(i)` after a choice's event stops choice i early
@@ -329,7 +354,9 @@ class GeneratorEndpoint(ModelEndpoint):
         if self.health.down:
             raise self.unavailable()
         key = uuid.uuid4().hex
-        args = (prompt, max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, key, n)
+        args = (
+            prompt, max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, key, n, caller
+        )
         lines = _reopened(lambda: self._stream(*args), self.health)
         buffer, open_choices = "", set(range(n))
         idle = self.settings.stream_idle_timeout_seconds
@@ -356,6 +383,8 @@ class GeneratorEndpoint(ModelEndpoint):
                         continue  # stopped early here: its last tokens were already on their way
                     if value.isdigit():
                         stop = yield index, int(value)
+                    elif value == "waiting":  # queued for a place in the model service: alive, not stalled
+                        continue
                     elif value == "overloaded":  # its queue is shared by every gateway worker and replica
                         raise ApiError(
                             ErrorType.OVERLOADED, "the model service's queue is full; retry later",

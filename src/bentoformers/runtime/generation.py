@@ -1,7 +1,9 @@
 """Continuous batching for a causal LM (model-service side): concurrent sequences decode together.
 
 Each request's prompt is prefilled alone, then the sequence joins the running batch between two decoding
-steps; every step produces one token for every active sequence. A sequence leaves the batch when it
+steps; every step produces one token for every active sequence. Waiting sequences are admitted round-robin by
+caller (the identity the gateway names), so one caller's many sequences never starve another's; while a
+sequence waits, its consumer hears "waiting" now and then, so a long queue is not mistaken for a stalled model. A sequence leaves the batch when it
 ends (end-of-sequence token, its token budget, the context) or when its consumer goes away, so a client
 that disconnects stops its generation at the next step.
 """
@@ -69,6 +71,8 @@ class _Sequence:
     sampling: Sampling
     rng: np.random.Generator
     events: asyncio.Queue[tuple[str, int | str]] = field(default_factory=asyncio.Queue)
+    caller: str = ""
+    admitted: bool = False
     generated: int = 0
     last: int = -1
     finish: str | None = None
@@ -78,7 +82,7 @@ class _Sequence:
 class Scheduler:
     def __init__(
         self, decoder: OnnxDecoder, eos_token_ids: tuple[int, ...], context: int, max_active: int, step_seconds=None,
-        on_step=None, max_waiting: int | None = None,
+        on_step=None, max_waiting: int | None = None, waiting_note_seconds: float = 10.0,
     ) -> None:
         self.decoder = decoder
         self.eos = set(eos_token_ids)
@@ -87,6 +91,9 @@ class Scheduler:
         # With every active place taken and this many waiting, a new sequence ends at once with "overloaded":
         # each gateway bounds its own generations, but several gateway workers or replicas share this queue.
         self.max_waiting = max_waiting
+        self.waiting_note_seconds = waiting_note_seconds  # how often a waiting sequence's consumer hears "waiting"
+        self._admissions = 0
+        self._last_admitted: dict[str, int] = {}  # caller -> the admission count at its last admission
         # Keys cancelled before their sequence arrived (the cancel call can overtake the generate call): such a
         # sequence ends at once. Oldest forgotten first, past a bound.
         self._cancelled_early: OrderedDict[str, None] = OrderedDict()
@@ -102,9 +109,10 @@ class Scheduler:
         self.prefills = 0
 
     async def generate(
-        self, prompt: list[int], max_new_tokens: int, sampling: Sampling, key: str = ""
+        self, prompt: list[int], max_new_tokens: int, sampling: Sampling, key: str = "", caller: str = ""
     ) -> AsyncIterator[tuple[str, int | str]]:
-        """("token", id) events, then one ("finish", "stop" | "length") or ("error", message).
+        """("token", id) events, then one ("finish", "stop" | "length") or ("error", message); ("waiting", "")
+        every `waiting_note_seconds` while the sequence waits for a place.
 
         `key` names the sequence for cancel(): a consumer in another process cannot rely on its
         disconnect reaching this generator.
@@ -117,7 +125,7 @@ class Scheduler:
         ):
             yield "finish", "overloaded"
             return
-        seq = _Sequence(prompt, max_new_tokens, sampling, np.random.default_rng(sampling.seed))
+        seq = _Sequence(prompt, max_new_tokens, sampling, np.random.default_rng(sampling.seed), caller=caller)
         if key:
             self._by_key[key] = seq
         self._waiting.append(seq)
@@ -125,7 +133,13 @@ class Scheduler:
             self._loop_task = asyncio.create_task(self._loop())
         try:
             while True:
-                kind, value = await seq.events.get()
+                try:
+                    async with asyncio.timeout(None if seq.admitted else self.waiting_note_seconds):
+                        kind, value = await seq.events.get()
+                except TimeoutError:
+                    if not seq.admitted:
+                        yield "waiting", ""
+                    continue
                 yield kind, value
                 if kind != "token":
                     return
@@ -135,7 +149,7 @@ class Scheduler:
                 del self._by_key[key]
 
     async def generate_n(
-        self, prompt: list[int], max_new_tokens: int, samplings: list[Sampling], key: str = ""
+        self, prompt: list[int], max_new_tokens: int, samplings: list[Sampling], key: str = "", caller: str = ""
     ) -> AsyncIterator[tuple[int, str, int | str]]:
         """`len(samplings)` choices of one prompt, decoding together: (choice, kind, value) events, each
         choice's as generate() gives them. Their sequences are queued at once, so they are admitted in one
@@ -143,7 +157,8 @@ class Scheduler:
         merged: asyncio.Queue[tuple[int, str, int | str]] = asyncio.Queue()
 
         async def pump(index: int, sampling: Sampling) -> None:
-            async for kind, value in self.generate(prompt, max_new_tokens, sampling, f"{key}:{index}" if key else ""):
+            choice_key = f"{key}:{index}" if key else ""
+            async for kind, value in self.generate(prompt, max_new_tokens, sampling, choice_key, caller):
                 merged.put_nowait((index, kind, value))
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(samplings)]
@@ -152,7 +167,7 @@ class Scheduler:
                 while True:
                     index, kind, value = await merged.get()
                     yield index, kind, value
-                    if kind != "token":
+                    if kind not in ("token", "waiting"):
                         break
         finally:
             for task in tasks:
@@ -173,11 +188,7 @@ class Scheduler:
 
     async def _loop(self) -> None:
         while self._waiting or self._active:
-            admitted = []
-            while self._waiting and len(self._active) + len(admitted) < self.max_active:
-                seq = self._waiting.popleft()
-                if not seq.gone:
-                    admitted.append(seq)
+            admitted = self._admit(self.max_active - len(self._active))
             started = time.perf_counter()
             try:
                 events = await asyncio.to_thread(self._tick, admitted)
@@ -196,6 +207,33 @@ class Scheduler:
                 self.on_step(running, sum(1 for _, kind, _ in events if kind == "token"))
             for seq, kind, value in events:
                 seq.events.put_nowait((kind, value))
+
+    def _admit(self, room: int) -> list[_Sequence]:
+        """Up to `room` waiting sequences, round-robin by caller: the caller admitted longest ago first, each
+        caller's own in the order they came (a request's choices together, so they share their prefill)."""
+        self._waiting = deque(seq for seq in self._waiting if not seq.gone)
+        if room <= 0 or not self._waiting:
+            return []
+        queues: dict[str, deque[_Sequence]] = {}
+        for seq in self._waiting:
+            queues.setdefault(seq.caller, deque()).append(seq)
+        turns = deque(sorted(queues, key=lambda caller: self._last_admitted.get(caller, -1)))
+        admitted: list[_Sequence] = []
+        while turns and len(admitted) < room:
+            caller = turns.popleft()
+            seq = queues[caller].popleft()
+            admitted.append(seq)
+            seq.admitted = True
+            self._admissions += 1
+            self._last_admitted[caller] = self._admissions
+            if queues[caller]:
+                turns.append(caller)
+        chosen = set(map(id, admitted))
+        self._waiting = deque(seq for seq in self._waiting if id(seq) not in chosen)
+        if len(self._last_admitted) > CANCELLED_KEYS_KEPT:  # callers long gone are forgotten
+            waiting = {seq.caller for seq in self._waiting}
+            self._last_admitted = {c: n for c, n in self._last_admitted.items() if c in waiting}
+        return admitted
 
     def _tick(self, admitted: list[_Sequence]) -> list[tuple[_Sequence, str, int | str]]:
         """One decoding step for the running batch, then the new prompts' prefills (in a worker thread)."""

@@ -125,6 +125,8 @@ class GenerationModel(_ModelService):
         self.scheduler = Scheduler(
             decoder, card.eos_token_ids, card.max_length, self.settings.max_active_sequences, self.inference_seconds,
             on_step, max_waiting=self.settings.max_waiting_sequences,
+            # A waiting sequence is heard from well within the gateway's idle timeout: queued is not stalled.
+            waiting_note_seconds=self.settings.stream_idle_timeout_seconds / 3,
         )
         self._loaded()
 
@@ -142,17 +144,22 @@ class GenerationModel(_ModelService):
         seed: int | None,
         key: str,
         n: int = 1,
+        caller: str = "",
     ) -> AsyncGenerator[str, None]:
         """`n` choices decoding together: lines "<choice> <token id>", then one "<choice> <finish reason>" (or
-        "<choice> error: ...") per choice. Choice i samples with seed + i, so a seeded request is reproducible
-        and its choices differ.
+        "<choice> error: ...") per choice, and "<choice> waiting" now and then while it waits for a place.
+        Choice i samples with seed + i, so a seeded request is reproducible and its choices differ. `caller`
+        (the gateway's name for the identity) is whose turn it is in the round-robin admission.
 
         Lines, because the stream reaches the gateway in chunks that need not match the yields.
         """
         samplings = [Sampling(temperature, top_p, top_k, None if seed is None else seed + i) for i in range(n)]
         with self.drain.busy():
-            async for index, kind, value in self.scheduler.generate_n(token_ids, max_new_tokens, samplings, key):
-                yield f"{index} {value}\n" if kind != "error" else f"{index} error: {value}\n"
+            async for index, kind, value in self.scheduler.generate_n(token_ids, max_new_tokens, samplings, key, caller):
+                if kind == "waiting":
+                    yield f"{index} waiting\n"
+                else:
+                    yield f"{index} {value}\n" if kind != "error" else f"{index} error: {value}\n"
 
     @bentoml.api
     async def cancel(self, key: str) -> bool:
