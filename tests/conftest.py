@@ -20,6 +20,8 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_RUN_DIR / "prometheus"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["BENTOML_DO_NOT_TRACK"] = "True"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# The tests read counters right after acting; the page's cache (at most one render a second) has its own tests.
+os.environ.setdefault("BENTOFORMERS_METRICS_CACHE_SECONDS", "0")
 Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 
 import pytest  # noqa: E402

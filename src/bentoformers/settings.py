@@ -105,6 +105,10 @@ class Settings(BaseSettings):
         "it. Unset, `bentoml serve` makes one for the services it starts; services started apart (the gpu "
         "component) need the same value from a Secret."
     )
+    metrics_cache_seconds: float = Field(
+        1.0, ge=0, le=60, description="/metrics (no credentials needed) is rendered at most once per this many "
+        "seconds, one render shared by concurrent scrapes; 0: every scrape renders (still one at a time).",
+    )
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="A model service started on its own serves /metrics on this port "
         "(its API port answers only the gateway)."

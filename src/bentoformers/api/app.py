@@ -106,9 +106,12 @@ def _document_routes(secured: bool, served: dict[str, str] | None) -> list[Route
             asset("swagger-ui.css"), asset("swagger-ui-bundle.js")]
 
 
-def create_app(secured: bool = False, served: dict[str, str] | None = None) -> Starlette:
+def create_app(
+    secured: bool = False, served: dict[str, str] | None = None, metrics_cache_seconds: float = 1.0
+) -> Starlette:
     """The routes of the route table (routes.py), the API's description (`secured`: credentials are required;
-    `served`: model name -> task), then one error body for every other path."""
+    `served`: model name -> task), then one error body for every other path; /metrics rendered at most once per
+    `metrics_cache_seconds`."""
     routes = [Route(r.path, _with_errors(HANDLERS[r.handler]), methods=[r.method]) for r in ROUTES]
     routes.append(Route("/metrics", metrics_page, methods=["GET"]))  # BentoML's own is off on the gateway
     routes += _document_routes(secured, served)
@@ -116,5 +119,5 @@ def create_app(secured: bool = False, served: dict[str, str] | None = None) -> S
         _Fallback("/{path:path}", _with_errors(not_found), methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     )
     app = Starlette(routes=routes)
-    app.state.metrics_page = scrape.CachedPage()
+    app.state.metrics_page = scrape.CachedPage(ttl=metrics_cache_seconds)
     return app

@@ -60,7 +60,10 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     authenticator = startup_authenticator(
         settings, containerized=os.environ.get("BENTOML_CONTAINERIZED") == "true", announce=_announces()
     )
-    app = create_app(secured=authenticator is not None, served={s.name: s.task for s in served})
+    app = create_app(
+        secured=authenticator is not None, served={s.name: s.task for s in served},
+        metrics_cache_seconds=settings.metrics_cache_seconds,
+    )
     in_gateway = models_in_gateway(settings)
     if not in_gateway:
         # `bentoml serve` deletes its unix sockets' folder as soon as it is told to stop, before its services
