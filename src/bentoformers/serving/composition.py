@@ -95,7 +95,35 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
         runner_probe={"enabled": False},
     )(bentoml.asgi_app(app, path="/")(cls))
     _add_middlewares(gateway, settings, authenticator)
+    _drop_unused_bentoml_layers(gateway.name)
     return gateway
+
+
+def _drop_unused_bentoml_layers(gateway_name: str) -> None:
+    """BentoML wraps every service's app in layers that the gateway does not use, and at 1 text per request
+    they cost a large share of its CPU per request (measured: README, Benchmark): an OpenTelemetry span per
+    request that nothing exports, a timeout that runs each request in a task of its own (OverloadMiddleware
+    already bounds a request's time, in the one error body), and a bentoml.Context per request for
+    `@bentoml.api` methods, of which the gateway has none. The model services keep all of them. With a
+    tracing exporter configured (`tracing.exporter_type`), the gateway keeps its spans."""
+    from _bentoml_impl.server.app import ContextMiddleware, ServiceAppFactory
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    bentoml_layers = getattr(ServiceAppFactory.middlewares.fget, "bentoml_layers", ServiceAppFactory.middlewares.fget)
+
+    def middlewares(factory: ServiceAppFactory) -> list:
+        kept = bentoml_layers(factory)
+        if factory.service.name != gateway_name:
+            return kept
+        unused = {ContextMiddleware, TimeoutMiddleware}
+        if not BentoMLContainer.config.tracing.exporter_type.get():
+            unused.add(OpenTelemetryMiddleware)
+        return [layer for layer in kept if layer.cls not in unused]
+
+    middlewares.bentoml_layers = bentoml_layers  # type: ignore[attr-defined]
+    ServiceAppFactory.middlewares = property(middlewares)
 
 
 def models_in_gateway(settings: Settings) -> bool:
