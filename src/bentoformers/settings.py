@@ -153,6 +153,13 @@ class Settings(BaseSettings):
         "JSON object of some 80 bytes. They are charged to the caller's token budget too.",
     )
 
+    # gateway width (serving/composition.py gateway_workers)
+    gateway_workers: int = Field(
+        0, ge=0, description="Gateway worker processes. 0: one when the models run in the gateway's process (the CPU "
+        "default: each worker would load every model again and split the cores), else one per usable core less one "
+        "per model service. Each worker has its own MAX_IN_FLIGHT, queue, body budget and in-process rate limits.",
+    )
+
     def served_names(self) -> list[str]:
         return [n.strip() for n in self.models.split(",") if n.strip()]
 

@@ -78,6 +78,9 @@ class AccessLogMiddleware:
         self.app = app
         self.enabled = enabled
         self.known_paths, self.quiet_paths = known_paths, quiet_paths
+        # The metric series of each (route label, status): `labels()` takes a lock and builds a key per call, a
+        # real share of a small request's CPU. Both parts are bounded, so the cache is too.
+        self._series: dict[tuple[str, int], tuple[Any, Any]] = {}
         if enabled:
             _log_json_lines_to_stdout(queue_lines)
 
@@ -117,8 +120,13 @@ class AccessLogMiddleware:
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         route = self._route_label(scope)
-        metrics.requests.labels(route, str(status)).inc()
-        metrics.request_seconds.labels(route).observe(seconds)
+        series = self._series.get((route, status))
+        if series is None:
+            series = self._series[route, status] = (
+                metrics.requests.labels(route, str(status)), metrics.request_seconds.labels(route)
+            )
+        series[0].inc()
+        series[1].observe(seconds)
         if not self.enabled or (route in self.quiet_paths and status < 400):
             return
         state: dict[str, Any] = scope.get("state") or {}

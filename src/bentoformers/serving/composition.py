@@ -37,7 +37,7 @@ from bentoformers.middleware.overload import OverloadMiddleware
 from bentoformers.middleware.rate_limit import RateLimitMiddleware
 from bentoformers.middleware.request_id import RequestIdMiddleware
 from bentoformers.middleware.shutdown import ShutdownDrain, ShutdownMiddleware
-from bentoformers.runtime.cpu import cap_malloc_arenas
+from bentoformers.runtime.cpu import cap_malloc_arenas, usable_cores
 from bentoformers.runtime.session import cuda_likely
 from bentoformers.security.authenticator import Authenticator, startup_authenticator
 from bentoformers.security.ratelimit import RateLimiter
@@ -92,19 +92,59 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     # its HTTP metrics by ours: it labels them by raw path, so random URLs grew /metrics without bound. The app
     # serves /metrics itself (observability/scrape.py), every process's metrics as before.
     gateway = bentoml.service(
-        name="bentoformers", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}},
-        metrics={"enabled": False},
+        name="bentoformers", workers=gateway_workers(settings, len(served)), traffic={"timeout": 60},
+        logging={"access": {"enabled": False}}, metrics={"enabled": False},
         # /readyz is __is_ready__ (gateway/health.py): BentoML's own probe of the dependencies waits on a dead one.
         runner_probe={"enabled": False},
     )(bentoml.asgi_app(app, path="/")(cls))
     _add_middlewares(gateway, settings, authenticator)
+    _drop_unused_bentoml_layers(gateway.name)
     return gateway
+
+
+def _drop_unused_bentoml_layers(gateway_name: str) -> None:
+    """BentoML wraps every service's app in layers that the gateway does not use, and at 1 text per request
+    they cost a large share of its CPU per request (measured: README, Benchmark): an OpenTelemetry span per
+    request that nothing exports, a timeout that runs each request in a task of its own (OverloadMiddleware
+    already bounds a request's time, in the one error body), and a bentoml.Context per request for
+    `@bentoml.api` methods, of which the gateway has none. The model services keep all of them. With a
+    tracing exporter configured (`tracing.exporter_type`), the gateway keeps its spans."""
+    from _bentoml_impl.server.app import ContextMiddleware, ServiceAppFactory
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    bentoml_layers = getattr(ServiceAppFactory.middlewares.fget, "bentoml_layers", ServiceAppFactory.middlewares.fget)
+
+    def middlewares(factory: ServiceAppFactory) -> list:
+        kept = bentoml_layers(factory)
+        if factory.service.name != gateway_name:
+            return kept
+        unused = {ContextMiddleware, TimeoutMiddleware}
+        if not BentoMLContainer.config.tracing.exporter_type.get():
+            unused.add(OpenTelemetryMiddleware)
+        return [layer for layer in kept if layer.cls not in unused]
+
+    middlewares.bentoml_layers = bentoml_layers  # type: ignore[attr-defined]
+    ServiceAppFactory.middlewares = property(middlewares)
 
 
 def models_in_gateway(settings: Settings) -> bool:
     if settings.model_process != "auto":
         return settings.model_process == "gateway"
     return not cuda_likely(settings.device)
+
+
+def gateway_workers(settings: Settings, model_services: int) -> int:
+    """Worker processes of the gateway. With the models in its process, one: a second worker would load every
+    model again and split the cores between two ONNX Runtimes. With the models apart (their own processes: the
+    GPU split), HTTP, validation and tokenizing are the gateway's CPU work, so it takes the usable cores, less one
+    for each model service's own process."""
+    if settings.gateway_workers:
+        return settings.gateway_workers
+    if models_in_gateway(settings):
+        return 1
+    return max(1, usable_cores() - model_services)
 
 
 def internal_token(settings: Settings) -> str:
