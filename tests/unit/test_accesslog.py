@@ -155,6 +155,7 @@ async def scrape(request):
 app = Starlette(routes=[Route("/embed", ok), Route("/readyz", ok), Route("/scrape", scrape)])
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
+sock.listen(128)  # connections wait in the backlog until uvicorn accepts: the port is usable once printed
 print(sock.getsockname()[1], file=sys.stderr, flush=True)
 uvicorn.Server(uvicorn.Config(AccessLogMiddleware(app, queue_lines=100), log_level="error", lifespan="off")).run(
     sockets=[sock])
