@@ -39,7 +39,8 @@ CHECK_INPUTS = 24  # evenly spaced over the shipped inputs: an unbiased sample, 
 # Figures a small sample cannot estimate (neighbour overlap needs the whole set); the build gates them.
 NOT_CHECKED = frozenset({"neighbour_overlap"})
 TIMING_SECONDS = 1.0  # about how long timing the variants that hold may take, all together
-TIMING_ROUNDS = 5  # at most; at least one after the proof's own run (which warms each variant up)
+TIMING_ROUNDS = 7  # at most; at least MIN_TIMING_ROUNDS after the proof's own run (which warms each variant up)
+MIN_TIMING_ROUNDS = 3  # best of one was noise on a shared CPU: the choice flipped between runs
 
 logger = logging.getLogger("bentoformers")
 
@@ -141,15 +142,17 @@ def time_variants(
     checks: dict[str, tuple[dict[str, Any], Any]], budget: float = TIMING_SECONDS
 ) -> dict[str, dict[str, Any]]:
     """Each variant ({precision: (check set, engine)}) timed on its check set, the variants interleaved round by
-    round (a neighbour's load then slows them all alike), best of the rounds: {precision: {"<run>_seconds": ...,
-    "seconds": their sum, "tokens_per_second": the first run's rate (the batched call for encoders), "rounds"}}."""
+    round in alternating order (a neighbour's load then slows them all alike), best of the rounds:
+    {precision: {"<run>_seconds": ..., "seconds": their sum, "tokens_per_second": the first run's rate (the
+    batched call for encoders), "rounds"}}."""
     runs = {precision: _timed_runs(check, engine) for precision, (check, engine) in checks.items()}
     best: dict[str, dict[str, float]] = {p: {} for p in runs}
     tokens: dict[str, dict[str, int]] = {p: {} for p in runs}
     started = time.perf_counter()
     rounds = 0
-    while rounds < 1 or (rounds < TIMING_ROUNDS and time.perf_counter() - started < budget):
-        for precision, named in runs.items():
+    while rounds < MIN_TIMING_ROUNDS or (rounds < TIMING_ROUNDS and time.perf_counter() - started < budget):
+        order = list(runs.items())
+        for precision, named in order if rounds % 2 == 0 else order[::-1]:  # neither always runs first
             for name, run in named.items():
                 t = time.perf_counter()
                 tokens[precision][name] = run()
