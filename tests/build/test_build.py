@@ -53,6 +53,21 @@ def test_int8_is_proven_on_this_cpu_and_under_emulation_of_each_older_class(mini
     assert all(f"| {name} |" in card for name in isa["proofs"])
 
 
+def test_each_variant_records_its_speed_on_this_cpu_beside_its_fidelity(minilm_build):
+    from bentoformers.runtime import cpu, selfcheck
+
+    for precision in ("fp32", "int8"):
+        stored = bentoml.models.get(minilm_build[precision].tag)
+        timing = stored.info.metadata["timings"][cpu.isa_class()]
+        check = selfcheck.load(stored.path)
+        tokens = sum(map(len, check["inputs"]))
+        assert timing["cpu"] == cpu.describe()["model"] and timing["rounds"] >= 1
+        assert 0 < timing["batched_seconds"] < 5 and 0 < timing["one_by_one_seconds"] < 5
+        assert timing["tokens_per_second"] == pytest.approx(tokens / timing["batched_seconds"], rel=1e-3)
+        card = open(stored.path_of("README.md")).read()
+        assert "Speed on the check set, per CPU" in card and f"| {cpu.isa_class()} | {timing['cpu']} |" in card
+
+
 def test_gpu_variant_is_skipped_and_said_so_without_a_gpu(minilm_build):
     fp16 = minilm_build["fp16"]
     assert fp16.status == "skipped" and "GPU" in fp16.reason

@@ -43,7 +43,7 @@ def test_every_variant_pools_in_the_graph_as_numpy_pools_its_hidden_state(minilm
             "Cast", "Unsqueeze", "Mul", "CumSum", "Gather", "ReduceSum", "Max", "Div"}, precision
         # int8: the quantized products read none of the pooling's tensors (it stays float)
         pooled = {t for n in model.graph.node if n.name in pooling for t in n.output}
-        assert not [n for n in model.graph.node if n.op_type == "MatMulInteger" and pooled & set(n.input)]
+        assert not [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat" and pooled & set(n.input)]
     encoder = OnnxEncoder(minilm_path["fp32"])
     worst = 0.0
     for start in range(0, len(ids), 32):

@@ -26,10 +26,48 @@ def test_the_stored_check_set_is_a_sample_of_the_validation_texts_with_their_ref
 
 
 def test_a_variant_that_holds_here_is_served_and_its_figures_reported(minilm_path):
-    proof = selfcheck.first_that_holds([("int8", minilm_path["int8"]), ("fp32", minilm_path["fp32"])], forced=False)
-    assert proof.precision == "int8" and proof.refused == []
+    proof = selfcheck.fastest_that_holds([("int8", minilm_path["int8"]), ("fp32", minilm_path["fp32"])], forced=False)
+    assert proof.refused == [] and set(proof.timings) == {"int8", "fp32"}
+    assert proof.precision == min(proof.timings, key=lambda p: proof.timings[p]["seconds"])
     assert proof.figures["min_cosine"] >= 0.99 and proof.figures["mean_cosine"] >= 0.998
     assert proof.engine.embed(json.loads((minilm_path["int8"] / selfcheck.CHECK_FILE).read_text())["inputs"][:1]).shape == (1, 384)
+
+
+class ThreeTimesOver:
+    """A real engine that does every call's work three times over: a variant as faithful and three times slower."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def embed(self, batch):
+        for _ in range(2):
+            self.engine.embed(batch)
+        return self.engine.embed(batch)
+
+
+@pytest.mark.parametrize("slow", ["int8", "fp32"])
+def test_with_auto_the_fastest_variant_that_holds_serves_and_says_why(minilm_path, slow):
+    def open_(folder):
+        engine = OnnxEncoder(folder, threads=1)
+        return ThreeTimesOver(engine) if folder == minilm_path[slow] else engine
+
+    proof = selfcheck.fastest_that_holds(
+        [("int8", minilm_path["int8"]), ("fp32", minilm_path["fp32"])], forced=False, open_=open_
+    )
+    fast = "fp32" if slow == "int8" else "int8"
+    assert proof.precision == fast and proof.refused == []
+    assert proof.timings[slow]["seconds"] > proof.timings[fast]["seconds"]
+    assert proof.why.startswith(f"the fastest that holds on this CPU ({cpu.isa_class()})")
+    assert f"{slow} {proof.timings[slow]['seconds'] * 1000:.1f} ms" in proof.why
+    tokens = sum(map(len, selfcheck.load(minilm_path[fast])["inputs"]))
+    assert proof.tokens_per_second == pytest.approx(tokens / proof.timings[fast]["batched_seconds"], rel=1e-3)
+
+
+def test_a_forced_precision_serves_even_when_slower_and_is_still_timed(minilm_path):
+    proof = selfcheck.fastest_that_holds(
+        [("int8", minilm_path["int8"])], forced=True, open_=lambda folder: ThreeTimesOver(OnnxEncoder(folder, threads=1))
+    )
+    assert proof.precision == "int8" and proof.why.startswith("asked for") and proof.tokens_per_second > 0
 
 
 @pytest.fixture
@@ -45,7 +83,7 @@ def unmeetable_int8(minilm_path, tmp_path):
 
 def test_a_variant_below_its_gate_on_this_cpu_falls_back_to_the_next(unmeetable_int8, minilm_path):
     refusals = []
-    proof = selfcheck.first_that_holds(
+    proof = selfcheck.fastest_that_holds(
         [("int8", unmeetable_int8), ("fp32", minilm_path["fp32"])], forced=False,
         on_refusal=lambda precision, reason: refusals.append((precision, reason)),
     )
@@ -57,7 +95,7 @@ def test_a_variant_below_its_gate_on_this_cpu_falls_back_to_the_next(unmeetable_
 
 def test_a_forced_precision_below_its_gate_refuses_to_start(unmeetable_int8):
     with pytest.raises(RuntimeError, match="precision int8 was asked for, but it is below its gate on this CPU"):
-        selfcheck.first_that_holds([("int8", unmeetable_int8)], forced=True)
+        selfcheck.fastest_that_holds([("int8", unmeetable_int8)], forced=True)
 
 
 def test_the_check_runs_as_a_command_and_says_what_failed(unmeetable_int8, minilm_path):

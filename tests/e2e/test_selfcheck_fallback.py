@@ -43,9 +43,12 @@ def test_a_variant_below_its_gate_here_is_refused_and_the_next_serves(strict_mod
         (refused,) = model["refused_variants"]
         assert refused["precision"] == "int8" and "below its gate on this CPU" in refused["reason"]
         assert "min_cosine" in refused["reason"] and model["cpu"] in refused["reason"]
+        assert model["chosen_because"].startswith("the only variant that holds here") and model["tokens_per_second"] > 0
+        assert set(model["variant_timings"]) == {"fp32"}
         assert httpx.post(f"{server.url}/embed", json={"inputs": "hello"}).status_code == 200
         metrics = httpx.get(f"{server.url}/metrics").text
         assert re.search(r'^bentoformers_selfcheck_refusals_total\{model="strict",precision="int8"\} 1\.0$', metrics, re.M)
     text = log.read_text()
     assert len(re.findall(r"not serving int8: below its gate on this CPU", text)) == 1
     assert re.search(r"serving strict-fp32:\S+ \(embeddings\) on cpu \(fp32, [\w-]+; check set min_cosine", text)
+    assert re.search(r"the only variant that holds here; its check set runs in fp32 [\d.]+ ms; [\d.]+ tokens/s\)", text)

@@ -178,13 +178,15 @@ def _build_variant(
         return VariantResult(tag, precision, "failed gate", figures, reason)
     shown = ", ".join(f"{k} {v:.5f}" for k, v in figures.items())
 
+    timings = _time_variant(out, device)
     size = (out / ONNX_FILE).stat().st_size
-    (out / "README.md").write_text(_model_card_text(spec, variant_card, revision, gates, size, isa))
+    (out / "README.md").write_text(_model_card_text(spec, variant_card, revision, gates, size, isa, timings))
     metadata = {
         "validation": figures,
         "gates": gates,
         "validation_texts": len(validation.ids),
         "isa": isa,
+        "timings": timings,
         **({"quantization": int8_scheme(spec.task)} if precision == "int8" else {}),
         "opset": _opset(out / ONNX_FILE),
         "onnx_bytes": size,
@@ -269,6 +271,16 @@ def _prove_per_isa(
         found = json.loads(done.stdout.strip().splitlines()[-1])
         isa["proofs"][name] = {"how": f"qemu-x86_64 -cpu {model}", "inputs": check_inputs, **found}
     return isa
+
+
+def _time_variant(folder: Path, device: str) -> dict:
+    """The variant's speed on its check set on this CPU, as a serving one measures it at start-up (after one
+    warm-up run): {cpu class: selfcheck.time_variants' figures, with the CPU's model name}."""
+    check = selfcheck.load(folder)
+    engine = selfcheck.open_engine(folder, device=device)
+    selfcheck.measure(check, engine)
+    (timing,) = selfcheck.time_variants({"variant": (check, engine)}).values()
+    return {cpu.isa_class(): {"cpu": cpu.describe()["model"], **timing}}
 
 
 def _card(spec: ModelSpec, folder: Path) -> ModelCard:
@@ -363,7 +375,7 @@ def _opset(path: Path) -> int:
 
 
 def _model_card_text(
-    spec: ModelSpec, card: ModelCard, revision: str, gates: dict[str, float], size: int, isa: dict
+    spec: ModelSpec, card: ModelCard, revision: str, gates: dict[str, float], size: int, isa: dict, timings: dict
 ) -> str:
     names = list(gates)
     rows = []
@@ -391,7 +403,23 @@ re-runs the stored check set ({selfcheck.CHECK_FILE}) on its own CPU before it s
 {chr(10).join(rows)}
 
 Figures named max_* are upper bounds; the rest are lower bounds.
+
+## Speed on the check set, per CPU
+
+{_timing_table(timings)}
 """
+
+
+def _timing_table(timings: dict) -> str:
+    """The build's timings (_time_variant) as the card shows them."""
+    runs = [k for k in next(iter(timings.values())) if k.endswith("seconds") or k == "tokens_per_second"]
+    rows = [f"| {name} | {t['cpu']} | " + " | ".join(str(t[k]) for k in runs) + " |" for name, t in timings.items()]
+    return f"""Timed alone at build time (best of a few runs); a serving CPU times every variant that holds there,
+interleaved, and with `precision: auto` serves the fastest (its log line and `/v1/models` say which and why).
+
+| class | CPU | {" | ".join(runs)} |
+| --- | --- | {" | ".join("---" for _ in runs)} |
+{chr(10).join(rows)}"""
 
 
 def _pooling_line(card: ModelCard) -> str:

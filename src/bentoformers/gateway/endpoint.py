@@ -95,6 +95,10 @@ class ModelEndpoint:
             "cpu": served.get("cpu"),
             "selfcheck": served.get("selfcheck"),
             "refused_variants": served.get("refused", []),
+            # Why this variant serves: the fastest that holds here, timed on the check set at start-up.
+            "chosen_because": served.get("chosen_because"),
+            "variant_timings": served.get("timings"),
+            "tokens_per_second": served.get("tokens_per_second"),
         }
         return entry | TASKS[card.task].describe(card)
 

@@ -5,6 +5,10 @@ variant's gates beside the graph. The build runs it under emulation for older in
 every model service runs it on its own CPU before it serves: int8 kernels compute differently per
 instruction set, so a gate passed on the build machine says nothing about the serving one.
 
+Nor does a speed measured there: int8 measured 2.07x fp32 on a CPU with AMX and 0.74-1.36x on a Zen 4
+without. So with `precision: auto` every variant that holds is also timed on its check set, and the
+fastest serves.
+
     python -m bentoformers.runtime.selfcheck FOLDER   # prints {"figures": ..., "failures": [...]} as JSON
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +38,9 @@ CHECK_FILE = "selfcheck.json"
 CHECK_INPUTS = 24  # evenly spaced over the shipped inputs: an unbiased sample, ~0.1 s for int8 MiniLM
 # Figures a small sample cannot estimate (neighbour overlap needs the whole set); the build gates them.
 NOT_CHECKED = frozenset({"neighbour_overlap"})
+TIMING_SECONDS = 1.0  # about how long timing the variants that hold may take, all together
+TIMING_ROUNDS = 7  # at most; at least MIN_TIMING_ROUNDS after the proof's own run (which warms each variant up)
+MIN_TIMING_ROUNDS = 3  # best of one was noise on a shared CPU: the choice flipped between runs
 
 logger = logging.getLogger("bentoformers")
 
@@ -108,6 +116,61 @@ def open_engine(folder: str | Path, device: str = "cpu", threads: int | None = N
     return OnnxEncoder(folder, device=device, threads=threads)
 
 
+def _timed_runs(check: dict[str, Any], engine: Any) -> dict[str, Callable[[], int]]:
+    """What timing a variant runs, by name: each returns the tokens it ran (generation: the tokens it generated).
+
+    Encoders: the check set in one batched call, and text by text (int8 can win the one and lose the other).
+    """
+    inputs = check["inputs"]
+    if check["task"] == "generation":
+        eos = tuple(check.get("eos_token_ids", ()))
+        return {"greedy": lambda: sum(len(engine.greedy(p, check["new_tokens"], eos)) for p in inputs)}
+
+    def batched() -> int:
+        engine.embed(inputs)
+        return sum(map(len, inputs))
+
+    def one_by_one() -> int:
+        for ids in inputs:
+            engine.embed([ids])
+        return sum(map(len, inputs))
+
+    return {"batched": batched, "one_by_one": one_by_one}
+
+
+def time_variants(
+    checks: dict[str, tuple[dict[str, Any], Any]], budget: float = TIMING_SECONDS
+) -> dict[str, dict[str, Any]]:
+    """Each variant ({precision: (check set, engine)}) timed on its check set, the variants interleaved round by
+    round in alternating order (a neighbour's load then slows them all alike), best of the rounds:
+    {precision: {"<run>_seconds": ..., "seconds": their sum, "tokens_per_second": the first run's rate (the
+    batched call for encoders), "rounds"}}."""
+    runs = {precision: _timed_runs(check, engine) for precision, (check, engine) in checks.items()}
+    best: dict[str, dict[str, float]] = {p: {} for p in runs}
+    tokens: dict[str, dict[str, int]] = {p: {} for p in runs}
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < MIN_TIMING_ROUNDS or (rounds < TIMING_ROUNDS and time.perf_counter() - started < budget):
+        order = list(runs.items())
+        for precision, named in order if rounds % 2 == 0 else order[::-1]:  # neither always runs first
+            for name, run in named.items():
+                t = time.perf_counter()
+                tokens[precision][name] = run()
+                seconds = time.perf_counter() - t
+                best[precision][name] = min(seconds, best[precision].get(name, seconds))
+        rounds += 1
+    timings = {}
+    for precision, seconds in best.items():
+        first = next(iter(seconds))
+        timings[precision] = {
+            **{f"{name}_seconds": round(s, 6) for name, s in seconds.items()},
+            "seconds": round(sum(seconds.values()), 6),
+            "tokens_per_second": round(tokens[precision][first] / max(seconds[first], 1e-9), 1),
+            "rounds": rounds,
+        }
+    return timings
+
+
 @dataclass
 class Proof:
     """What the start-up check found for the variant that serves, and for any that was passed over."""
@@ -116,38 +179,67 @@ class Proof:
     engine: Any
     figures: dict[str, float] | None  # None: the variant has no stored check set (built before there was one)
     refused: list[dict[str, Any]] = field(default_factory=list)  # [{"precision", "reason", "figures"}]
+    timings: dict[str, dict[str, Any]] = field(default_factory=dict)  # {precision: time_variants' figures}
+    why: str = ""  # why this variant serves, with the timings that decided it
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """The served variant's rate on its check set's batched call (generation: greedy tokens), here."""
+        return self.timings.get(self.precision, {}).get("tokens_per_second")
 
 
-def first_that_holds(
+def fastest_that_holds(
     candidates: list[tuple[str, str | Path]],
     forced: bool,
     open_: Callable[[str | Path], Any] = open_engine,
     on_refusal: Callable[[str, str], None] = lambda precision, reason: None,
+    timing_budget: float = TIMING_SECONDS,
 ) -> Proof:
-    """Loads the candidates in order (precision, folder) and serves the first whose check set meets its gates here.
+    """Loads the candidates (precision, folder; best first), re-proves each on its check set here, times those
+    that hold (time_variants) and serves the fastest.
 
-    With a forced precision (one candidate) a failed check refuses to start.
+    With a forced precision (one candidate) a failed check refuses to start. A variant built before there were
+    check sets is served as found, untimed, if no candidate before it holds.
     """
     from bentoformers.runtime import cpu
 
     refused: list[dict[str, Any]] = []
+    holding: dict[str, tuple[dict[str, Any], Any]] = {}
+    figures_of: dict[str, dict[str, float]] = {}
     for precision, folder in candidates:
         engine = open_(folder)
         check = load(folder)
         if check is None:
+            if holding:
+                break
             logger.warning("%s has no stored check set (built by an older bentoformers); not re-proven here", folder)
-            return Proof(precision, engine, None, refused)
+            return Proof(precision, engine, None, refused, why="no check set: not re-proven or timed")
         figures = measure(check, engine)
         failed = gate_failures(figures, check["gates"])
         if not failed:
-            return Proof(precision, engine, figures, refused)
+            holding[precision] = (check, engine)
+            figures_of[precision] = figures
+            continue
         reason = f"below its gate on this CPU ({cpu.isa_class()}): " + "; ".join(failed)
         on_refusal(precision, reason)
         refused.append({"precision": precision, "reason": reason, "figures": figures})
         if forced:
             raise RuntimeError(f"precision {precision} was asked for, but it is {reason}; refusing to start")
         logger.warning("not serving %s: %s", precision, reason)
-    raise RuntimeError("no built variant holds on this CPU: " + "; ".join(f"{r['precision']} {r['reason']}" for r in refused))
+    if not holding:
+        raise RuntimeError(
+            "no built variant holds on this CPU: " + "; ".join(f"{r['precision']} {r['reason']}" for r in refused)
+        )
+    timings = time_variants(holding, timing_budget)
+    chosen = min(timings, key=lambda p: timings[p]["seconds"])
+    shown = ", ".join(f"{p} {t['seconds'] * 1000:.1f} ms" for p, t in timings.items())
+    if forced:
+        why = f"asked for; its check set runs in {shown}"
+    elif len(timings) == 1:
+        why = f"the only variant that holds here; its check set runs in {shown}"
+    else:
+        why = f"the fastest that holds on this CPU ({cpu.isa_class()}): check set in {shown}"
+    return Proof(chosen, holding[chosen][1], figures_of[chosen], refused, timings, why)
 
 
 def main(argv: list[str]) -> int:

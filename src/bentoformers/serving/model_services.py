@@ -40,8 +40,8 @@ class _ModelService:
     own_process: bool  # False: it runs inside the gateway's process
 
     def _load(self):
-        """The engine of the best variant that passes its start-up check on this CPU: fp16 on CUDA when built,
-        else int8, else fp32 (settings can force one: then a failed check refuses to start)."""
+        """The engine of the fastest variant that passes its start-up check on this machine (runtime/selfcheck.py;
+        settings can force one: then a failed check refuses to start)."""
         # BentoML's server logging shows only its own INFO lines. Not at import: BentoML names a worker's
         # log lines after the first one it formats, and at import the worker has no name yet.
         logger.setLevel(logging.INFO)
@@ -51,7 +51,7 @@ class _ModelService:
         candidates = [
             (p, getattr(self, f"model_{p}").path) for p in candidate_precisions(self.stored.variants, self.device, requested)
         ]
-        self.proof = selfcheck.first_that_holds(
+        self.proof = selfcheck.fastest_that_holds(
             candidates, forced=requested != "auto", open_=self._open,
             on_refusal=lambda precision, reason: metrics.selfcheck_refusals.labels(self.stored.name, precision).inc(),
         )
@@ -61,8 +61,9 @@ class _ModelService:
             f"{k} {v:.5f}" for k, v in self.proof.figures.items()
         )
         logger.info(
-            "serving %s (%s) on %s (%s, %s; %s)",
-            model.tag, self.stored.task, self.device, self.precision, cpu.isa_class(), checked,
+            "serving %s (%s) on %s (%s, %s; %s; %s; %s tokens/s)",
+            model.tag, self.stored.task, self.device, self.precision, cpu.isa_class(), checked, self.proof.why,
+            self.proof.tokens_per_second,
         )
         self.inference_seconds = metrics.inference_seconds.labels(self.stored.name, self.precision, self.device)
         self.gpu_memory = metrics.GpuMemory() if self.device == "cuda" else None
@@ -99,6 +100,9 @@ class _ModelService:
             "cpu": cpu.isa_class(),
             "selfcheck": self.proof.figures,
             "refused": [{"precision": r["precision"], "reason": r["reason"]} for r in self.proof.refused],
+            "chosen_because": self.proof.why,
+            "timings": self.proof.timings,  # per variant that holds here, on its check set
+            "tokens_per_second": self.proof.tokens_per_second,
         }
 
 
