@@ -121,3 +121,16 @@ def test_request_id_is_echoed_or_made(client):
     assert len(r.headers["x-request-id"]) == 32
     r = client.post("/embed", json={"inputs": "x"}, headers={"X-Request-ID": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
+
+
+def test_each_queue_starts_with_its_model_services_measured_rate(client):
+    """The model service times its variant at start-up (tokens_per_second in /v1/models); the gateway's health
+    call hands that rate to the model's queue, so the first burst is bounded by time (gateway/queue.py)."""
+    import service
+
+    assert client.get("/readyz").status_code == 200
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    chooser = service.Gateway.inner._asgi.state.chooser
+    for name in ("minilm", "sentiment", "rerank"):
+        assert models[name]["tokens_per_second"] > 0
+        assert chooser.models[name].coalescer.tokens_per_second is not None

@@ -272,3 +272,25 @@ def test_the_check_before_tokenizing_counts_the_texts_at_the_recent_tokens_per_t
         await asyncio.gather(in_flight, queued)
 
     asyncio.run(main())
+
+
+def test_a_seeded_rate_bounds_the_first_burst_by_time():
+    # The model service's start-up timing seeds the rate (gateway/endpoint.py, from its describe): without it a
+    # cold server's first burst was bounded by count alone and waited far past max_wait.
+    async def main():
+        model = GatedModel()
+        c = coalescer(model, max_wait=1.0, max_tokens=1000, max_queued=10_000)
+        c.seed_rate(100.0)  # 100 tokens a second: 1 s holds about 100 queued tokens
+        in_flight = asyncio.create_task(c.submit([[1] * 10]))
+        await asyncio.sleep(0.01)
+        queued = [asyncio.create_task(c.submit([[1] * 10])) for _ in range(8)]
+        await asyncio.sleep(0)
+        with pytest.raises(ApiError) as info:
+            await asyncio.wait_for(c.submit([[1] * 10] * 5), 2)
+        assert info.value.status == 503
+        c.seed_rate(1e9)  # a seed never replaces a rate already held
+        assert c.tokens_per_second == 100.0
+        model.gate.set()
+        await asyncio.gather(in_flight, *queued)
+
+    asyncio.run(main())

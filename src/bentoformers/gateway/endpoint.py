@@ -66,9 +66,13 @@ class ModelEndpoint:
         self.name, self.task = self.card.name, self.card.task
         self.tokenizer = TextTokenizer(model_folder, self.card.max_length)
         self._describe = describe
-        self.health = ModelHealth(self.name, describe)
+        self.health = ModelHealth(self.name, self._ping)
         self._served: dict[str, Any] | None = None
         self.created = int(time.time())
+
+    async def _ping(self) -> dict[str, Any]:
+        """The health call (gateway/health.py): the model service's describe."""
+        return await self._describe()
 
     async def served(self) -> dict[str, Any]:
         """Precision and device, as the model service reports them (asked once)."""
@@ -182,6 +186,12 @@ class EncoderEndpoint(ModelEndpoint):
 
     async def describe(self) -> dict[str, Any]:
         return await super().describe() | {"max_items_per_request": self.settings.max_items_per_request}
+
+    async def _ping(self) -> dict[str, Any]:
+        """The health call, whose answer also seeds the queue's rate with the model service's start-up timing."""
+        served = await self._describe()
+        self.coalescer.seed_rate(served.get("tokens_per_second"))
+        return served
 
     async def tokenize(
         self, texts: list[str], truncate: bool, param: str, direction: str = "right", prompt: str = ""

@@ -156,6 +156,12 @@ class Coalescer:
         self.queued_tokens += tokens
         metrics.queued_items.labels(self.model).set(self.queued_items)
 
+    def seed_rate(self, tokens_per_second: float | None) -> None:
+        """The model service's own measure of its rate (its start-up timing of a batched call), until a call of
+        this queue teaches one: so even the first burst after a start is bounded by time, not by count alone."""
+        if self.tokens_per_second is None and tokens_per_second and tokens_per_second > 0:
+            self.tokens_per_second = float(tokens_per_second)
+
     def _learn_rate(self, tokens: int, seconds: float, saturated: bool) -> None:
         if seconds <= 0 or tokens <= 0:
             return
