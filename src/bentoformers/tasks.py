@@ -26,6 +26,9 @@ class TaskRow:
     gates: dict[str, dict[str, float]]
     describe: Callable[[Any], dict[str, Any]]  # the card's fields that /v1/models shows
     summary: Callable[[Any], str]  # the card's task line in the model card (README.md of the variant)
+    # embeddings: per quantized output type, the least retrieval figure against float on held-out texts
+    # (build/builder.py, output_figures); a type below it is not offered by that model.
+    output_gates: dict[str, float] | None = None
 
     @property
     def decoder(self) -> bool:
@@ -77,8 +80,12 @@ TASKS: dict[str, TaskRow] = {row.name: row for row in (
             "dimensions": card.dimensions, "matryoshka_dimensions": list(card.matryoshka_dimensions),
             "prompts": card.prompts, "default_prompt_name": card.default_prompt_name or None,
             "max_input_tokens": card.max_length,
+            "embedding_types": ["float", "base64", *(k for k, f in card.output_types.items() if f["offered"])],
+            "quantized_outputs": card.output_types,
         },
         summary=_embedding_line,
+        # int8/uint8: recall@10 of the dequantized vectors; binary/ubinary: Hamming top 40 rescored with floats.
+        output_gates={"int8": 0.97, "uint8": 0.97, "binary": 0.95, "ubinary": 0.95},
     ),
     TaskRow(
         "classification", "text-classification", "logits", "classify", labelled=True, gates=_ENCODER_GATES,

@@ -107,7 +107,8 @@ def _readme_blocks(lang: str) -> list[str]:
 # What each README curl example must answer, by route.
 README_ANSWERS = {"/v1/embeddings": '"embedding', "/classify": '"results"', "/generate": '"text"', "/v1/models": '"task"',
                   "/v1/chat/completions": '"chat.completion', "/embed": '"embeddings"', "/tokenize": '"special"',
-                  "/rerank": '"score"', "/v2/rerank": '"relevance_score"', "/ner": '"results"'}
+                  "/rerank": '"score"', "/v2/rerank": '"relevance_score"', "/ner": '"results"',
+                  "/v2/embed": '"embeddings_by_type"'}
 
 
 def test_readme_curl_examples_run(server):

@@ -33,6 +33,8 @@ ROUTES = (
               summary="Embed texts"),
     RouteSpec("/v1/embeddings", "POST", "embeddings", "openai_embeddings", schemas.OpenAIEmbeddingRequest,
               schemas.OpenAIEmbeddingResponse, summary="Embed texts (OpenAI)"),
+    RouteSpec("/v2/embed", "POST", "embeddings", "cohere_embed", schemas.CohereEmbedRequest,
+              schemas.CohereEmbedResponse, summary="Embed texts (Cohere v2)"),
     RouteSpec("/tokenize", "POST", None, "tokenize", schemas.TokenizeRequest, schemas.TokenizeResponse, "tokenize",
               summary="Tokenize texts as a model would (runs no model; counts no tokens)"),
     RouteSpec("/classify", "POST", "classification", "classify", schemas.ClassifyRequest, schemas.ClassifyResponse,
