@@ -118,6 +118,11 @@ class Classification(_Result):
     usage: Usage
 
 
+class SparseValue(_Result):
+    index: int  # the term's token id in the model's vocabulary
+    value: float
+
+
 class RerankResult(_Result):
     index: int  # the document's position in the request
     score: float  # the sigmoid of the model's logit for the pair, or the logit with raw_scores
@@ -666,6 +671,24 @@ class Client(_Base):
                  for chunk in self._split(self._items(documents))]
         return self._join_rankings(parts, top_n)
 
+    def embed_sparse(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        top_k: int | None = None,
+        truncate: bool | None = None,
+        truncation_direction: str | None = None,
+        model: str | None = None,
+    ) -> list[list[SparseValue]]:
+        """Per text, its SPLADE weights (`POST /embed_sparse`): the non-zero ones by ascending token id, or with
+        `top_k` its k largest."""
+        options = self._options(top_k=top_k, truncate=truncate, truncation_direction=truncation_direction, model=model)
+        return [
+            [SparseValue.model_validate(v) for v in row]
+            for chunk in self._split(self._items(inputs))
+            for row in self._post("/embed_sparse", {"inputs": chunk, **options})
+        ]
+
     def ner(
         self,
         inputs: str | Sequence[str],
@@ -897,6 +920,22 @@ class AsyncClient(_Base):
         parts = [await self._post("/rerank", {"query": query, "texts": chunk, **options})
                  for chunk in await self._split(self._items(documents))]
         return self._join_rankings(parts, top_n)
+
+    async def embed_sparse(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        top_k: int | None = None,
+        truncate: bool | None = None,
+        truncation_direction: str | None = None,
+        model: str | None = None,
+    ) -> list[list[SparseValue]]:
+        options = self._options(top_k=top_k, truncate=truncate, truncation_direction=truncation_direction, model=model)
+        return [
+            [SparseValue.model_validate(v) for v in row]
+            for chunk in await self._split(self._items(inputs))
+            for row in await self._post("/embed_sparse", {"inputs": chunk, **options})
+        ]
 
     async def ner(
         self,

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Task = Literal["embeddings", "classification", "rerank", "token-classification", "generation"]
-# What the graph gives per input: a pooled vector, a row of logits, logits per token, or new tokens.
-Output = Literal["pooled", "logits", "token-logits", "tokens"]
+Task = Literal["embeddings", "classification", "rerank", "token-classification", "generation", "sparse-embeddings"]
+# What the graph gives per input: a pooled vector, a row of logits, logits per token, new tokens, or a weight per
+# vocabulary term (SPLADE).
+Output = Literal["pooled", "logits", "token-logits", "tokens", "sparse"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,20 @@ TASKS: dict[str, TaskRow] = {row.name: row for row in (
         gates=_ENCODER_GATES,
         describe=lambda card: {"labels": list(card.labels), "max_input_tokens": card.max_length},
         summary=lambda card: f"a label per token; labels: {', '.join(card.labels)}",
+    ),
+    # SPLADE (a *ForMaskedLM checkpoint): per text, log(1 + relu(logits)) max-pooled over its tokens, a weight
+    # per vocabulary term (the max and relu in the graph, log1p after it: build/export.py append_splade_pooling).
+    # Gates against sentence-transformers' SparseEncoder: the largest weight difference, the overlap of each
+    # text's top 32 terms, and the dot-product ranking's top 10 (shipped sentences as queries and documents).
+    TaskRow(
+        "sparse-embeddings", "fill-mask", "sparse", "embed_sparse", labelled=False,
+        gates={
+            "fp32": {"max_weight_diff": 1e-5, "top_terms_overlap": 0.999, "dot_recall_at_10": 0.99},
+            "fp16": {"max_weight_diff": 0.05, "top_terms_overlap": 0.95, "dot_recall_at_10": 0.95},
+            "int8": {"max_weight_diff": 0.5, "top_terms_overlap": 0.95, "dot_recall_at_10": 0.95},
+        },
+        describe=lambda card: {"vocab_size": card.dimensions, "max_input_tokens": card.max_length},
+        summary=lambda card: f"SPLADE: max-pooled log(1 + relu(logits)), a weight per term of {card.dimensions}",
     ),
     # The decoder with its KV cache: one merged graph that takes an empty cache for the prompt and the
     # growing cache for each new token.

@@ -42,15 +42,16 @@ def test_models_lists_every_served_model_with_task_precision_and_device(client, 
     body = client.get("/v1/models").json()
     assert body["object"] == "list"
     entries = {e["id"]: e for e in body["data"]}
-    assert list(entries) == ["minilm", "sentiment", "gpt2", "rerank", "ner", "nli", "chat", "e5"]
+    assert list(entries) == ["minilm", "sentiment", "gpt2", "rerank", "ner", "nli", "chat", "e5", "splade"]
     assert {name: e["task"] for name, e in entries.items()} == {
         "minilm": "embeddings", "sentiment": "classification", "gpt2": "generation", "rerank": "rerank",
         "ner": "token-classification", "nli": "classification", "chat": "generation", "e5": "embeddings",
+        "splade": "sparse-embeddings",
     }
     assert all(e["device"] == "cpu" and e["object"] == "model" for e in entries.values())
     # int8 on CPU where it passed its gates; the tests serve gpt2 and nli in fp32 through
     # BENTOFORMERS_MODEL_PRECISIONS (conftest).
-    int8 = {name: "int8" if served_build[name]["int8"].ok else "fp32" for name in ("rerank", "ner")}
+    int8 = {name: "int8" if served_build[name]["int8"].ok else "fp32" for name in ("rerank", "ner", "splade")}
     assert {name: e["precision"] for name, e in entries.items()} == {
         "minilm": "int8", "sentiment": "int8", "gpt2": "fp32", "chat": "fp32", "e5": "fp32", "nli": "fp32", **int8
     }

@@ -18,6 +18,7 @@ from bentoformers.api.embeddings import cohere_embed, embed, openai_embeddings
 from bentoformers.api.generation import generate, generate_text, openai_completions
 from bentoformers.api.openapi import DOCS_PAGE, SWAGGER_UI, openapi_document
 from bentoformers.api.rerank import rerank, rerank_v1, rerank_v2
+from bentoformers.api.sparse import embed_sparse
 from bentoformers.api.routes import ROUTES
 from bentoformers.api.steps import chooser_of, json_response
 from bentoformers.api.token_classification import ner
@@ -82,7 +83,7 @@ class _Fallback(Route):
 
 HANDLERS = {f.__name__: f for f in (
     embed, openai_embeddings, cohere_embed, tokenize, classify, generate, generate_text, openai_completions, chat_completions,
-    list_models, rerank, rerank_v1, rerank_v2, ner,
+    list_models, rerank, rerank_v1, rerank_v2, ner, embed_sparse,
 )}
 
 

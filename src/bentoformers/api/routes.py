@@ -35,6 +35,8 @@ ROUTES = (
               schemas.OpenAIEmbeddingResponse, summary="Embed texts (OpenAI)"),
     RouteSpec("/v2/embed", "POST", "embeddings", "cohere_embed", schemas.CohereEmbedRequest,
               schemas.CohereEmbedResponse, summary="Embed texts (Cohere v2)"),
+    RouteSpec("/embed_sparse", "POST", "sparse-embeddings", "embed_sparse", schemas.EmbedSparseRequest,
+              schemas.EmbedSparseResponse, "embed_sparse", summary="Sparse (SPLADE) embeddings of texts (TEI)"),
     RouteSpec("/tokenize", "POST", None, "tokenize", schemas.TokenizeRequest, schemas.TokenizeResponse, "tokenize",
               summary="Tokenize texts as a model would (runs no model; counts no tokens)"),
     RouteSpec("/classify", "POST", "classification", "classify", schemas.ClassifyRequest, schemas.ClassifyResponse,

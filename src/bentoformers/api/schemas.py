@@ -535,3 +535,27 @@ class CohereEmbedResponse(BaseModel):
     texts: list[str]
     meta: EmbedMeta
 
+
+# Sparse embeddings (api/sparse.py).
+
+
+class EmbedSparseRequest(BaseModel):
+    """POST /embed_sparse, as text-embeddings-inference defines it; `model` and `top_k` are ours."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: StrictStr | Texts
+    truncate: StrictBool = Field(False, description="Cut texts over the model's token limit instead of refusing them.")
+    truncation_direction: TruncationDirection = TRUNCATION_DIRECTION
+    prompt_name: StrictStr | None = PROMPT_NAME
+    top_k: StrictInt | None = Field(None, ge=1, description="Keep each text's k largest weights (ties to the lower "
+                                    "index), still listed by index; absent: every non-zero weight.")
+    model: StrictStr | None = None
+
+
+class SparseValue(BaseModel):
+    index: int = Field(description="The term's token id in the model's vocabulary.")
+    value: float
+
+
+class EmbedSparseResponse(RootModel[list[list[SparseValue]]]):
+    """Per text, its non-zero weights in ascending index order."""

@@ -26,6 +26,7 @@ from bentoformers.build.export import (
     reference_embeddings,
     reference_greedy,
     reference_logits,
+    reference_sparse,
     reference_token_logits,
     resolve_source,
     sentence_transformers_config,
@@ -36,6 +37,7 @@ from bentoformers.runtime.card import ONNX_FILE, ModelCard
 from bentoformers.runtime.chat import resolve_template
 from bentoformers.runtime.encoder import POOLED_OUTPUT, label_scores, sigmoid, softmax
 from bentoformers.runtime.fidelity import (
+    compare_sparse,
     gate_failures,
     generation_prompts,
     nli_pairs,
@@ -140,6 +142,8 @@ def _validation_set(card: ModelCard, folder: Path, tokenizer: TextTokenizer, rep
             return ValidationSet(ids, label_scores(reference_logits(folder, sentences, card.max_length), card.multi_label))
         if card.task == "token-classification":
             return ValidationSet(ids, [softmax(t) for t in reference_token_logits(folder, sentences, card.max_length)])
+        if card.task == "sparse-embeddings":
+            return ValidationSet(ids, reference_sparse(folder, sentences, card.max_length))
         return ValidationSet(ids, reference_embeddings(folder, sentences, card))
 
 
@@ -286,6 +290,8 @@ def _validate(card: ModelCard, folder: Path, device: str, validation: Validation
     """The built graph, run by the serving code, against the fp32 PyTorch reference: the start-up check's
     measure on every validation input, with the neighbour overlap."""
     engine = selfcheck.open_engine(folder, device=device)
+    if card.task == "sparse-embeddings":  # on the whole dense rows (the check set keeps each text's top terms)
+        return compare_sparse(engine.embed(validation.ids), np.asarray(validation.reference))
     check = selfcheck.check_set(card, validation.ids, validation.reference, {}, GREEDY_TOKENS, validation.groups)
     return selfcheck.measure(check, engine, neighbours=10)
 
@@ -363,6 +369,11 @@ def _card(spec: ModelSpec, folder: Path) -> ModelCard:
         return ModelCard(
             name=spec.name, task=spec.task, precision="fp32", max_length=int(min(spec.max_length or context, context)),
             eos_token_ids=eos_ids, chat_template=resolve_template(folder, spec.source, spec.chat_template),
+        )
+    if spec.task == "sparse-embeddings":
+        return ModelCard(
+            name=spec.name, task=spec.task, precision="fp32", max_length=int(min(spec.max_length or context, context)),
+            dimensions=int(config["vocab_size"]),
         )
     found = sentence_transformers_config(folder)
     pooling = spec.pooling if spec.pooling != "auto" else str(found.get("pooling", "mean"))
