@@ -8,10 +8,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     RootModel,
     StrictBool,
     StrictInt,
     StrictStr,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -53,13 +55,27 @@ EMBEDDING_TYPES = Field(None, description="Cohere's output types; the answer's `
                         "keyed by type. The quantized types a model offers: GET /v1/models `embedding_types`.")
 
 
+def _embed_truncate(value: Any) -> bool | str:
+    # One check, so that a wrong value is reported as `truncate` (a union would name its branches).
+    if isinstance(value, bool) or (isinstance(value, str) and value in ("NONE", "START", "END")):
+        return value
+    raise ValueError("truncate is true, false, or one of END, START, NONE")
+
+
+EmbedTruncate = Annotated[
+    bool | str,
+    PlainValidator(_embed_truncate),
+    WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": ["NONE", "START", "END"], "type": "string"}]}),
+]
+
+
 class EmbedRequest(BaseModel):
     """POST /embed (native)."""
 
     model_config = ConfigDict(extra="forbid")
     inputs: StrictStr | Texts
     normalize: StrictBool | None = Field(None, description="Default: as the model was trained.")
-    truncate: StrictBool | CohereTruncate = Field(
+    truncate: EmbedTruncate = Field(
         False, description="Cut texts over the model's token limit instead of refusing them; or Cohere's END "
         "(= true, right), START (= true, left), NONE (= false).")
     model: StrictStr | None = None
@@ -104,7 +120,7 @@ class CohereEmbedRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     texts: Texts | None = None
     inputs: bounded(CohereInput) | None = Field(None, description="Items of one text each (no images).")
-    images: list[Any] | None = Field(None, description="Not supported: a 400.")
+    images: bounded(Any) | None = Field(None, description="Not supported: a 400.")
     model: StrictStr | None = None
     input_type: StrictStr | None = INPUT_TYPE
     embedding_types: EmbeddingTypes = ["float"]
