@@ -86,7 +86,7 @@ def served_build(minilm_build):
     `rerank` (cross-encoder), `ner` (token classifier) and `nli` (zero-shot classifier), all built, named as
     the README's examples name them, `chat` (a tiny GPT-2 with a chat template, fp32, with a 512-token
     context so a generation lasts long enough to leave it midway) and `e5` (a tiny encoder with e5's
-    query/passage prompts and Matryoshka sizes, fp32)."""
+    query/passage prompts and Matryoshka sizes, fp32) and `splade` (a tiny masked LM served as SPLADE)."""
     import yaml
 
     from bentoformers.build.builder import build_model
@@ -95,6 +95,7 @@ def served_build(minilm_build):
         make_tiny_classifier,
         make_tiny_encoder,
         make_tiny_gpt2,
+        make_tiny_masked_lm,
         make_tiny_nli,
         make_tiny_reranker,
         make_tiny_token_classifier,
@@ -118,7 +119,11 @@ def served_build(minilm_build):
          "source": str(make_tiny_gpt2(folders / "chat", CHAT_TEMPLATE, ("<|im_start|>", "<|im_end|>"), 512))},
         {"name": "e5", "task": "embeddings", "variants": [{"precision": "fp32"}], "normalize": True,
          "matryoshka_dimensions": [16, 8],  # and the full 32
+         # Every quantized output type offered whatever the random model's figures (the tests check the values).
+         "output_gates": {"int8": 0, "uint8": 0, "binary": 0, "ubinary": 0},
          "source": str(make_tiny_encoder(folders / "e5", E5_PROMPTS))},
+        {"name": "splade", "task": "sparse-embeddings", "variants": [{"precision": "fp32"}, {"precision": "int8"}],
+         "source": str(make_tiny_masked_lm(folders / "splade"))},
     ]
     path = _RUN_DIR / "models.yaml"
     path.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))
@@ -136,11 +141,11 @@ def served_build(minilm_build):
     # CPU"): where it is refused the build says on which class, and the tests that need it skip saying so.
     for name, precision in [("minilm", "fp32"), ("minilm", "int8"), ("sentiment", "fp32"), ("sentiment", "int8"),
                             ("gpt2", "fp32"), ("chat", "fp32"), ("e5", "fp32"), ("rerank", "fp32"), ("ner", "fp32"),
-                            ("nli", "fp32")]:
+                            ("nli", "fp32"), ("splade", "fp32")]:
         assert results[name][precision].ok, f"{name} {precision}: {results[name][precision].reason}"
     # The tiny random encoders' int8 may be refused (their outputs are near-ties); a refusal must name the CPU
     # class it failed on, and the service then serves fp32.
-    for name in ("rerank", "ner", "nli"):
+    for name in ("rerank", "ner", "nli", "splade"):
         result = results[name]["int8"]
         assert result.ok or "below its gate on " in result.reason, f"{name} int8: {result.reason}"
     gpt2_int8 = results["gpt2"]["int8"]

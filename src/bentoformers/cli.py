@@ -159,7 +159,8 @@ def _add_keys_parser(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--id", required=True, help="key id: who holds it (letters, digits, '.', '-')")
     create.add_argument(
         "--scopes", nargs="+", default=["*"], metavar="TASK",
-        help="tasks it may call: embeddings, classification, rerank, token-classification, generation, or * (default: *)",
+        help="tasks it may call: embeddings, classification, rerank, token-classification, generation, "
+        "sparse-embeddings, or * (default: *)",
     )
     create.add_argument("--tier", default="default", help="rate-limit tier (default: %(default)s)")
     create.add_argument("--file", type=Path, help="key file to append to (created with mode 0600)")

@@ -93,7 +93,8 @@ class Usage(_Result):
 
 class Embeddings(_Result):
     model: str
-    embeddings: list[list[float]]
+    # With embedding_types: per type a row per text (float, int8, uint8, binary, ubinary: numbers; base64: str).
+    embeddings: list[list[float]] | dict[str, list[list[float]] | list[str]]
     usage: Usage
 
 
@@ -115,6 +116,11 @@ class Classification(_Result):
     model: str
     results: list[list[Label]]  # per input, sorted by score, highest first
     usage: Usage
+
+
+class SparseValue(_Result):
+    index: int  # the term's token id in the model's vocabulary
+    value: float
 
 
 class RerankResult(_Result):
@@ -444,9 +450,11 @@ class _Base:
     def _join_embeddings(parts: list[Embeddings]) -> Embeddings:
         if len(parts) == 1:
             return parts[0]
+        first = parts[0].embeddings
         return Embeddings(
             model=parts[0].model,
-            embeddings=[v for p in parts for v in p.embeddings],
+            embeddings={k: [v for p in parts for v in p.embeddings[k]] for k in first} if isinstance(first, dict)
+            else [v for p in parts for v in p.embeddings],
             usage=_sum_usage([p.usage for p in parts]),
         )
 
@@ -581,12 +589,19 @@ class Client(_Base):
         prompt: str | None = None,
         dimensions: int | None = None,
         truncation_direction: str | None = None,
+        input_type: str | None = None,
+        embedding_types: Sequence[str] | None = None,
     ) -> Embeddings:
         """Vectors for the texts, in order; `normalize` defaults to how the model was trained. `prompt_name`
         (one of the model's prompts) or `prompt` (any text; "" for none) goes before each text, `dimensions`
-        cuts a Matryoshka model's vectors (then normalised), `truncation_direction` "left" keeps the ends."""
+        cuts a Matryoshka model's vectors (then normalised), `truncation_direction` "left" keeps the ends.
+        `input_type` (search_query, search_document, classification, clustering) picks the model's prompt for it;
+        `embedding_types` (float, int8, uint8, binary, ubinary, base64: those the model offers, GET /v1/models)
+        makes `embeddings` a dict by type."""
         options = self._options(normalize=normalize, truncate=truncate, model=model, prompt_name=prompt_name,
-                                prompt=prompt, dimensions=dimensions, truncation_direction=truncation_direction)
+                                prompt=prompt, dimensions=dimensions, truncation_direction=truncation_direction,
+                                input_type=input_type,
+                                embedding_types=None if embedding_types is None else list(embedding_types))
         parts = [
             Embeddings.model_validate(self._post("/embed", {"inputs": chunk, **options}))
             for chunk in self._split(self._items(inputs))
@@ -655,6 +670,24 @@ class Client(_Base):
         parts = [self._post("/rerank", {"query": query, "texts": chunk, **options})
                  for chunk in self._split(self._items(documents))]
         return self._join_rankings(parts, top_n)
+
+    def embed_sparse(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        top_k: int | None = None,
+        truncate: bool | None = None,
+        truncation_direction: str | None = None,
+        model: str | None = None,
+    ) -> list[list[SparseValue]]:
+        """Per text, its SPLADE weights (`POST /embed_sparse`): the non-zero ones by ascending token id, or with
+        `top_k` its k largest."""
+        options = self._options(top_k=top_k, truncate=truncate, truncation_direction=truncation_direction, model=model)
+        return [
+            [SparseValue.model_validate(v) for v in row]
+            for chunk in self._split(self._items(inputs))
+            for row in self._post("/embed_sparse", {"inputs": chunk, **options})
+        ]
 
     def ner(
         self,
@@ -817,9 +850,13 @@ class AsyncClient(_Base):
         prompt: str | None = None,
         dimensions: int | None = None,
         truncation_direction: str | None = None,
+        input_type: str | None = None,
+        embedding_types: Sequence[str] | None = None,
     ) -> Embeddings:
         options = self._options(normalize=normalize, truncate=truncate, model=model, prompt_name=prompt_name,
-                                prompt=prompt, dimensions=dimensions, truncation_direction=truncation_direction)
+                                prompt=prompt, dimensions=dimensions, truncation_direction=truncation_direction,
+                                input_type=input_type,
+                                embedding_types=None if embedding_types is None else list(embedding_types))
         parts = [
             Embeddings.model_validate(await self._post("/embed", {"inputs": chunk, **options}))
             for chunk in await self._split(self._items(inputs))
@@ -883,6 +920,22 @@ class AsyncClient(_Base):
         parts = [await self._post("/rerank", {"query": query, "texts": chunk, **options})
                  for chunk in await self._split(self._items(documents))]
         return self._join_rankings(parts, top_n)
+
+    async def embed_sparse(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        top_k: int | None = None,
+        truncate: bool | None = None,
+        truncation_direction: str | None = None,
+        model: str | None = None,
+    ) -> list[list[SparseValue]]:
+        options = self._options(top_k=top_k, truncate=truncate, truncation_direction=truncation_direction, model=model)
+        return [
+            [SparseValue.model_validate(v) for v in row]
+            for chunk in await self._split(self._items(inputs))
+            for row in await self._post("/embed_sparse", {"inputs": chunk, **options})
+        ]
 
     async def ner(
         self,

@@ -152,6 +152,11 @@ class Settings(BaseSettings):
         65_536, ge=1, description="Tokens /tokenize returns per request, all inputs together (413 beyond): each is a "
         "JSON object of some 80 bytes. They are charged to the caller's token budget too.",
     )
+    max_sparse_terms: int = Field(
+        262_144, ge=1, description="Terms an /embed_sparse answer holds, all texts together (413 beyond, naming "
+        "top_k): each is a JSON object of some 35 bytes, and an untrained or unusual model weighs most of its "
+        "vocabulary (30,522 terms per text for BERT's).",
+    )
 
     # gateway width (serving/composition.py gateway_workers)
     gateway_workers: int = Field(

@@ -39,6 +39,10 @@ class ModelSpec(BaseModel):
         None, description="generation only: the chat template for /v1/chat/completions, for checkpoints without "
         "one (or to replace theirs): a built-in name (dialogpt, chatml), a .jinja file, or the Jinja text.",
     )
+    output_gates: dict[Literal["int8", "uint8", "binary", "ubinary"], float] | None = Field(
+        None, description="embeddings only: per quantized output type, its least retrieval figure against float "
+        "(replacing the task's: int8/uint8 0.97, binary/ubinary 0.95); a type below it is not offered.",
+    )
     variants: list[VariantSpec] = Field(min_length=1)
 
     @field_validator("variants")
@@ -66,14 +70,18 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _embedding_options_for_embeddings(self) -> ModelSpec:
-        if self.task != "embeddings" and (self.matryoshka_dimensions is not None or self.prompts is not None):
-            raise ValueError("matryoshka_dimensions and prompts are for embeddings models only")
+        if self.task != "embeddings" and (self.matryoshka_dimensions is not None or self.prompts is not None
+                                          or self.output_gates is not None):
+            raise ValueError("matryoshka_dimensions, prompts and output_gates are for embeddings models only")
         sizes = self.matryoshka_dimensions or []
         if any(size < 1 for size in sizes) or len(sizes) != len(set(sizes)):
             raise ValueError("matryoshka_dimensions must be distinct sizes of at least 1")
         if self.prompts is not None and any(not name for name in self.prompts):
             raise ValueError("a prompt's name may not be empty")
         return self
+
+    def output_gates_of(self) -> dict[str, float]:
+        return {**(TASKS[self.task].output_gates or {}), **(self.output_gates or {})}
 
     def gates(self, variant: VariantSpec) -> dict[str, float]:
         return {**TASKS[self.task].gates[variant.precision], **(variant.gates or {})}

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Task = Literal["embeddings", "classification", "rerank", "token-classification", "generation"]
-# What the graph gives per input: a pooled vector, a row of logits, logits per token, or new tokens.
-Output = Literal["pooled", "logits", "token-logits", "tokens"]
+Task = Literal["embeddings", "classification", "rerank", "token-classification", "generation", "sparse-embeddings"]
+# What the graph gives per input: a pooled vector, a row of logits, logits per token, new tokens, or a weight per
+# vocabulary term (SPLADE).
+Output = Literal["pooled", "logits", "token-logits", "tokens", "sparse"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class TaskRow:
     gates: dict[str, dict[str, float]]
     describe: Callable[[Any], dict[str, Any]]  # the card's fields that /v1/models shows
     summary: Callable[[Any], str]  # the card's task line in the model card (README.md of the variant)
+    # embeddings: per quantized output type, the least retrieval figure against float on held-out texts
+    # (build/builder.py, output_figures); a type below it is not offered by that model.
+    output_gates: dict[str, float] | None = None
 
     @property
     def decoder(self) -> bool:
@@ -77,8 +81,12 @@ TASKS: dict[str, TaskRow] = {row.name: row for row in (
             "dimensions": card.dimensions, "matryoshka_dimensions": list(card.matryoshka_dimensions),
             "prompts": card.prompts, "default_prompt_name": card.default_prompt_name or None,
             "max_input_tokens": card.max_length,
+            "embedding_types": ["float", "base64", *(k for k, f in card.output_types.items() if f["offered"])],
+            "quantized_outputs": card.output_types,
         },
         summary=_embedding_line,
+        # int8/uint8: recall@10 of the dequantized vectors; binary/ubinary: Hamming top 40 rescored with floats.
+        output_gates={"int8": 0.97, "uint8": 0.97, "binary": 0.95, "ubinary": 0.95},
     ),
     TaskRow(
         "classification", "text-classification", "logits", "classify", labelled=True, gates=_ENCODER_GATES,
@@ -103,6 +111,20 @@ TASKS: dict[str, TaskRow] = {row.name: row for row in (
         gates=_ENCODER_GATES,
         describe=lambda card: {"labels": list(card.labels), "max_input_tokens": card.max_length},
         summary=lambda card: f"a label per token; labels: {', '.join(card.labels)}",
+    ),
+    # SPLADE (a *ForMaskedLM checkpoint): per text, log(1 + relu(logits)) max-pooled over its tokens, a weight
+    # per vocabulary term (the max and relu in the graph, log1p after it: build/export.py append_splade_pooling).
+    # Gates against sentence-transformers' SparseEncoder: the largest weight difference, the overlap of each
+    # text's top 32 terms, and the dot-product ranking's top 10 (shipped sentences as queries and documents).
+    TaskRow(
+        "sparse-embeddings", "fill-mask", "sparse", "embed_sparse", labelled=False,
+        gates={
+            "fp32": {"max_weight_diff": 1e-5, "top_terms_overlap": 0.999, "dot_recall_at_10": 0.99},
+            "fp16": {"max_weight_diff": 0.05, "top_terms_overlap": 0.95, "dot_recall_at_10": 0.95},
+            "int8": {"max_weight_diff": 0.5, "top_terms_overlap": 0.95, "dot_recall_at_10": 0.95},
+        },
+        describe=lambda card: {"vocab_size": card.dimensions, "max_input_tokens": card.max_length},
+        summary=lambda card: f"SPLADE: max-pooled log(1 + relu(logits)), a weight per term of {card.dimensions}",
     ),
     # The decoder with its KV cache: one merged graph that takes an empty cache for the prompt and the
     # growing cache for each new token.

@@ -70,7 +70,9 @@ def test_counts_from_every_worker_process_are_summed(traffic):
     assert _samples(traffic, "bentoformers_tokens_total")['{model="minilm",task="embeddings"}'] >= 40 * 5
     # ... and in the model service process.
     (inference,) = _samples(traffic, "bentoformers_inference_seconds_count").items()
-    assert inference[0] == '{device="cpu",model="minilm",precision="int8"}' and 1 <= inference[1] <= 40
+    # The variant that serves is the fastest that holds on this CPU (runtime/selfcheck.py): int8 or fp32.
+    assert inference[0] in ('{device="cpu",model="minilm",precision="int8"}',
+                            '{device="cpu",model="minilm",precision="fp32"}') and 1 <= inference[1] <= 40
     (load,) = _samples(traffic, "bentoformers_model_load_seconds").values()
     assert 0 < load < 60
 

@@ -23,7 +23,7 @@ def test_openai_sdk_works_unchanged(server):
     assert a.shape == (384,) and result.usage.prompt_tokens > 10
     assert 0.4 < float(a @ b) < 0.99
     assert [m.id for m in client.models.list().data] == [
-        "minilm", "sentiment", "gpt2", "rerank", "ner", "nli", "chat", "e5"
+        "minilm", "sentiment", "gpt2", "rerank", "ner", "nli", "chat", "e5", "splade"
     ]
 
 
@@ -107,7 +107,8 @@ def _readme_blocks(lang: str) -> list[str]:
 # What each README curl example must answer, by route.
 README_ANSWERS = {"/v1/embeddings": '"embedding', "/classify": '"results"', "/generate": '"text"', "/v1/models": '"task"',
                   "/v1/chat/completions": '"chat.completion', "/embed": '"embeddings"', "/tokenize": '"special"',
-                  "/rerank": '"score"', "/v2/rerank": '"relevance_score"', "/ner": '"results"'}
+                  "/rerank": '"score"', "/v2/rerank": '"relevance_score"', "/ner": '"results"',
+                  "/v2/embed": '"embeddings_by_type"', "/embed_sparse": '"index"'}
 
 
 def test_readme_curl_examples_run(server):
@@ -146,4 +147,5 @@ def test_the_python_client_classifies_and_streams(server):
         assert {m.id: m.task for m in client.models()} == {
             "minilm": "embeddings", "sentiment": "classification", "gpt2": "generation", "rerank": "rerank",
             "ner": "token-classification", "nli": "classification", "chat": "generation", "e5": "embeddings",
+        "splade": "sparse-embeddings",
         }

@@ -48,7 +48,8 @@ def test_a_list_longer_than_the_server_takes_is_split_and_joined(client, sentenc
 
 def test_models(client):
     (model,) = [m for m in client.models() if m.id == "minilm"]
-    assert (model.id, model.task, model.precision, model.device) == ("minilm", "embeddings", "int8", "cpu")
+    assert (model.id, model.task, model.device) == ("minilm", "embeddings", "cpu")
+    assert model.precision in ("int8", "fp32")  # the fastest that holds on this CPU (runtime/selfcheck.py)
     assert model.model_extra["dimensions"] == 384
 
 

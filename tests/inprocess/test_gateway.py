@@ -42,18 +42,22 @@ def test_models_lists_every_served_model_with_task_precision_and_device(client, 
     body = client.get("/v1/models").json()
     assert body["object"] == "list"
     entries = {e["id"]: e for e in body["data"]}
-    assert list(entries) == ["minilm", "sentiment", "gpt2", "rerank", "ner", "nli", "chat", "e5"]
+    assert list(entries) == ["minilm", "sentiment", "gpt2", "rerank", "ner", "nli", "chat", "e5", "splade"]
     assert {name: e["task"] for name, e in entries.items()} == {
         "minilm": "embeddings", "sentiment": "classification", "gpt2": "generation", "rerank": "rerank",
         "ner": "token-classification", "nli": "classification", "chat": "generation", "e5": "embeddings",
+        "splade": "sparse-embeddings",
     }
     assert all(e["device"] == "cpu" and e["object"] == "model" for e in entries.values())
-    # int8 on CPU where it passed its gates; the tests serve gpt2 and nli in fp32 through
-    # BENTOFORMERS_MODEL_PRECISIONS (conftest).
-    int8 = {name: "int8" if served_build[name]["int8"].ok else "fp32" for name in ("rerank", "ner")}
-    assert {name: e["precision"] for name, e in entries.items()} == {
-        "minilm": "int8", "sentiment": "int8", "gpt2": "fp32", "chat": "fp32", "e5": "fp32", "nli": "fp32", **int8
-    }
+    # The tests serve gpt2 and nli in fp32 through BENTOFORMERS_MODEL_PRECISIONS (conftest), and chat and e5 are
+    # built in fp32 only. The others serve the fastest built variant that holds on this CPU, and say so.
+    assert {name: entries[name]["precision"] for name in ("gpt2", "chat", "e5", "nli")} == dict.fromkeys(
+        ("gpt2", "chat", "e5", "nli"), "fp32")
+    for name in ("minilm", "sentiment", "rerank", "ner", "splade"):
+        entry = entries[name]
+        holding = {p for p, result in served_build[name].items() if result.ok}
+        assert entry["precision"] in holding and set(entry["variant_timings"]) <= holding, (name, entry)
+        assert entry["chosen_because"].startswith(("the fastest that holds", "the only variant that holds"))
     assert entries["minilm"]["dimensions"] == 384
     assert entries["sentiment"]["labels"] == ["negative", "positive"] and entries["sentiment"]["multi_label"] is False
     assert entries["sentiment"]["zero_shot"] is False and entries["nli"]["zero_shot"] is True

@@ -14,10 +14,11 @@ from starlette.types import Scope
 
 from bentoformers.api.chat import chat_completions
 from bentoformers.api.classification import classify
-from bentoformers.api.embeddings import embed, openai_embeddings
+from bentoformers.api.embeddings import cohere_embed, embed, openai_embeddings
 from bentoformers.api.generation import generate, generate_text, openai_completions
 from bentoformers.api.openapi import DOCS_PAGE, SWAGGER_UI, openapi_document
 from bentoformers.api.rerank import rerank, rerank_v1, rerank_v2
+from bentoformers.api.sparse import embed_sparse
 from bentoformers.api.routes import ROUTES
 from bentoformers.api.steps import chooser_of, json_response
 from bentoformers.api.token_classification import ner
@@ -81,8 +82,8 @@ class _Fallback(Route):
 
 
 HANDLERS = {f.__name__: f for f in (
-    embed, openai_embeddings, tokenize, classify, generate, generate_text, openai_completions, chat_completions,
-    list_models, rerank, rerank_v1, rerank_v2, ner,
+    embed, openai_embeddings, cohere_embed, tokenize, classify, generate, generate_text, openai_completions, chat_completions,
+    list_models, rerank, rerank_v1, rerank_v2, ner, embed_sparse,
 )}
 
 

@@ -8,10 +8,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     RootModel,
     StrictBool,
     StrictInt,
     StrictStr,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -38,19 +40,53 @@ def bounded(item: Any, max_length: int = MAX_LIST_ITEMS, min_length: int = 0) ->
 Texts = bounded(StrictStr)
 
 
+# The output types of an embedding (Cohere's `embedding_types`): float; base64 of little-endian float32 values;
+# int8/uint8 with the ranges calibrated at build (as sentence-transformers' quantize_embeddings); binary/ubinary,
+# one bit per value (> 0), eight to a byte, as int8 (the byte - 128) or uint8.
+EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+EmbeddingTypes = Annotated[list[EmbeddingType], Field(min_length=1, max_length=6, fail_fast=True)]
+CohereTruncate = Literal["NONE", "START", "END"]
+INPUT_TYPE = Field(
+    None, description="As Voyage, Cohere and NVIDIA NIM take it: query or search_query picks the model's query "
+    "prompt; document, passage or search_document its document prompt; classification or clustering the prompt "
+    "of that name; or a prompt's name. A model without such a prompt embeds the text as it is.",
+)
+EMBEDDING_TYPES = Field(None, description="Cohere's output types; the answer's `embeddings` is then an object "
+                        "keyed by type. The quantized types a model offers: GET /v1/models `embedding_types`.")
+
+
+def _embed_truncate(value: Any) -> bool | str:
+    # One check, so that a wrong value is reported as `truncate` (a union would name its branches).
+    if isinstance(value, bool) or (isinstance(value, str) and value in ("NONE", "START", "END")):
+        return value
+    raise ValueError("truncate is true, false, or one of END, START, NONE")
+
+
+EmbedTruncate = Annotated[
+    bool | str,
+    PlainValidator(_embed_truncate),
+    WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": ["NONE", "START", "END"], "type": "string"}]}),
+]
+
+
 class EmbedRequest(BaseModel):
     """POST /embed (native)."""
 
     model_config = ConfigDict(extra="forbid")
     inputs: StrictStr | Texts
     normalize: StrictBool | None = Field(None, description="Default: as the model was trained.")
-    truncate: StrictBool = Field(False, description="Cut texts over the model's token limit instead of refusing them.")
+    truncate: EmbedTruncate = Field(
+        False, description="Cut texts over the model's token limit instead of refusing them; or Cohere's END "
+        "(= true, right), START (= true, left), NONE (= false).")
     model: StrictStr | None = None
     prompt_name: StrictStr | None = PROMPT_NAME
     prompt: StrictStr | None = Field(None, description="Text put before each text, in place of a named prompt; "
                                      '"" for none (not even the default).')
     dimensions: StrictInt | None = DIMENSIONS
+    output_dimension: StrictInt | None = Field(None, ge=1, description="Cohere's name for `dimensions`.")
     truncation_direction: TruncationDirection = TRUNCATION_DIRECTION
+    input_type: StrictStr | None = INPUT_TYPE
+    embedding_types: EmbeddingTypes | None = EMBEDDING_TYPES
 
 
 class OpenAIEmbeddingRequest(BaseModel):
@@ -62,13 +98,36 @@ class OpenAIEmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = DIMENSIONS
     truncate: StrictBool = False
-    input_type: StrictStr | None = Field(
-        None, description="As Voyage, Cohere and NVIDIA NIM take it: query or search_query picks the model's query "
-        "prompt; document, passage or search_document its document prompt; or a prompt's name. A model without "
-        "such a prompt embeds the text as it is.",
-    )
+    input_type: StrictStr | None = INPUT_TYPE
     prompt_name: StrictStr | None = PROMPT_NAME
     truncation_direction: TruncationDirection = TRUNCATION_DIRECTION
+
+
+class CohereContent(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "image_url"]
+    text: StrictStr | None = None
+
+
+class CohereInput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    content: bounded(CohereContent, min_length=1)
+
+
+class CohereEmbedRequest(BaseModel):
+    """POST /v2/embed, as Cohere's API v2 defines it (`priority` and other extra fields are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    texts: Texts | None = None
+    inputs: bounded(CohereInput) | None = Field(None, description="Items of one text each (no images).")
+    images: bounded(Any) | None = Field(None, description="Not supported: a 400.")
+    model: StrictStr | None = None
+    input_type: StrictStr | None = INPUT_TYPE
+    embedding_types: EmbeddingTypes = ["float"]
+    output_dimension: StrictInt | None = Field(None, ge=1, description="As `dimensions` on /embed.")
+    max_tokens: StrictInt | None = Field(None, ge=1, description="Not supported: a 400 (use truncate).")
+    truncate: CohereTruncate = Field("END", description="END cuts a text's end, START its start, NONE refuses a "
+                                     "text over the model's token limit (413).")
 
 
 class TokenizeRequest(BaseModel):
@@ -202,9 +261,20 @@ class GenerationUsage(Usage):
     completion_tokens: int
 
 
+class EmbeddingsByType(BaseModel):
+    """Per requested type, a row per text."""
+
+    float_: list[list[float]] | None = Field(None, alias="float")
+    int8: list[list[int]] | None = None
+    uint8: list[list[int]] | None = None
+    binary: list[list[int]] | None = None
+    ubinary: list[list[int]] | None = None
+    base64: list[str] | None = Field(None, description="Little-endian float32 values, base64.")
+
+
 class EmbedResponse(BaseModel):
     model: str
-    embeddings: list[list[float]]
+    embeddings: list[list[float]] | EmbeddingsByType = Field(description="With embedding_types: by type.")
     usage: Usage
 
 
@@ -459,3 +529,49 @@ class NerResponse(BaseModel):
     results: list[list[EntityGroup | TokenEntity]] = Field(description="Per text, its entities in the text's order.")
     windows: list[int] = Field(description="Per text, the windows of the model's token limit it was read in (1: whole).")
     usage: Usage = Field(description="The tokens the model read, the windows' overlaps included.")
+
+
+# Cohere embed (api/embeddings.py).
+
+
+class EmbedBilledUnits(BaseModel):
+    input_tokens: int
+
+
+class EmbedMeta(BaseModel):
+    api_version: ApiVersion
+    billed_units: EmbedBilledUnits
+    tokens: MetaTokens
+
+
+class CohereEmbedResponse(BaseModel):
+    id: str
+    response_type: Literal["embeddings_by_type"]
+    embeddings: EmbeddingsByType
+    texts: list[str]
+    meta: EmbedMeta
+
+
+# Sparse embeddings (api/sparse.py).
+
+
+class EmbedSparseRequest(BaseModel):
+    """POST /embed_sparse, as text-embeddings-inference defines it; `model` and `top_k` are ours."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: StrictStr | Texts
+    truncate: StrictBool = Field(False, description="Cut texts over the model's token limit instead of refusing them.")
+    truncation_direction: TruncationDirection = TRUNCATION_DIRECTION
+    prompt_name: StrictStr | None = PROMPT_NAME
+    top_k: StrictInt | None = Field(None, ge=1, description="Keep each text's k largest weights (ties to the lower "
+                                    "index), still listed by index; absent: every non-zero weight.")
+    model: StrictStr | None = None
+
+
+class SparseValue(BaseModel):
+    index: int = Field(description="The term's token id in the model's vocabulary.")
+    value: float
+
+
+class EmbedSparseResponse(RootModel[list[list[SparseValue]]]):
+    """Per text, its non-zero weights in ascending index order."""

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from bentoformers.build.export import (
     reference_embeddings,
     reference_greedy,
     reference_logits,
+    reference_sparse,
     reference_token_logits,
     resolve_source,
     sentence_transformers_config,
@@ -36,12 +37,15 @@ from bentoformers.runtime.card import ONNX_FILE, ModelCard
 from bentoformers.runtime.chat import resolve_template
 from bentoformers.runtime.encoder import POOLED_OUTPUT, label_scores, sigmoid, softmax
 from bentoformers.runtime.fidelity import (
+    compare_sparse,
     gate_failures,
     generation_prompts,
     nli_pairs,
+    quantized_retrieval,
     rerank_sets,
     shipped_sentences,
 )
+from bentoformers.runtime.outputs import CALIBRATED, QUANTIZED, calibrate, ranges_of, served
 from bentoformers.runtime.session import pick_device
 from bentoformers.runtime.tokenizer import TextTokenizer
 from bentoformers.spec import ModelSpec, VariantSpec, store_name
@@ -96,9 +100,13 @@ def build_model(spec: ModelSpec, *, force: bool = False, report: Report = print)
         with step(report, "export to ONNX (optimum)"):
             exported = export_onnx(folder, work / "export", spec.task, card.pooling)
         # The validation inputs as token ids: they calibrate int8, validate every variant, and seed the check set.
-        validation = _validation_set(card, folder, TextTokenizer(exported.parent, card.max_length), report)
+        tokenizer = TextTokenizer(exported.parent, card.max_length)
+        validation = _validation_set(card, folder, tokenizer, report)
+        held_out = None
+        if card.task == "embeddings":
+            card, held_out = _calibrate_outputs(card, folder, tokenizer, validation, report)
         for variant, tag in todo:
-            result = _build_variant(spec, variant, tag, card, exported, validation, work, revision, report)
+            result = _build_variant(spec, variant, tag, card, exported, validation, work, revision, report, held_out)
             results.append(result)
     return results
 
@@ -134,7 +142,59 @@ def _validation_set(card: ModelCard, folder: Path, tokenizer: TextTokenizer, rep
             return ValidationSet(ids, label_scores(reference_logits(folder, sentences, card.max_length), card.multi_label))
         if card.task == "token-classification":
             return ValidationSet(ids, [softmax(t) for t in reference_token_logits(folder, sentences, card.max_length)])
+        if card.task == "sparse-embeddings":
+            return ValidationSet(ids, reference_sparse(folder, sentences, card.max_length))
         return ValidationSet(ids, reference_embeddings(folder, sentences, card))
+
+
+@dataclass
+class HeldOut:
+    """Texts the output ranges were not calibrated on, to measure each quantized output type against float:
+    the odd shipped sentences as documents, their first five words as queries, with the fp32 PyTorch reference."""
+
+    queries: list[list[int]]
+    documents: list[list[int]]
+    ref_queries: np.ndarray
+    ref_documents: np.ndarray
+
+
+def _calibrate_outputs(
+    card: ModelCard, folder: Path, tokenizer: TextTokenizer, validation: ValidationSet, report: Report
+) -> tuple[ModelCard, HeldOut]:
+    """The int8/uint8 ranges, once per model from the fp32 PyTorch reference on the even shipped sentences (so
+    every variant, and a service that falls back to another, quantizes alike); the odd ones are held out."""
+    reference = np.asarray(validation.reference)
+    sizes = sorted({card.dimensions, *card.matryoshka_dimensions}, reverse=True)
+    ranges = calibrate(reference[0::2], card.normalize, sizes)
+    queries = [" ".join(s.split()[:5]) for s in shipped_sentences()[1::2]]
+    with step(report, f"fp32 PyTorch reference on {len(queries)} held-out queries (quantized outputs)"):
+        ref_queries = reference_embeddings(folder, queries, card)
+    held_out = HeldOut(tokenizer.encode(queries, truncate=True), validation.ids[1::2],
+                       served(ref_queries, card.normalize, card.dimensions),
+                       served(reference[1::2], card.normalize, card.dimensions))
+    return replace(card, output_ranges=ranges), held_out
+
+
+def output_figures(card: ModelCard, engine, held_out: HeldOut, gates: dict[str, float]) -> dict[str, dict]:
+    """Per quantized output type, its retrieval figure on the held-out texts at the full size: against the float
+    vectors of the same variant (what a client of this service compares it with; the variant's floats have their
+    own gates against fp32), with the figure against the fp32 PyTorch reference's floats for information; its
+    gate, and whether it is offered."""
+    queries = served(engine.embed(held_out.queries), card.normalize, card.dimensions)
+    documents = served(engine.embed(held_out.documents), card.normalize, card.dimensions)
+    ranges = ranges_of(card.output_ranges, card.dimensions)
+    figures = {}
+    for kind in QUANTIZED:
+        kind_ranges = ranges if kind in CALIBRATED else None
+        found = quantized_retrieval(queries, documents, queries, documents, kind, kind_ranges)
+        measure = "recall_at_10" if kind in CALIBRATED else "rescored_recall_at_10"
+        value = round(found.pop(measure), 4)
+        against_fp32 = quantized_retrieval(queries, documents, held_out.ref_queries, held_out.ref_documents, kind,
+                                           kind_ranges)[measure]
+        figures[kind] = {"offered": value >= gates[kind], "measure": measure, "value": value, "gate": gates[kind],
+                         **{k: round(v, 4) for k, v in found.items()},
+                         "against_fp32_reference": round(against_fp32, 4)}
+    return figures
 
 
 def _build_variant(
@@ -147,6 +207,7 @@ def _build_variant(
     work: Path,
     revision: str,
     report: Report,
+    held_out: HeldOut | None = None,
 ) -> VariantResult:
     precision = variant.precision
     device = "cuda" if precision == "fp16" else "cpu"
@@ -177,6 +238,13 @@ def _build_variant(
         report(f"  {tag}: NOT saved, {reason}")
         return VariantResult(tag, precision, "failed gate", figures, reason)
     shown = ", ".join(f"{k} {v:.5f}" for k, v in figures.items())
+    if held_out is not None:
+        engine = selfcheck.open_engine(out, device=device)
+        variant_card = replace(variant_card, output_types=output_figures(variant_card, engine, held_out,
+                                                                         spec.output_gates_of()))
+        variant_card.save(out)
+        shown += "; " + ", ".join(f"{k} {f['value']}" + ("" if f["offered"] else " (not offered)")
+                                  for k, f in variant_card.output_types.items())
 
     timings = _time_variant(out, device)
     size = (out / ONNX_FILE).stat().st_size
@@ -190,7 +258,7 @@ def _build_variant(
         **({"quantization": int8_scheme(spec.task)} if precision == "int8" else {}),
         "opset": _opset(out / ONNX_FILE),
         "onnx_bytes": size,
-        **{k: v for k, v in variant_card.__dict__.items() if k not in ("name", "precision")},
+        **{k: v for k, v in variant_card.__dict__.items() if k not in ("name", "precision", "output_ranges")},
         "bentoformers": __version__,
     }
     _save(tag, out, {"model": spec.name, "task": spec.task, "precision": precision, "source": spec.source,
@@ -224,6 +292,8 @@ def _validate(card: ModelCard, folder: Path, device: str, validation: Validation
     """The built graph, run by the serving code, against the fp32 PyTorch reference: the start-up check's
     measure on every validation input, with the neighbour overlap."""
     engine = selfcheck.open_engine(folder, device=device)
+    if card.task == "sparse-embeddings":  # on the whole dense rows (the check set keeps each text's top terms)
+        return compare_sparse(engine.embed(validation.ids), np.asarray(validation.reference))
     check = selfcheck.check_set(card, validation.ids, validation.reference, {}, GREEDY_TOKENS, validation.groups)
     return selfcheck.measure(check, engine, neighbours=10)
 
@@ -311,6 +381,11 @@ def _card(spec: ModelSpec, folder: Path) -> ModelCard:
         return ModelCard(
             name=spec.name, task=spec.task, precision="fp32", max_length=int(min(spec.max_length or context, context)),
             eos_token_ids=eos_ids, chat_template=resolve_template(folder, spec.source, spec.chat_template),
+        )
+    if spec.task == "sparse-embeddings":
+        return ModelCard(
+            name=spec.name, task=spec.task, precision="fp32", max_length=int(min(spec.max_length or context, context)),
+            dimensions=int(config["vocab_size"]),
         )
     found = sentence_transformers_config(folder)
     pooling = spec.pooling if spec.pooling != "auto" else str(found.get("pooling", "mean"))
@@ -407,6 +482,27 @@ Figures named max_* are upper bounds; the rest are lower bounds.
 ## Speed on the check set, per CPU
 
 {_timing_table(timings)}
+{_outputs_table(card)}"""
+
+
+def _outputs_table(card: ModelCard) -> str:
+    if not card.output_types:
+        return ""
+    rows = "\n".join(f"| {kind} | {f['measure']} | {f['value']} | {f['gate']} | {'yes' if f['offered'] else 'no'} | "
+                     + ", ".join(f"{k} {v}" for k, v in f.items() if k not in ("offered", "measure", "value", "gate"))
+                     + " |" for kind, f in card.output_types.items())
+    return f"""
+## Quantized outputs (embedding_types)
+
+int8/uint8 use per-dimension ranges calibrated on the fp32 PyTorch reference of the even shipped sentences
+(sentence-transformers' quantize_embeddings with those ranges); each type is measured on the held-out odd
+sentences (their first five words as queries) against the variant's float top 10: int8/uint8 as
+dequantized vectors, binary/ubinary as the Hamming top 40 rescored with float vectors. float and base64 are
+always offered.
+
+| type | measure | value | gate | offered | for information |
+| --- | --- | --- | --- | --- | --- |
+{rows}
 """
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bentoformers.runtime.card import ONNX_FILE, ModelCard
-from bentoformers.runtime.encoder import POOLED_OUTPUT, l2_normalize, pool
+from bentoformers.runtime.encoder import POOLED_OUTPUT, SPARSE_OUTPUT, l2_normalize, pool
 from bentoformers.tasks import TASKS
 
 TOKENIZER_FILES = (
@@ -108,7 +108,53 @@ def export_onnx(folder: Path, out: Path, task: str = "embeddings", pooling: str 
         )
     if TASKS[task].output == "pooled":
         append_pooling(out / ONNX_FILE, pooling)
+    if TASKS[task].output == "sparse":
+        append_splade_pooling(out / ONNX_FILE)
     return out / ONNX_FILE
+
+
+def append_splade_pooling(path: Path) -> None:
+    """Adds SPLADE's pooling to a masked-LM graph: `sparse_max` (batch, vocab) = relu(max over the text's tokens of
+    logits * mask). max, relu and log1p are monotone, so log1p of it (after the model: runtime/encoder.py) is
+    SPLADE's max over the tokens of log(1 + relu(logits * mask)); only (batch, vocab) leaves the session. Each
+    row is its own text's maximum, so a text's weights do not depend on its batch."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    p = POOLING_PREFIX
+    graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), f"{p}last_axis"),
+                              numpy_helper.from_array(np.array([1], np.int64), f"{p}sequence_axis")])
+    graph.node.extend([
+        helper.make_node("Cast", ["attention_mask"], [f"{p}mask"], name=f"{p}cast", to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", [f"{p}mask", f"{p}last_axis"], [f"{p}weights"], name=f"{p}unsqueeze"),
+        helper.make_node("Mul", ["logits", f"{p}weights"], [f"{p}masked"], name=f"{p}mul"),
+        helper.make_node("ReduceMax", [f"{p}masked", f"{p}sequence_axis"], [f"{p}max"], name=f"{p}max", keepdims=0),
+        helper.make_node("Relu", [f"{p}max"], [SPARSE_OUTPUT], name=f"{p}relu"),
+    ])
+    graph.output.append(helper.make_tensor_value_info(SPARSE_OUTPUT, TensorProto.FLOAT, ["batch_size", "vocab"]))
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+
+
+def reference_sparse(folder: Path, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
+    """The reference SPLADE weights, a dense row per text: sentence-transformers' SparseEncoder on the checkpoint
+    (a *ForMaskedLM: its Transformer(fill-mask) and SpladePooling), in fp32. Only max pooling with the relu
+    activation is built (the graph's pooling); a checkpoint configured otherwise is refused."""
+    import torch
+    from sentence_transformers import SparseEncoder
+
+    encoder = SparseEncoder(str(folder), device="cpu", model_kwargs={"dtype": torch.float32})
+    pooling = encoder[-1]
+    strategy, activation = getattr(pooling, "pooling_strategy", "max"), getattr(pooling, "activation_function", "relu")
+    if (strategy, activation) != ("max", "relu"):
+        raise ValueError(f"{folder}: SPLADE pooling {strategy} with activation {activation} is not supported "
+                         "(only max with relu)")
+    encoder.max_seq_length = max_length
+    rows = encoder.encode(texts, batch_size=batch_size, convert_to_tensor=True, convert_to_sparse_tensor=False,
+                          max_active_dims=None)
+    return rows.to(torch.float32).numpy()
 
 
 POOLING_PREFIX = "pooling_"  # the appended nodes' and tensors' names: fp16 conversion leaves these in fp32

