@@ -104,12 +104,13 @@ def test_sigkill_of_the_model_worker_gets_fast_503s_and_recovers_without_the_gat
     for sent, done, code, retry_after, kind in requests:
         if code == 503:
             assert retry_after and kind == "overloaded_error"
-    # While it was down, requests were answered 503 at once, not parked until BentoML had restarted it: the
-    # slowest answer after the kill took a small part of the outage (parked, it would take about all of it).
+    # While it was down, requests were answered 503, not parked until BentoML had restarted it: a call in
+    # flight waits at most for the health check that confirms the model down (its 2 s timeout: a call that
+    # reached no model service is sent once more first), never for the outage (parked, about all of it).
     assert any(r[2] == 503 for r in requests if down <= r[0] < back)
     slowest = max(done - sent for sent, done, *_ in requests if sent >= acted)
     print(f"slowest answer after the kill: {slowest * 1000:.0f} ms, outage {back - acted:.1f}s")
-    assert slowest < (back - acted) / 4
+    assert slowest < min(3.5, 0.75 * (back - acted))
     assert any(r[2] == 200 for r in requests if r[0] > back)  # recovered ...
     assert _gateway_pids(proc) >= gateway  # ... without restarting the gateway
     assert "Traceback" not in drilled.log.read_text()
