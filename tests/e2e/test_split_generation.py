@@ -68,11 +68,12 @@ def _streams(url: str, model: str, max_tokens: int, concurrency: int, waves: int
 
 
 def _complete(result: dict, max_tokens: int) -> bool:
-    """Answered 200, ended with a finish reason, its usage and [DONE], no error; all its tokens when cut by length."""
+    """Answered 200, ended with a finish reason, its usage and [DONE], no error; all its tokens when cut by length.
+    A sampled end of text may come first (the tiny random models sample it often): "stop" with 0 tokens is whole."""
     if result["status"] != 200 or result["error"] or not result["done"] or result["usage"] is None:
         return False
     tokens = result["usage"]["completion_tokens"]
-    return result["finish"] == "stop" and 0 < tokens <= max_tokens or result["finish"] == "length" and tokens == max_tokens
+    return result["finish"] == "stop" and tokens <= max_tokens or result["finish"] == "length" and tokens == max_tokens
 
 
 def test_sixteen_concurrent_streams_in_the_split_all_complete(split):
@@ -88,3 +89,5 @@ def test_a_stream_longer_than_the_model_service_timeout_completes(split):
     failed = [r for r in results if not _complete(r, 480)]
     assert not failed, f"{len(failed)} of {len(results)} streams failed, e.g. {failed[:3]}"
     assert max(r["seconds"] for r in results) > MODEL_TIMEOUT_SECONDS  # the mechanism was really exercised
+    # Most run to their 480 tokens (a cut stream never does): 27 of 32 were cut before the fix.
+    assert sum(r["finish"] == "length" for r in results) >= len(results) // 2, results
