@@ -211,9 +211,9 @@ class Scheduler:
     def _admit(self, room: int) -> list[_Sequence]:
         """Up to `room` waiting sequences, round-robin by caller: the caller admitted longest ago first, each
         caller's own in the order they came (a request's choices together, so they share their prefill)."""
-        self._waiting = deque(seq for seq in self._waiting if not seq.gone)
-        if room <= 0 or not self._waiting:
+        if room <= 0 or not self._waiting:  # every decoding step comes here: nothing to do while no place is free
             return []
+        self._waiting = deque(seq for seq in self._waiting if not seq.gone)
         queues: dict[str, deque[_Sequence]] = {}
         for seq in self._waiting:
             queues.setdefault(seq.caller, deque()).append(seq)
