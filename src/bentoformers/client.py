@@ -85,13 +85,19 @@ class _Result(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
 
+class _Answer(_Result):
+    # The server's Server-Timing header: milliseconds per stage (queue, tokenize, inference, total, ...); summed
+    # over the requests when one call was split into several.
+    server_timing: dict[str, float] = {}
+
+
 class Usage(_Result):
     prompt_tokens: int = 0
     completion_tokens: int | None = None
     total_tokens: int = 0
 
 
-class Embeddings(_Result):
+class Embeddings(_Answer):
     model: str
     # With embedding_types: per type a row per text (float, int8, uint8, binary, ubinary: numbers; base64: str).
     embeddings: list[list[float]] | dict[str, list[list[float]] | list[str]]
@@ -112,7 +118,7 @@ class Label(_Result):
     score: float
 
 
-class Classification(_Result):
+class Classification(_Answer):
     model: str
     results: list[list[Label]]  # per input, sorted by score, highest first
     usage: Usage
@@ -142,14 +148,14 @@ class Entity(_Result):
     end: int
 
 
-class Entities(_Result):
+class Entities(_Answer):
     model: str
     results: list[list[Entity]]  # per input, in the text's order
     windows: list[int]  # per input: the windows of the model's token limit it was read in (1: whole)
     usage: Usage
 
 
-class Generation(_Result):
+class Generation(_Answer):
     model: str
     text: str
     finish_reason: str  # "stop" or "length"
@@ -173,7 +179,7 @@ class ChatChoice(_Result):
     finish_reason: str  # "stop" or "length"
 
 
-class ChatCompletion(_Result):
+class ChatCompletion(_Answer):
     """`/v1/chat/completions`' answer; `text` is the first choice's content."""
 
     id: str
@@ -229,6 +235,7 @@ class APIStatusError(BentoformersError):
         request_id: str | None = None,
         retry_after: float | None = None,
         body: Any = None,
+        server_timing: dict[str, float] | None = None,
     ) -> None:
         detail = f"{status_code} {type}: {message}" if type else f"{status_code}: {message}"
         super().__init__(detail + (f" (param: {param})" if param else ""))
@@ -239,6 +246,7 @@ class APIStatusError(BentoformersError):
         self.request_id = request_id
         self.retry_after = retry_after
         self.body = body
+        self.server_timing = server_timing or {}  # the answer's Server-Timing, as on results
 
 
 class BadRequestError(APIStatusError):
@@ -330,6 +338,37 @@ def _error_fields(body: Any) -> tuple[str | None, str | None, str | None]:
     return None, None if error is None else str(error), None
 
 
+def server_timing(header: str | None) -> dict[str, float]:
+    """`Server-Timing: queue;dur=0.12, inference;dur=4.5` as {"queue": 0.12, "inference": 4.5} (milliseconds)."""
+    stages: dict[str, float] = {}
+    for metric in (header or "").split(","):
+        name, *params = (part.strip() for part in metric.split(";"))
+        for param in params:
+            key, _, value = param.partition("=")
+            if name and key.strip() == "dur":
+                try:
+                    stages[name] = float(value)
+                except ValueError:
+                    pass
+    return stages
+
+
+def _answer(response: httpx.Response) -> Any:
+    """The answer's JSON, an object with its Server-Timing under "server_timing"."""
+    data = response.json()
+    if isinstance(data, dict):
+        data["server_timing"] = server_timing(response.headers.get("server-timing"))
+    return data
+
+
+def _sum_timing(parts: list[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for part in parts:
+        for name, ms in part.items():
+            total[name] = total.get(name, 0.0) + ms
+    return total
+
+
 def error_from_response(response: httpx.Response) -> APIStatusError:
     try:
         body: Any = response.json()
@@ -346,6 +385,7 @@ def error_from_response(response: httpx.Response) -> APIStatusError:
         request_id=response.headers.get("x-request-id"),
         retry_after=_retry_after(response.headers.get("retry-after")),
         body=body,
+        server_timing=server_timing(response.headers.get("server-timing")),
     )
 
 
@@ -456,6 +496,7 @@ class _Base:
             embeddings={k: [v for p in parts for v in p.embeddings[k]] for k in first} if isinstance(first, dict)
             else [v for p in parts for v in p.embeddings],
             usage=_sum_usage([p.usage for p in parts]),
+            server_timing=_sum_timing([p.server_timing for p in parts]),
         )
 
     @staticmethod
@@ -466,6 +507,7 @@ class _Base:
             model=parts[0].model,
             results=[r for p in parts for r in p.results],
             usage=_sum_usage([p.usage for p in parts]),
+            server_timing=_sum_timing([p.server_timing for p in parts]),
         )
 
     @staticmethod
@@ -495,6 +537,7 @@ class _Base:
             results=[r for p in parts for r in p.results],
             windows=[w for p in parts for w in p.windows],
             usage=_sum_usage([p.usage for p in parts]),
+            server_timing=_sum_timing([p.server_timing for p in parts]),
         )
 
 
@@ -777,7 +820,7 @@ class Client(_Base):
         return [items] if len(items) == 1 else _chunks(items, max(1, self.max_items_per_request() // sequences_per_item))
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
-        return self._send("POST", path, body).json()
+        return _answer(self._send("POST", path, body))
 
     def _send(self, method: str, path: str, body: Any = None, stream: bool = False) -> Any:
         started, attempt = time.monotonic(), 0
@@ -1017,7 +1060,7 @@ class AsyncClient(_Base):
         return [items] if len(items) == 1 else _chunks(items, max(1, limit // sequences_per_item))
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
-        return (await self._send("POST", path, body)).json()
+        return _answer(await self._send("POST", path, body))
 
     async def _send(self, method: str, path: str, body: Any = None, stream: bool = False) -> httpx.Response:
         started, attempt = time.monotonic(), 0

@@ -46,6 +46,19 @@ def test_a_list_longer_than_the_server_takes_is_split_and_joined(client, sentenc
     assert result.usage.total_tokens == separate
 
 
+def test_results_and_errors_say_where_the_servers_time_went(client, sentences):
+    one = client.embed("The cat sat on the mat.")
+    assert {"tokenize", "queue", "inference", "total"} <= set(one.server_timing)
+    assert one.server_timing["total"] >= one.server_timing["inference"] > 0
+    split = client.embed(sentences[:300], truncate=True)  # two requests: their stages summed
+    assert split.server_timing["total"] > split.server_timing["inference"] > 0
+    with pytest.raises(bentoformers.BadRequestError) as refused:
+        client.embed("")
+    assert refused.value.server_timing["total"] > 0
+    generated = client.generate("Rain fell over the", model="gpt2", max_new_tokens=4)
+    assert {"tokenize", "first_token", "generate", "total"} <= set(generated.server_timing)
+
+
 def test_models(client):
     (model,) = [m for m in client.models() if m.id == "minilm"]
     assert (model.id, model.task, model.device) == ("minilm", "embeddings", "cpu")

@@ -20,7 +20,7 @@ def _layers(service: bentoml.Service) -> list[str]:
 def test_gateway_runs_under_its_own_layers_only_and_other_services_keep_bentomls():
     gateway = composition.compose(Settings(auth="disabled", model_process="gateway"), served=[])
     assert _layers(gateway) == [
-        "AccessLogMiddleware", "RequestIdMiddleware", "ShutdownMiddleware", "AuthMiddleware", "BodyMiddleware",
+        "AccessLogMiddleware", "TracingMiddleware", "RequestIdMiddleware", "ShutdownMiddleware", "AuthMiddleware", "BodyMiddleware",
         "OverloadMiddleware", "BentoRoutesMiddleware",
     ]
 

@@ -25,6 +25,7 @@ from bentoformers.api.steps import chooser_of, json_response, parse_body
 from bentoformers.errors import ApiError, ErrorType
 from bentoformers.gateway.chooser import ModelChooser
 from bentoformers.gateway.endpoint import INLINE_TOKENIZE_CHARS, GeneratorEndpoint
+from bentoformers.observability import tracing
 from bentoformers.runtime.chat import ChatTemplateError
 from bentoformers.runtime.generation import Sampling
 
@@ -86,10 +87,11 @@ async def _prompt_ids(endpoint: GeneratorEndpoint, parts: list[tuple[str, bool]]
     chat_ids), within the model's context."""
     rendered = "".join(text for text, _ in parts)
     endpoint.check_text(rendered, "messages")
-    if len(rendered) > INLINE_TOKENIZE_CHARS:
-        ids = await asyncio.to_thread(endpoint.tokenizer.chat_ids, parts)
-    else:
-        ids = endpoint.tokenizer.chat_ids(parts)
+    with tracing.stage("tokenize"):
+        if len(rendered) > INLINE_TOKENIZE_CHARS:
+            ids = await asyncio.to_thread(endpoint.tokenizer.chat_ids, parts)
+        else:
+            ids = endpoint.tokenizer.chat_ids(parts)
     if len(ids) >= endpoint.card.max_length:
         raise ApiError(
             ErrorType.TOO_LARGE,

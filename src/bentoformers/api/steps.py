@@ -52,6 +52,7 @@ async def infer_charged(request: Request, endpoint: EncoderEndpoint, ids: list[l
     """The shared last steps of every encoder route: charge the tokens (account), then the batched model call.
     Returns the rows and the token count."""
     tokens = sum(map(len, ids))
+    request.state.items = len(ids)
     await account(request, endpoint, tokens)
     return await endpoint.infer(ids), tokens
 
@@ -60,7 +61,7 @@ async def account(request: Request, endpoint: ModelEndpoint, tokens: int, reserv
     """After tokenizing, before the model call: the caller's token budget (429 when over it), the model and
     tokens for the access log, the token metric. Every model route calls it. Generation also charges
     `reserve`, the new tokens it may generate (security/ratelimit.py)."""
-    request.state.model = endpoint.name
+    request.state.model, request.state.task = endpoint.name, endpoint.task
     what = f"tokens: {tokens} in the prompt and up to {reserve} new" if reserve else "input tokens"
     await charge_tokens(request, tokens + reserve, what)
     request.state.tokens = tokens

@@ -17,6 +17,7 @@ from bentoformers.api.schemas import NerRequest
 from bentoformers.api.steps import chooser_of, infer_charged, json_response, parse_body
 from bentoformers.errors import ApiError, ErrorType
 from bentoformers.gateway.endpoint import INLINE_TOKENIZE_CHARS
+from bentoformers.observability import tracing
 from bentoformers.runtime.encoder import softmax
 from bentoformers.runtime.entities import find_entities, plan_windows
 
@@ -28,7 +29,8 @@ async def ner(request: Request) -> Response:
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     endpoint.check_texts(texts, "inputs")
     large = sum(map(len, texts)) > INLINE_TOKENIZE_CHARS  # then tokenize and aggregate off the event loop
-    encodings = await _maybe_in_thread(large, endpoint.tokenizer.encode_spans, texts)
+    with tracing.stage("tokenize"):
+        encodings = await _maybe_in_thread(large, endpoint.tokenizer.encode_spans, texts)
     plans = [plan_windows(encoding, endpoint.card.max_length) for encoding in encodings]
     windows = [len(plan.ids) for plan in plans]
     limit = endpoint.settings.max_items_per_request

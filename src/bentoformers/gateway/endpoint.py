@@ -20,6 +20,7 @@ from bentoml.exceptions import BentoMLException
 from bentoformers.errors import ApiError, ErrorType
 from bentoformers.gateway.health import ModelDown, ModelHealth
 from bentoformers.gateway.queue import Coalescer
+from bentoformers.observability import tracing
 from bentoformers.runtime.card import ModelCard
 from bentoformers.runtime.chat import ChatTemplate
 from bentoformers.runtime.generation import Sampling
@@ -128,9 +129,10 @@ class ModelEndpoint:
     async def text_ids(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         """One text checked (check_text) and tokenized whole, off the event loop when it is long."""
         self.check_text(text, param)
-        if len(text) > INLINE_TOKENIZE_CHARS:
-            return await asyncio.to_thread(self.tokenizer.ids, text, add_special_tokens)
-        return self.tokenizer.ids(text, add_special_tokens)
+        with tracing.stage("tokenize"):
+            if len(text) > INLINE_TOKENIZE_CHARS:
+                return await asyncio.to_thread(self.tokenizer.ids, text, add_special_tokens)
+            return self.tokenizer.ids(text, add_special_tokens)
 
     def check_texts(self, texts: list[str], param: str, prompt: str = "") -> None:
         """The texts of a request: how many, each one (check_text), and their characters in all, `prompt` (put
@@ -204,9 +206,10 @@ class EncoderEndpoint(ModelEndpoint):
         self.check_texts(texts, param, prompt)
         self.coalescer.check_room(len(texts))
         try:
-            if sum(map(len, texts)) + len(prompt) * len(texts) > INLINE_TOKENIZE_CHARS:
-                return await asyncio.to_thread(self.tokenizer.encode, texts, truncate, direction, prompt)
-            return self.tokenizer.encode(texts, truncate, direction, prompt)
+            with tracing.stage("tokenize"):
+                if sum(map(len, texts)) + len(prompt) * len(texts) > INLINE_TOKENIZE_CHARS:
+                    return await asyncio.to_thread(self.tokenizer.encode, texts, truncate, direction, prompt)
+                return self.tokenizer.encode(texts, truncate, direction, prompt)
         except InputTooLong as exc:
             raise ApiError(
                 ErrorType.TOO_LARGE,
@@ -244,9 +247,10 @@ class EncoderEndpoint(ModelEndpoint):
             )
         self.coalescer.check_room(len(pairs))
         try:
-            if chars > INLINE_TOKENIZE_CHARS:
-                return await asyncio.to_thread(self.tokenizer.encode_pairs, pairs, truncate, strategy)
-            return self.tokenizer.encode_pairs(pairs, truncate, strategy)
+            with tracing.stage("tokenize"):
+                if chars > INLINE_TOKENIZE_CHARS:
+                    return await asyncio.to_thread(self.tokenizer.encode_pairs, pairs, truncate, strategy)
+                return self.tokenizer.encode_pairs(pairs, truncate, strategy)
         except InputTooLong as exc:
             item = f"{param}.{item_of(exc.index)}"
             raise ApiError(
@@ -374,11 +378,19 @@ class GeneratorEndpoint(ModelEndpoint):
         lines = _reopened(lambda: self._stream(*args), self.health)
         buffer, open_choices = "", set(range(n))
         idle = self.settings.stream_idle_timeout_seconds
+        trace, started, tokens, failure = tracing.current(), time.perf_counter(), 0, None
+        span = tracing.span_of(trace, "generate", {
+            "bentoformers.prompt_tokens": len(prompt), "bentoformers.choices": n,
+            "bentoformers.max_new_tokens": max_new_tokens,
+        })
         try:
             while True:
                 try:
-                    async with asyncio.timeout(idle):  # per chunk: a stalled model service must not hold the slot
-                        chunk = await anext(lines)
+                    # per chunk: a stalled model service must not hold the slot; the span current, so the
+                    # stream's call carries its traceparent
+                    async with asyncio.timeout(idle):
+                        with tracing.current_span(span):
+                            chunk = await anext(lines)
                 except StopAsyncIteration:
                     break
                 except ModelDown:
@@ -396,6 +408,11 @@ class GeneratorEndpoint(ModelEndpoint):
                     if index not in open_choices:
                         continue  # stopped early here: its last tokens were already on their way
                     if value.isdigit():
+                        tokens += 1
+                        if tokens == 1 and trace is not None:
+                            trace.first("first_token", time.perf_counter() - started)
+                            if span is not None:
+                                span.add_event("first_token")
                         stop = yield index, int(value)
                     elif value == "waiting":  # queued for a place in the model service: alive, not stalled
                         continue
@@ -417,7 +434,13 @@ class GeneratorEndpoint(ModelEndpoint):
                     if not open_choices:
                         return
             raise RuntimeError("the model service ended the stream without a finish reason")
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
+            if trace is not None:
+                trace.add("generate", time.perf_counter() - started)
+            tracing.end_span(span, {"bentoformers.generated_tokens": tokens}, failure)
             # Stopped early (a client gone, an error): tell the model service to stop too. Closing the stream
             # alone does not reach it in time across processes. Shielded: this often runs while the
             # request's task is being cancelled. Bounded: a hung model service must not hold this task (and

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bentoformers.errors import ApiError, ErrorType
-from bentoformers.observability import metrics
+from bentoformers.observability import metrics, tracing
 
 ModelCall = Callable[[list[list[int]]], Awaitable[np.ndarray]]
 
@@ -42,6 +42,8 @@ class _Job:
     tokens: int
     future: asyncio.Future[np.ndarray]
     queued_at: float
+    trace: tracing.RequestTrace | None  # the request's (observability/tracing.py): its stages and spans
+    called_at: float = 0.0  # when its batch's model call began
 
 
 class Coalescer:
@@ -100,12 +102,17 @@ class Coalescer:
         self.check_room(len(seqs), tokens)
         per_item = tokens / max(1, len(seqs))
         self._tokens_per_item += (0.1 if self._tokens_per_item else 1.0) * (per_item - self._tokens_per_item)
-        job = _Job(seqs, tokens, asyncio.get_running_loop().create_future(), time.perf_counter())
+        job = _Job(seqs, tokens, asyncio.get_running_loop().create_future(), time.perf_counter(), tracing.current())
         self._pending.append(job)
         self._queued(len(seqs), tokens)
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
-        return await job.future
+        try:
+            return await job.future
+        finally:
+            if job.trace is not None and job.called_at:
+                job.trace.add("queue", job.called_at - job.queued_at)
+                job.trace.add("inference", time.perf_counter() - job.called_at)
 
     async def _drain(self) -> None:
         while self._pending:
@@ -117,8 +124,16 @@ class Coalescer:
             self._observe(jobs, seqs)
             started = self._in_flight_since = time.perf_counter()
             self._in_flight_tokens = sum(job.tokens for job in jobs)
+            for job in jobs:
+                job.called_at = started
+            batch = {
+                "bentoformers.batch.requests": len(jobs), "bentoformers.batch.items": len(seqs),
+                "bentoformers.batch.tokens": self._in_flight_tokens,
+                "bentoformers.batch.padded_tokens": len(seqs) * max(map(len, seqs)),
+            }
             try:
-                rows = await self._call(seqs)
+                with tracing.model_call([job.trace for job in jobs], [job.queued_at for job in jobs], batch):
+                    rows = await self._call(seqs)
             except Exception as exc:  # every waiter gets the failure; the drainer goes on
                 for job in jobs:
                     if not job.future.done():

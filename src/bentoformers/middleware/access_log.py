@@ -65,6 +65,16 @@ def _flush_at_exit(listener: logging.handlers.QueueListener, seconds: float = 2.
         listener._thread.join(seconds)
 
 
+def route_label(scope: Scope, known_paths: frozenset[str]) -> str:
+    """The route template that answered (Starlette records it in the scope), else a known path, else
+    "other": unknown paths end in a catch-all route, so a scan of random URLs adds no series."""
+    template = getattr(scope.get("route"), "path", None)
+    if isinstance(template, str) and template.startswith("/") and ":path}" not in template:
+        return template
+    path = scope.get("path", "")
+    return path if path in known_paths else "other"
+
+
 class AccessLogMiddleware:
     """Pure ASGI. Its own failures are logged and swallowed: a log line must never cost a request."""
 
@@ -109,17 +119,8 @@ class AccessLogMiddleware:
             except Exception:
                 logging.getLogger("bentoformers").exception("access log failed")
 
-    def _route_label(self, scope: Scope) -> str:
-        """The route template that answered (Starlette records it in the scope), else a known path, else
-        "other": unknown paths end in a catch-all route, so a scan of random URLs adds no series."""
-        template = getattr(scope.get("route"), "path", None)
-        if isinstance(template, str) and template.startswith("/") and ":path}" not in template:
-            return template
-        path = scope.get("path", "")
-        return path if path in self.known_paths else "other"
-
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
-        route = self._route_label(scope)
+        route = route_label(scope, self.known_paths)
         series = self._series.get((route, status))
         if series is None:
             series = self._series[route, status] = (
@@ -147,4 +148,6 @@ class AccessLogMiddleware:
             "identity": getattr(identity, "name", None),
             "client": client[0] if client else None,
         }
+        if "trace_id" in state:  # exported (middleware/tracing.py): the line finds its trace
+            line["trace_id"] = state["trace_id"]
         logger.info(orjson.dumps(line).decode())

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from bentoformers.errors import ApiError, ErrorType
 from bentoformers.middleware.client_address import ClientAddress
 from bentoformers.middleware.refusal import Refused, answer_failed_check, header
+from bentoformers.observability import tracing
 from bentoformers.security.authenticator import Authenticator
 from bentoformers.security.identity import ALL, ANONYMOUS_TIER, Identity
 from bentoformers.security.tokens import ExpiredCredentials
@@ -40,7 +41,8 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            identity = self._identify(scope)
+            with tracing.stage("authenticate"):
+                identity = self._identify(scope)
         except Exception as exc:
             await answer_failed_check(exc, "authentication", scope, receive, send)
             return

@@ -6,6 +6,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bentoformers.errors import ApiError, ErrorType
 from bentoformers.middleware.refusal import Refused, answer_failed_check
+from bentoformers.observability import tracing
 from bentoformers.security.identity import Identity
 from bentoformers.security.ratelimit import Budget, RateLimiter, StoreUnavailable, Verdict, window
 
@@ -55,7 +56,8 @@ class RateLimitMiddleware:
         if tier.requests is None:
             return None
         try:
-            verdict = await self.limiter.hit(tier.requests, f"{key}:requests")
+            with tracing.stage("rate_limit"):
+                verdict = await self.limiter.hit(tier.requests, f"{key}:requests")
         except StoreUnavailable:
             error = self.limiter.store_error()
             if error is not None:

@@ -32,7 +32,7 @@ from limits.storage import storage_from_string
 from starlette.requests import Request
 
 from bentoformers.errors import ApiError, ErrorType
-from bentoformers.observability import metrics
+from bentoformers.observability import metrics, tracing
 from bentoformers.security.identity import DEFAULT_TIER, Identity
 from bentoformers.settings import Settings
 
@@ -213,7 +213,8 @@ async def charge_tokens(request: Request, tokens: int, what: str = "input tokens
     """Counts a request's tokens against its caller's budget; 429 beyond it. No-op when limits are off."""
     budget = request.scope.get("state", {}).get("rate_limit")
     if isinstance(budget, Budget):
-        await budget.charge(tokens, what)
+        with tracing.stage("rate_limit"):
+            await budget.charge(tokens, what)
 
 
 def window(item: RateLimitItem) -> str:

@@ -37,6 +37,8 @@ from bentoformers.middleware.overload import OverloadMiddleware
 from bentoformers.middleware.rate_limit import RateLimitMiddleware
 from bentoformers.middleware.request_id import RequestIdMiddleware
 from bentoformers.middleware.shutdown import ShutdownDrain, ShutdownMiddleware
+from bentoformers.middleware.tracing import TracingMiddleware
+from bentoformers.observability import tracing
 from bentoformers.runtime.cpu import cap_malloc_arenas, usable_cores
 from bentoformers.runtime.session import cuda_likely
 from bentoformers.security.authenticator import Authenticator, startup_authenticator
@@ -95,7 +97,7 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
         name="bentoformers", workers=gateway_workers(settings, len(served)), traffic={"timeout": 60},
         logging={"access": {"enabled": False}}, metrics={"enabled": False},
         # /readyz is __is_ready__ (gateway/health.py): BentoML's own probe of the dependencies waits on a dead one.
-        runner_probe={"enabled": False},
+        runner_probe={"enabled": False}, **_tracing(),
     )(bentoml.asgi_app(app, path="/")(cls))
     _add_middlewares(gateway, settings, authenticator)
     _drop_unused_bentoml_layers(gateway.name)
@@ -105,12 +107,12 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
 def _drop_unused_bentoml_layers(gateway_name: str) -> None:
     """BentoML wraps every service's app in layers that the gateway does not use, and at 1 text per request
     they cost a large share of its CPU per request (measured: README, Benchmark): an OpenTelemetry span per
-    request that nothing exports, a timeout that runs each request in a task of its own (OverloadMiddleware
-    already bounds a request's time, in the one error body), and a bentoml.Context per request for
-    `@bentoml.api` methods, of which the gateway has none. The model services keep all of them. With a
-    tracing exporter configured (`tracing.exporter_type`), the gateway keeps its spans."""
+    request (the gateway's own TracingMiddleware makes its spans, without the query string that BentoML's
+    records), a timeout that runs each request in a task of its own (OverloadMiddleware already bounds a
+    request's time, in the one error body), and a bentoml.Context per request for `@bentoml.api` methods, of
+    which the gateway has none. The model services keep all of them, their OpenTelemetry layer without its span
+    per ASGI message (one per chunk of a token stream)."""
     from _bentoml_impl.server.app import ContextMiddleware, ServiceAppFactory
-    from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
@@ -119,10 +121,11 @@ def _drop_unused_bentoml_layers(gateway_name: str) -> None:
     def middlewares(factory: ServiceAppFactory) -> list:
         kept = bentoml_layers(factory)
         if factory.service.name != gateway_name:
+            for layer in kept:
+                if layer.cls is OpenTelemetryMiddleware:
+                    layer.kwargs["exclude_spans"] = ["receive", "send"]
             return kept
-        unused = {ContextMiddleware, TimeoutMiddleware}
-        if not BentoMLContainer.config.tracing.exporter_type.get():
-            unused.add(OpenTelemetryMiddleware)
+        unused = {ContextMiddleware, TimeoutMiddleware, OpenTelemetryMiddleware}
         return [layer for layer in kept if layer.cls not in unused]
 
     middlewares.bentoml_layers = bentoml_layers  # type: ignore[attr-defined]
@@ -145,6 +148,13 @@ def gateway_workers(settings: Settings, model_services: int) -> int:
     if models_in_gateway(settings):
         return 1
     return max(1, usable_cores() - model_services)
+
+
+def _tracing() -> dict[str, object]:
+    """BentoML's tracing configuration from the OpenTelemetry settings (observability/tracing.py); none when
+    export is off, so a `tracing` section of the user's BentoML configuration still applies."""
+    config = tracing.bentoml_config()
+    return {} if config is None else {"tracing": config}
 
 
 def internal_token(settings: Settings) -> str:
@@ -173,7 +183,7 @@ def model_service(stored: StoredModel, settings: Settings, token: str, own_proce
         # which cuts every call still on it: under concurrent generation, streams died mid-way ("Connection
         # closed", "Server disconnected"). One session for the client's life instead; its idle connections
         # still close after the model service's keep-alive, so new ones spread over the replicas behind a URL.
-        runner_connection={"max_requests": 2**31 - 1, "max_age": float(2**31)},
+        runner_connection={"max_requests": 2**31 - 1, "max_age": float(2**31)}, **_tracing(),
     )(cls)
     service.add_asgi_middleware(InternalCallerMiddleware, token=token)
     return service
@@ -263,11 +273,12 @@ def _announces() -> bool:
 
 
 def _add_middlewares(gateway: bentoml.Service, settings: Settings, authenticator: Authenticator | None) -> None:
-    # The first added is the outermost: the access log sees every answer, the request id included.
+    # The first added is the outermost: the access log sees every answer, the request id and trace included.
     gateway.add_asgi_middleware(
         AccessLogMiddleware, enabled=settings.access_log, known_paths=PUBLIC_PATHS, quiet_paths=PROBE_PATHS,
         queue_lines=settings.access_log_queue_lines,
     )
+    gateway.add_asgi_middleware(TracingMiddleware, known_paths=PUBLIC_PATHS)
     gateway.add_asgi_middleware(RequestIdMiddleware)
     gateway.add_asgi_middleware(
         ShutdownMiddleware, drain=gateway.inner._drain, retry_after=settings.retry_after_seconds,

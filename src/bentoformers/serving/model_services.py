@@ -17,7 +17,7 @@ import bentoml
 import numpy as np
 
 from bentoformers.middleware.shutdown import ShutdownDrain
-from bentoformers.observability import metrics
+from bentoformers.observability import metrics, tracing
 from bentoformers.observability.scrape import serve_metrics
 from bentoformers.runtime import cpu, selfcheck
 from bentoformers.runtime.card import ModelCard
@@ -158,12 +158,30 @@ class GenerationModel(_ModelService):
         Lines, because the stream reaches the gateway in chunks that need not match the yields.
         """
         samplings = [Sampling(temperature, top_p, top_k, None if seed is None else seed + i) for i in range(n)]
-        with self.drain.busy():
-            async for index, kind, value in self.scheduler.generate_n(token_ids, max_new_tokens, samplings, key, caller):
-                if kind == "waiting":
-                    yield f"{index} waiting\n"
-                else:
+        # Time to first token and decode steps as an event and attributes of one span, never a span per token.
+        span = tracing.start_span("generate", {
+            "bentoformers.model": self.stored.name, "bentoformers.precision": self.precision,
+            "bentoformers.device": self.device, "bentoformers.prompt_tokens": len(token_ids),
+            "bentoformers.choices": n, "bentoformers.max_new_tokens": max_new_tokens,
+        })
+        tokens, failure, started = [0] * n, None, time.perf_counter()
+        try:
+            with self.drain.busy():
+                async for index, kind, value in self.scheduler.generate_n(token_ids, max_new_tokens, samplings, key, caller):
+                    if kind == "waiting":
+                        yield f"{index} waiting\n"
+                        continue
+                    if kind == "token":
+                        tokens[index] += 1
+                        if span is not None and sum(tokens) == 1:
+                            ms = round((time.perf_counter() - started) * 1000, 3)
+                            span.add_event("first_token", {"bentoformers.time_to_first_token_ms": ms})
                     yield f"{index} {value}\n" if kind != "error" else f"{index} error: {value}\n"
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            tracing.end_span(span, {"bentoformers.generated_tokens": sum(tokens), "bentoformers.decode_steps": max(tokens)}, failure)
 
     @bentoml.api
     async def cancel(self, key: str) -> bool:
@@ -175,7 +193,13 @@ def _batched(method: str):
     out: a pooled vector, logits, or logits per token (texts, longest text, labels; zero past each text's end)."""
 
     def call(self, token_ids: list[list[int]]) -> np.ndarray:
-        return self._run(self.encoder.embed, token_ids)
+        batch = {
+            "bentoformers.model": self.stored.name, "bentoformers.precision": self.precision,
+            "bentoformers.device": self.device, "bentoformers.batch.items": len(token_ids),
+            "bentoformers.batch.padded_tokens": len(token_ids) * max(map(len, token_ids), default=0),
+        }
+        with tracing.model_side("inference", batch, self.own_process):
+            return self._run(self.encoder.embed, token_ids)
 
     call.__name__ = call.__qualname__ = method  # BentoML names the method and its route after the function
     return bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)(call)
