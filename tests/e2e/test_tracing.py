@@ -40,6 +40,17 @@ def traced(served_build, receiver, tmp_path_factory):
         yield running.url, key
 
 
+@pytest.fixture(scope="module")
+def traced_in_gateway(served_build, receiver, tmp_path_factory):
+    """The CPU default: the model in the gateway's process."""
+    work = tmp_path_factory.mktemp("traced-in-gateway")
+    env = {**os.environ, "BENTOFORMERS_MODEL_PROCESS": "gateway", "BENTOFORMERS_MODELS": "minilm",
+           "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "200",
+           "OTEL_SERVICE_NAME": "embedder"}
+    with running_server(SERVE, work / "serve.log", env) as running:
+        yield running.url
+
+
 def _trace_of(spans: list[dict], root_name: str) -> list[dict]:
     (root,) = [s for s in spans if s["name"] == root_name and s["kind"] == 2]  # SPAN_KIND_SERVER
     return [s for s in spans if s["trace"] == root["trace"]]
@@ -133,6 +144,17 @@ def test_a_streamed_chat_is_one_trace_with_time_to_first_token_and_no_span_per_t
     assert len(trace) < 12, sorted(s["name"] for s in trace)
     print(waterfall(trace))
     _no_secret_in(spans, key)
+
+
+def test_with_the_model_in_the_gateways_process_its_batch_is_a_child_of_the_call(traced_in_gateway, receiver):
+    answer = httpx.post(f"{traced_in_gateway}/embed", json={"inputs": ["one text", "two texts", "three"]}, timeout=60)
+    assert answer.status_code == 200
+    spans = receiver.wait_for(lambda spans: any(s["name"] == "POST /embed" and s["service"] == "embedder" for s in spans))
+    trace = _trace_of([s for s in spans if s["service"] == "embedder"], "POST /embed")
+    call = _one(trace, "model call")
+    inference = _one(trace, "inference")
+    assert inference["parent"] == call["id"] and inference["attributes"]["bentoformers.batch.items"] == 3
+    assert call["start"] <= inference["start"] <= inference["end"] <= call["end"]
 
 
 def test_an_error_answer_carries_server_timing_too(traced):
