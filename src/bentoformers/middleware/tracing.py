@@ -43,7 +43,9 @@ class TracingMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_timing)
+            # Current for the request's own task (and those it starts): log lines carry its ids.
+            with tracing.current_span(span):
+                await self.app(scope, receive, send_with_timing)
         except BaseException as exc:
             if span is not None:
                 span.record_exception(exc)

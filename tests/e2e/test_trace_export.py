@@ -37,7 +37,7 @@ def traced(served_build, receiver, tmp_path_factory):
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "200",
     }
     with running_server(SERVE, work / "serve.log", env) as running:
-        yield running.url, key
+        yield running, key
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def _children(spans: list[dict], parent: dict) -> set[str]:
 
 
 def test_an_embeddings_request_is_one_trace_across_the_gateway_and_the_model_service(traced, receiver):
-    url, key = traced
+    url, key = traced[0].url, traced[1]
     answer = httpx.post(
         f"{url}/v1/embeddings?api_key={key}", json={"model": "minilm", "input": [SECRET_TEXT, "and another"]},
         headers={"Authorization": f"Bearer {key}"}, timeout=60,
@@ -102,6 +102,9 @@ def test_an_embeddings_request_is_one_trace_across_the_gateway_and_the_model_ser
     inference = [s for s in spans if s["name"] == "inference"]
     assert any(s["attributes"]["bentoformers.batch.items"] == 2 and s["attributes"]["bentoformers.model"] == "minilm"
                for s in inference)
+    # The access log line of the request names its trace.
+    lines = [json.loads(line) for line in traced[0].log.read_text().splitlines() if line.startswith('{"time"')]
+    assert any(line["route"] == "/v1/embeddings" and line.get("trace_id") == root["trace"] for line in lines)
     picture = waterfall(trace)  # python -m bentoformers.tools.traces prints the same
     print(picture)
     rows = picture.splitlines()[1:]
@@ -111,7 +114,7 @@ def test_an_embeddings_request_is_one_trace_across_the_gateway_and_the_model_ser
 
 
 def test_a_streamed_chat_is_one_trace_with_time_to_first_token_and_no_span_per_token(traced, receiver):
-    url, key = traced
+    url, key = traced[0].url, traced[1]
     body = {"model": "chat", "messages": [{"role": "user", "content": CHAT_TEXT}], "max_tokens": 24, "stream": True,
             "seed": 3}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
@@ -158,7 +161,7 @@ def test_with_the_model_in_the_gateways_process_its_batch_is_a_child_of_the_call
 
 
 def test_an_error_answer_carries_server_timing_too(traced):
-    url, _ = traced
+    url = traced[0].url
     answer = httpx.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": "x"}, timeout=30)
     assert answer.status_code == 401
     assert "total;dur=" in answer.headers["server-timing"]
