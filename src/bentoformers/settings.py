@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         "GPU split). auto: gateway on CPU, separate on CUDA.",
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = one per core this process may use (CPU affinity and cgroup quota).")
+    onnx_spinning: bool = Field(
+        False,
+        description="Let ONNX Runtime's encoder threads spin-wait for work between operators: a lone request answers "
+        "a little sooner, but the spinning takes the cores the gateway and the other requests need (README, Benchmark).",
+    )
     max_items_per_request: int = Field(256, ge=1)
     max_chars_per_item: int = Field(
         100_000, ge=1, description="Refused before tokenizing, so a huge text cannot stall the gateway."

@@ -31,8 +31,11 @@ def cuda_likely(requested: str = "auto") -> bool:
     return provider and _has_cuda_driver()
 
 
-def open_session(path: str | Path, device: str = "cpu", intra_op_threads: int = 0, inter_op_threads: int = 0):
-    """The one way a graph is opened: an ONNX Runtime session on `device`, which really runs there.
+def open_session(
+    path: str | Path, device: str = "cpu", intra_op_threads: int = 0, inter_op_threads: int = 0, spinning: bool = True
+):
+    """The one way a graph is opened: an ONNX Runtime session on `device`, which really runs there. `spinning`:
+    ONNX Runtime's default, its threads spin-wait between operators rather than sleep.
 
     ONNX Runtime falls back to CPU with only a log line when CUDA cannot start; a model service that then
     said `cuda` in /v1/models and its metrics would be lying, so that is an error here.
@@ -42,6 +45,7 @@ def open_session(path: str | Path, device: str = "cpu", intra_op_threads: int = 
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads  # 0: ONNX Runtime's default (one per core)
     options.inter_op_num_threads = inter_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if device == "cuda" and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (the GPU image has no system CUDA)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]

@@ -112,7 +112,9 @@ class _EncoderService(_ModelService):
         self._loaded()
 
     def _open(self, folder) -> OnnxEncoder:
-        return OnnxEncoder(folder, device=self.device, threads=self.settings.threads())
+        return OnnxEncoder(
+            folder, device=self.device, threads=self.settings.threads(), spinning=self.settings.onnx_spinning
+        )
 
 
 class GenerationModel(_ModelService):
