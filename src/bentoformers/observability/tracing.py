@@ -18,6 +18,7 @@ Timings go in a `RequestTrace` that the middleware puts in a context variable; i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -65,6 +66,11 @@ def bentoml_config(environ: Mapping[str, str] = os.environ) -> dict[str, Any] | 
     protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
     if protocol.strip().lower() != "http/protobuf":
         raise ValueError(f"OTLP protocol {protocol!r} is not supported here: traces are exported over http/protobuf")
+    if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
+        raise RuntimeError(
+            "OTEL_EXPORTER_OTLP_ENDPOINT asks for trace export, but opentelemetry-exporter-otlp-proto-http is not "
+            "installed (pip install 'bentoformers[serve]')"
+        )
     return {"exporter_type": "otlp", "sample_rate": sample_rate(environ), "otlp": {"protocol": "http"}}
 
 

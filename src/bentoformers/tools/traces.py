@@ -43,7 +43,7 @@ class Receiver:
                     return
                 request = ExportTraceServiceRequest.FromString(self.rfile.read(length))
                 with receiver.lock:
-                    receiver.spans += spans_of(request)
+                    receiver.spans.extend(spans_of(request))
                 answer = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -90,11 +90,7 @@ def _value(value: Any) -> Any:
     return getattr(value, kind) if kind else None
 
 
-def spans_of(request: ExportTraceServiceRequest) -> list[dict[str, Any]]:
-    return list(_spans(request))
-
-
-def _spans(request: ExportTraceServiceRequest) -> Iterator[dict[str, Any]]:
+def spans_of(request: ExportTraceServiceRequest) -> Iterator[dict[str, Any]]:
     for resource_spans in request.resource_spans:
         resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
         for scope_spans in resource_spans.scope_spans:
