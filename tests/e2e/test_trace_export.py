@@ -51,6 +51,12 @@ def traced_in_gateway(served_build, receiver, tmp_path_factory):
         yield running.url
 
 
+def _arrived(spans: list[dict], root_name: str, service: str, name: str) -> bool:
+    """The request's server span and, in its trace, the span `name` of the model service `service`."""
+    roots = {s["trace"] for s in spans if s["name"] == root_name and s["kind"] == 2}
+    return any(s["trace"] in roots and s["service"] == service and s["name"] == name for s in spans)
+
+
 def _trace_of(spans: list[dict], root_name: str) -> list[dict]:
     (root,) = [s for s in spans if s["name"] == root_name and s["kind"] == 2]  # SPAN_KIND_SERVER
     return [s for s in spans if s["trace"] == root["trace"]]
@@ -77,11 +83,9 @@ def test_an_embeddings_request_is_one_trace_across_the_gateway_and_the_model_ser
     assert {"authenticate", "tokenize", "queue", "inference", "total"} <= set(stages)
     assert float(stages["total"]) >= float(stages["inference"]) > 0
 
-    spans = receiver.wait_for(
-        lambda spans: any(s["name"] == "POST /v1/embeddings" for s in spans)
-        and any(s["name"] == "inference" for s in spans)
-        and any(s["service"] == "model-minilm" and s["kind"] == 2 for s in spans)
-    )
+    spans = receiver.wait_for(lambda spans: _arrived(spans, "POST /v1/embeddings", "model-minilm", "POST /embed") and any(
+        s["name"] == "inference" and s["attributes"].get("bentoformers.batch.items") == 2 for s in spans
+    ))
     trace = _trace_of(spans, "POST /v1/embeddings")
     root = _one(trace, "POST /v1/embeddings")
     assert root["parent"] == ""
@@ -124,10 +128,7 @@ def test_a_streamed_chat_is_one_trace_with_time_to_first_token_and_no_span_per_t
         chunks = [line for line in answer.iter_lines() if line.startswith("data: {")]
     assert chunks
 
-    spans = receiver.wait_for(
-        lambda spans: any(s["name"] == "POST /v1/chat/completions" for s in spans)
-        and any(s["name"] == "generate" and s["service"] == "model-chat" for s in spans)
-    )
+    spans = receiver.wait_for(lambda spans: _arrived(spans, "POST /v1/chat/completions", "model-chat", "generate"))
     trace = _trace_of(spans, "POST /v1/chat/completions")
     root = _one(trace, "POST /v1/chat/completions")
     assert root["attributes"]["bentoformers.model"] == "chat" and root["attributes"]["bentoformers.task"] == "generation"
