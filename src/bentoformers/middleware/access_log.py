@@ -75,6 +75,11 @@ def route_label(scope: Scope, known_paths: frozenset[str]) -> str:
     return path if path in known_paths else "other"
 
 
+def answered_status(scope: Scope, status: int | None) -> int:
+    """The status sent, or for a request left unanswered 499 (the client left: set inside) or 500 (the app raised)."""
+    return status if status is not None else (scope.get("state") or {}).get("status_if_unanswered", 500)
+
+
 class AccessLogMiddleware:
     """Pure ASGI. Its own failures are logged and swallowed: a log line must never cost a request."""
 
@@ -112,10 +117,8 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send_and_record)
         finally:
             metrics.requests_in_progress.dec()
-            if status is None:  # unanswered: the client left (499, set inside), else the app raised (500)
-                status = (scope.get("state") or {}).get("status_if_unanswered", 500)
             try:
-                self._record(scope, status, time.perf_counter() - start)
+                self._record(scope, answered_status(scope, status), time.perf_counter() - start)
             except Exception:
                 logging.getLogger("bentoformers").exception("access log failed")
 

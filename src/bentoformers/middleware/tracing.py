@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bentoformers.middleware.access_log import route_label
+from bentoformers.middleware.access_log import answered_status, route_label
 from bentoformers.observability import tracing
 
 
@@ -25,13 +25,10 @@ class TracingMiddleware:
             await self.app(scope, receive, send)
             return
         tracer = tracing.tracer()
-        span = trace = None
-        if tracer is not None:
-            span, context = _server_span(tracer, scope)
-            trace = tracing.RequestTrace(span, context)
+        span, context = _server_span(tracer, scope) if tracer is not None else (None, None)
+        if span is not None:
             scope.setdefault("state", {})["trace_id"] = format(span.get_span_context().trace_id, "032x")
-        else:
-            trace = tracing.RequestTrace()
+        trace = tracing.RequestTrace(span, context)
         tracing.begin(trace)
         status = None
 
@@ -72,8 +69,7 @@ def _finish(span: Any, scope: Scope, status: int | None, route: str) -> None:
     from opentelemetry.trace import Status, StatusCode
 
     state: dict[str, Any] = scope.get("state") or {}
-    if status is None:  # unanswered: the client left (499), else the app raised (500)
-        status = state.get("status_if_unanswered", 500)
+    status = answered_status(scope, status)
     span.update_name(f"{scope.get('method', 'GET')} {route}")
     attributes = {
         "http.route": route,
