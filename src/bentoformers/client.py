@@ -663,11 +663,7 @@ class Client(_Base):
         """Per text, the tokens the model sees (`POST /tokenize`), with character offsets into the text."""
         options = self._options(add_special_tokens=add_special_tokens, prompt_name=prompt_name, prompt=prompt,
                                 model=model)
-        return [
-            [Token.model_validate(t) for t in tokens]
-            for chunk in self._split(self._items(inputs))
-            for tokens in self._post("/tokenize", {"inputs": chunk, **options})
-        ]
+        return self._per_text("/tokenize", inputs, options, Token)
 
     def classify(
         self,
@@ -726,11 +722,7 @@ class Client(_Base):
         """Per text, its SPLADE weights (`POST /embed_sparse`): the non-zero ones by ascending token id, or with
         `top_k` its k largest."""
         options = self._options(top_k=top_k, truncate=truncate, truncation_direction=truncation_direction, model=model)
-        return [
-            [SparseValue.model_validate(v) for v in row]
-            for chunk in self._split(self._items(inputs))
-            for row in self._post("/embed_sparse", {"inputs": chunk, **options})
-        ]
+        return self._per_text("/embed_sparse", inputs, options, SparseValue)
 
     def ner(
         self,
@@ -814,6 +806,15 @@ class Client(_Base):
             except NotFoundError:
                 self._max_items = DEFAULT_MAX_ITEMS
         return self._max_items
+
+    def _per_text(self, path: str, inputs: str | Sequence[str], options: dict[str, Any], item: type[R]) -> list[list[R]]:
+        """A route that answers a list per text (/tokenize, /embed_sparse): the texts in requests the server takes,
+        each text's list as `item`s."""
+        return [
+            [item.model_validate(value) for value in row]
+            for chunk in self._split(self._items(inputs))
+            for row in self._post(path, {"inputs": chunk, **options})
+        ]
 
     def _split(self, items: list[str], sequences_per_item: int = 1) -> list[list[str]]:
         """Requests within the server's limit of sequences (a zero-shot text is one per label)."""
@@ -917,11 +918,7 @@ class AsyncClient(_Base):
     ) -> list[list[Token]]:
         options = self._options(add_special_tokens=add_special_tokens, prompt_name=prompt_name, prompt=prompt,
                                 model=model)
-        return [
-            [Token.model_validate(t) for t in tokens]
-            for chunk in await self._split(self._items(inputs))
-            for tokens in await self._post("/tokenize", {"inputs": chunk, **options})
-        ]
+        return await self._per_text("/tokenize", inputs, options, Token)
 
     async def classify(
         self,
@@ -974,11 +971,7 @@ class AsyncClient(_Base):
         model: str | None = None,
     ) -> list[list[SparseValue]]:
         options = self._options(top_k=top_k, truncate=truncate, truncation_direction=truncation_direction, model=model)
-        return [
-            [SparseValue.model_validate(v) for v in row]
-            for chunk in await self._split(self._items(inputs))
-            for row in await self._post("/embed_sparse", {"inputs": chunk, **options})
-        ]
+        return await self._per_text("/embed_sparse", inputs, options, SparseValue)
 
     async def ner(
         self,
@@ -1054,6 +1047,16 @@ class AsyncClient(_Base):
             except NotFoundError:
                 self._max_items = DEFAULT_MAX_ITEMS
         return self._max_items
+
+    async def _per_text(
+        self, path: str, inputs: str | Sequence[str], options: dict[str, Any], item: type[R]
+    ) -> list[list[R]]:
+        """As Client._per_text."""
+        return [
+            [item.model_validate(value) for value in row]
+            for chunk in await self._split(self._items(inputs))
+            for row in await self._post(path, {"inputs": chunk, **options})
+        ]
 
     async def _split(self, items: list[str], sequences_per_item: int = 1) -> list[list[str]]:
         limit = await self.max_items_per_request()
