@@ -552,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds of unrecorded load per request size first (default: %(default)s)")
     bench.add_argument("--texts", type=Path, help="a file with one text per line (default: 400 shipped sentences)")
     bench.add_argument("--timeout", type=float, default=60.0, help="per request, seconds (default: %(default)s)")
+    bench.add_argument("--honour-retry-after", action="store_true",
+                       help="a refused client (429/503) waits the server's Retry-After before its next request, as "
+                       "SDKs do (default: it sends again at once, the harshest load)")
     bench.add_argument("--server-pid", type=int, help="pid of the server, for memory (default: found by port)")
     bench.add_argument("--in-process", action="store_true",
                        help="also measure the built model in this process: the ceiling the server is compared with")

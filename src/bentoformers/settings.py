@@ -32,6 +32,13 @@ class Settings(BaseSettings):
         "GPU split). auto: gateway on CPU, separate on CUDA.",
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = one per core this process may use (CPU affinity and cgroup quota).")
+    run_threads: int = Field(
+        0, ge=0,
+        description="ONNX Runtime threads per encoder sub-batch on CPU; the sub-batches of a call run side by side on "
+        "the rest. 0: timed at start, one per sub-batch or every core on each, whichever runs the check set faster "
+        "(int8 usually one, fp32 every core); 1: nothing waits for another thread; more: a lone long text finishes "
+        "sooner on a machine with many cores.",
+    )
     onnx_spinning: bool = Field(
         False,
         description="Let ONNX Runtime's encoder threads spin-wait for work between operators: a lone request answers "

@@ -63,6 +63,42 @@ def test_with_auto_the_fastest_variant_that_holds_serves_and_says_why(minilm_pat
     assert proof.tokens_per_second == pytest.approx(tokens / proof.timings[fast]["batched_seconds"], rel=1e-3)
 
 
+def test_both_ways_of_using_the_cores_answer_exactly_alike(minilm_path):
+    ways = OnnxEncoder(minilm_path["int8"], threads=2).threadings()
+    assert sorted(ways) == [1, 2] and ways[1].workers == 2 and ways[2].workers == 1
+    inputs = selfcheck.load(minilm_path["int8"])["inputs"]
+    assert np.array_equal(ways[1].embed(inputs), ways[2].embed(inputs))
+    assert list(OnnxEncoder(minilm_path["int8"], threads=1).threadings()) == [1]  # one core: one way
+
+
+class SlowWhenShared(ThreeTimesOver):
+    """A real engine whose other threading (every core on each sub-batch) does its work three times over, or the
+    other way round."""
+
+    def __init__(self, engine, slow_threads):
+        super().__init__(engine)
+        self.slow_threads = slow_threads
+
+    def threadings(self):
+        return {t: ThreeTimesOver(way) if t == self.slow_threads else way for t, way in self.engine.threadings().items()}
+
+
+@pytest.mark.parametrize("slow_threads", [1, 2])
+def test_each_variant_serves_in_its_faster_threading_and_says_so(minilm_path, slow_threads):
+    proof = selfcheck.fastest_that_holds(
+        [("int8", minilm_path["int8"]), ("fp32", minilm_path["fp32"])], forced=False, threadings=True,
+        open_=lambda folder: SlowWhenShared(OnnxEncoder(folder, threads=2), slow_threads),
+    )
+    fast_threads = 3 - slow_threads
+    for precision in ("int8", "fp32"):
+        timing = proof.timings[precision]
+        assert timing["run_threads"] == fast_threads, timing
+        by = timing["seconds_by_run_threads"]
+        assert by[str(slow_threads)] > by[str(fast_threads)] == timing["seconds"]
+    assert not isinstance(proof.engine, ThreeTimesOver) and proof.engine.run_threads == fast_threads
+    assert f"{fast_threads} ONNX Runtime thread(s) per sub-batch" in proof.why
+
+
 def test_a_forced_precision_serves_even_when_slower_and_is_still_timed(minilm_path):
     proof = selfcheck.fastest_that_holds(
         [("int8", minilm_path["int8"])], forced=True, open_=lambda folder: ThreeTimesOver(OnnxEncoder(folder, threads=1))

@@ -39,13 +39,24 @@ def test_error_body_is_the_openai_shape():
 
 def test_length_plan_keeps_padding_small_and_respects_the_token_budget():
     encoder = OnnxEncoder.__new__(OnnxEncoder)
-    encoder.max_batch_tokens = 64
+    encoder.max_batch_tokens, encoder.workers = 64, 1
     batch = [[1] * n for n in (30, 5, 6, 31, 7, 29, 100)]
     groups = encoder._plan(batch)
     assert sorted(i for g in groups for i in g) == list(range(len(batch)))
     for g in groups:
         lengths = [len(batch[i]) for i in g]
         assert len(g) == 1 or (max(lengths) * len(g) <= 64 and max(lengths) <= min(lengths) * 1.25 + 4)
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_the_plan_gives_every_worker_a_sub_batch_when_there_are_texts_enough(workers):
+    encoder = OnnxEncoder.__new__(OnnxEncoder)
+    encoder.max_batch_tokens, encoder.workers = 2048, workers
+    batch = [[1] * n for n in (20, 21, 22, 20, 23, 21, 20, 22)]  # one group by length and budget
+    groups = encoder._plan(batch)
+    assert len(groups) == workers and sorted(i for g in groups for i in g) == list(range(len(batch)))
+    assert max(map(len, groups)) - min(map(len, groups)) <= len(batch) // workers  # halves, not crumbs
+    assert len(encoder._plan([[1] * 30])) == 1  # a lone text stays whole
 
 
 def test_model_names_never_collide_as_gateway_attributes():

@@ -13,6 +13,11 @@ any call has taught a rate (the first burst after a start) only the count bounds
 guess turned most of a cold server's first burst away. A refusal costs microseconds, and is made before
 tokenizing too, with the request's tokens estimated from the recent tokens per text.
 
+What the rate does not see (the event loop's own lag under a flood, the hops between calls) is measured
+instead: each request that waited compares its real wait with what was expected when it was admitted, and
+the expectation is scaled by the recent high side of that ratio (`lag`, quick to rise, slow to fall). The
+promise is about the real waits, so it is checked against them.
+
 The rate is the recent best, not an average: a call never runs faster than the model can, so any faster
 call raises it at once, and a slow full call (its texts long, the CPU shared for a moment) lowers it by at
 most a tenth. An average let one slow call refuse work for as long as the refusals kept the queue too
@@ -33,6 +38,8 @@ import numpy as np
 from bentoformers.errors import ApiError, ErrorType
 from bentoformers.observability import metrics, tracing
 
+MIN_MEASURED_WAIT = 0.05  # seconds: a shorter expected wait is mostly fixed costs, not the rate's error
+MAX_LAG = 20.0
 ModelCall = Callable[[list[list[int]]], Awaitable[np.ndarray]]
 
 
@@ -43,6 +50,7 @@ class _Job:
     future: asyncio.Future[np.ndarray]
     queued_at: float
     trace: tracing.RequestTrace | None  # the request's (observability/tracing.py): its stages and spans
+    expected: float = 0.0  # its wait as the rate alone expected it when it was admitted (no lag)
     called_at: float = 0.0  # when its batch's model call began
 
 
@@ -69,11 +77,15 @@ class Coalescer:
         self._tokens_per_item = 0.0  # of recent requests: a request's tokens before it is tokenized
         self._in_flight_tokens = 0
         self._in_flight_since = 0.0
+        self.lag = 1.0  # real waits over the rate's expectation, on their high side (_learn_lag)
         self._drainer: asyncio.Task[None] | None = None
 
     def expected_wait(self, tokens: int = 0) -> float:
         """Seconds until a request of `tokens` queued now would be answered: what is left of the call in flight,
-        the queued tokens and its own, at the recent rate (0 before any call)."""
+        the queued tokens and its own, at the recent rate (0 before any call), times the measured lag."""
+        return self._rate_wait(tokens) * self.lag
+
+    def _rate_wait(self, tokens: int) -> float:
         rate = self.tokens_per_second or self._any_call_rate
         if not rate:
             return 0.0
@@ -103,12 +115,15 @@ class Coalescer:
         per_item = tokens / max(1, len(seqs))
         self._tokens_per_item += (0.1 if self._tokens_per_item else 1.0) * (per_item - self._tokens_per_item)
         job = _Job(seqs, tokens, asyncio.get_running_loop().create_future(), time.perf_counter(), tracing.current())
+        job.expected = self._rate_wait(tokens)
         self._pending.append(job)
         self._queued(len(seqs), tokens)
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         try:
-            return await job.future
+            rows = await job.future
+            self._learn_lag(job.expected, time.perf_counter() - job.queued_at)
+            return rows
         finally:
             if job.trace is not None and job.called_at:
                 job.trace.add("queue", job.called_at - job.queued_at)
@@ -191,6 +206,15 @@ class Coalescer:
             self.tokens_per_second = max(rate, 0.9 * self.tokens_per_second)
         else:
             self.tokens_per_second = max(rate, self.tokens_per_second)
+
+    def _learn_lag(self, expected: float, waited: float) -> None:
+        """How much longer than expected a request really waited (its answer back on the event loop): up quickly
+        (so a flood that slows the event loop tightens admission within a few answers), down slowly (the
+        promise is about the slow side). Waits too short to say anything are skipped."""
+        if expected < MIN_MEASURED_WAIT:
+            return
+        ratio = min(max(waited / expected, 0.5), MAX_LAG)
+        self.lag += (0.3 if ratio > self.lag else 0.02) * (ratio - self.lag)
 
     def _observe(self, jobs: list[_Job], seqs: list[list[int]]) -> None:
         now = time.perf_counter()

@@ -25,15 +25,19 @@ class OnnxEncoder:
     """Runs a built encoder graph: pooled embeddings, or a classifier's logits (a row per text; for token
     classification a row per token, padded with zeros to the call's longest text).
 
-    Texts run in length-sorted sub-batches (little padding) under a token budget, on one session whose
-    intra-op threads use every core: a lone call gets the whole machine, and the sub-batches of a bigger
-    call run side by side, one per core, on the same session (measured here: about 1.4x the throughput of
-    running them one after another, with no second copy of the weights). A text's result never depends on
-    its batch: padding is masked, and int8 graphs quantize each token's activations on their own
-    (build/quantize.py), so no scale is shared between rows. The tests check it with `np.array_equal`, at
-    one and at several threads. A sub-batch holds at most `max_batch_tokens` padded tokens: ONNX Runtime's
-    memory arena keeps the largest activations it has seen, so this bounds the memory of a long-running
-    service (at 16k tokens per sub-batch, MiniLM's attention alone took over 200 MB).
+    Texts run in length-sorted sub-batches (little padding) under a token budget. On CPU the sub-batches run
+    side by side, one per core, each on a single ONNX Runtime thread (`run_threads`, 1 by default) of one shared
+    session; a call with fewer sub-batches than cores is split further, so a batch of any size uses every core.
+    Measured here against one session whose threads all work on each sub-batch in turn (2-core Zen 4, MiniLM
+    int8): a lone short text 2.56 -> 2.07 ms, 32 texts a call +9 %, 128 texts +31 %, and no worse with another
+    process taking a core. Threads that share each operator must meet after every one of them, and a thread
+    that was put to sleep or lost its core to the event loop stalls the other; side by side nothing waits.
+    A lone long text pays (one core: 256 tokens 25 -> 33 ms here); `run_threads` > 1 gives each sub-batch more
+    threads. A text's result never depends on its batch: padding is masked, and int8 graphs quantize each
+    token's activations on their own (build/quantize.py), so no scale is shared between rows. The tests check
+    it with `np.array_equal`, at one and at several threads. A sub-batch holds at most `max_batch_tokens` padded
+    tokens: ONNX Runtime's memory arena keeps the largest activations it has seen, so this bounds the memory of
+    a long-running service (at 16k tokens per sub-batch, MiniLM's attention alone took over 200 MB).
     """
 
     def __init__(
@@ -43,20 +47,28 @@ class OnnxEncoder:
         threads: int | None = None,
         max_batch_tokens: int | None = None,
         spinning: bool = False,
+        run_threads: int = 1,
     ) -> None:
-        """`spinning` off (unlike ONNX Runtime's default): its threads sleep between operators instead of spinning,
-        which on a CPU shared with the gateway's event loop and its clients served 20-26 % more texts/s under load
-        for about 0.6 ms more on a lone request (README, Benchmark)."""
+        """`threads`: the cores to use (default: every usable one); `run_threads`: ONNX Runtime threads per
+        sub-batch, so `threads // run_threads` sub-batches run at once. `spinning` off (unlike ONNX Runtime's
+        default): threads sleep between operators instead of spinning, which on a CPU shared with the gateway's
+        event loop and its clients served 20-26 % more texts/s under load (README, Benchmark)."""
         self.folder = Path(folder)
         self.card = ModelCard.load(folder)
         self.device = device
+        self._options = {"device": device, "threads": threads, "max_batch_tokens": max_batch_tokens, "spinning": spinning}
         # On a GPU, bigger sub-batches keep it busy; its memory is the CUDA arena's, sized by the card.
         self.max_batch_tokens = max_batch_tokens or (16_384 if device == "cuda" else 2048)
-        intra_op = 0 if device == "cuda" else (threads or usable_cores())
+        cores = threads or usable_cores()
+        run_threads = max(1, min(run_threads, cores))
+        # on CUDA sub-batches go one after another, each with the whole GPU
+        self.workers = 1 if device == "cuda" else max(1, cores // run_threads)
         self.session = open_session(
-            self.folder / ONNX_FILE, device, intra_op_threads=intra_op, inter_op_threads=1, spinning=spinning
+            self.folder / ONNX_FILE, device, intra_op_threads=0 if device == "cuda" else run_threads,
+            inter_op_threads=1, spinning=spinning,
         )
-        self._pool = ThreadPoolExecutor(max(1, intra_op), thread_name_prefix="onnx")
+        self.run_threads = run_threads
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="onnx")
         self._input_names = {i.name for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         output = TASKS[self.card.task].output
@@ -71,6 +83,16 @@ class OnnxEncoder:
             # Inside the session a sub-batch's logits are (tokens, vocabulary): 2048 tokens of BERT's are 250 MB.
             self.max_batch_tokens = min(self.max_batch_tokens, 512)
         self._output = wanted if wanted in outputs else outputs[0]
+
+    def threadings(self) -> dict[int, OnnxEncoder]:
+        """This engine by its threads per sub-batch, beside the same graph with the other way of using the cores
+        (every core on each sub-batch, or one each side by side): the start-up timing serves the faster
+        (runtime/selfcheck.py). Only this engine on CUDA or a single core."""
+        cores = self._options["threads"] or usable_cores()
+        if self.device == "cuda" or cores < 2:
+            return {self.run_threads: self}
+        other = cores if self.run_threads == 1 else 1
+        return {self.run_threads: self, other: OnnxEncoder(self.folder, **self._options, run_threads=other)}
 
     def embed(self, batch: list[list[int]]) -> np.ndarray:
         """Token ids in, float32 rows out (one per input, same order): pooled embeddings or logits."""
@@ -92,7 +114,8 @@ class OnnxEncoder:
         return out
 
     def _plan(self, batch: list[list[int]]) -> list[list[int]]:
-        """Length-sorted groups whose padded size fits the token budget and whose padding stays small."""
+        """Length-sorted groups whose padded size fits the token budget and whose padding stays small, the
+        largest halved until every worker has one (or no group holds two texts)."""
         order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
         groups: list[list[int]] = []
         group: list[int] = []
@@ -106,6 +129,13 @@ class OnnxEncoder:
                 group = []
             group.append(i)
         groups.append(group)
+        while len(groups) < self.workers:
+            largest = max(groups, key=lambda g: len(g) * len(batch[g[-1]]))
+            if len(largest) < 2:
+                break
+            groups.remove(largest)
+            half = len(largest) // 2
+            groups += [largest[:half], largest[half:]]
         return groups
 
     def _run(self, seqs: list[list[int]]) -> np.ndarray:

@@ -52,7 +52,7 @@ class _ModelService:
             (p, getattr(self, f"model_{p}").path) for p in candidate_precisions(self.stored.variants, self.device, requested)
         ]
         self.proof = selfcheck.fastest_that_holds(
-            candidates, forced=requested != "auto", open_=self._open,
+            candidates, forced=requested != "auto", open_=self._open, threadings=self.settings.run_threads == 0,
             on_refusal=lambda precision, reason: metrics.selfcheck_refusals.labels(self.stored.name, precision).inc(),
         )
         self.precision = self.proof.precision
@@ -113,7 +113,8 @@ class _EncoderService(_ModelService):
 
     def _open(self, folder) -> OnnxEncoder:
         return OnnxEncoder(
-            folder, device=self.device, threads=self.settings.threads(), spinning=self.settings.onnx_spinning
+            folder, device=self.device, threads=self.settings.threads(), spinning=self.settings.onnx_spinning,
+            run_threads=self.settings.run_threads or 1,
         )
 
 

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         "target": {"url": base, "route": route, "api": args.api, "model": args.model, "local": server is not None,
                    "served_models": served},
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "timeout_s": args.timeout,
+                     "honour_retry_after": args.honour_retry_after,
                      "texts": str(args.texts) if args.texts else "shipped sentences", "distinct_texts": len(texts)},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "bentoformers": __version__,
@@ -126,7 +127,7 @@ async def _sweep(args: argparse.Namespace, url: str, texts: list[str], memory: M
                 for concurrency in levels:
                     bar.set_postfix_str(f"{size} texts/request at concurrency {concurrency}")
                     memory.reset()
-                    point = await closed_loop(session, url, bodies, concurrency, args.duration)
+                    point = await closed_loop(session, url, bodies, concurrency, args.duration, args.honour_retry_after)
                     point.update(texts_per_request=size, concurrency=concurrency,
                                  items_per_s=point["ok"] * size / point["elapsed_s"], server_rss_mib=memory.peak_mib())
                     points.append(point)

@@ -64,7 +64,12 @@ def load_texts(path: Path | None) -> list[str]:
 # ---- load ---------------------------------------------------------------------------------------------
 
 
-async def closed_loop(session: Any, url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
+async def closed_loop(
+    session: Any, url: str, bodies: list[bytes], concurrency: int, seconds: float, honour_retry_after: bool = False
+) -> dict[str, Any]:
+    """`concurrency` clients, each sending its next request when the last is answered, for `seconds` (those in
+    flight then are awaited). A refused client sends again at once, or with `honour_retry_after` after the
+    server's Retry-After (an SDK's behaviour)."""
     import aiohttp
 
     latencies: list[float] = []
@@ -77,10 +82,13 @@ async def closed_loop(session: Any, url: str, bodies: list[bytes], concurrency: 
             body = bodies[i % len(bodies)]
             i += concurrency
             start = time.perf_counter()
+            wait = 0.0
             try:
                 async with session.post(url, data=body) as response:
                     await response.read()
                     status = str(response.status)
+                    if honour_retry_after and response.status in (429, 503):
+                        wait = float(response.headers.get("Retry-After") or 0)
             except TimeoutError:
                 status = "timeout"
             except aiohttp.ClientError:
@@ -89,6 +97,8 @@ async def closed_loop(session: Any, url: str, bodies: list[bytes], concurrency: 
             statuses[status] += 1
             if status == "200":
                 latencies.append(time.perf_counter() - start)
+            elif wait:
+                await asyncio.sleep(min(wait, max(0.0, stop - time.perf_counter())))
 
     started = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(concurrency)))
