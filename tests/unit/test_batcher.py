@@ -294,3 +294,44 @@ def test_a_seeded_rate_bounds_the_first_burst_by_time():
         await asyncio.gather(in_flight, *queued)
 
     asyncio.run(main())
+
+
+def test_a_request_whose_time_is_up_in_the_queue_is_answered_503_not_run():
+    # The promise is kept at the queue's end too: whatever the estimate said at admission, a request that would be
+    # answered past max_wait is refused with Retry-After when its turn comes, and the model never runs it.
+    async def main():
+        model = RecordingModel(delay=0.2)
+        c = coalescer(model, max_items=1, max_wait=0.5)  # no rate yet: admission bounds by count only
+        first = asyncio.create_task(c.submit([[1]]))
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        queued = [asyncio.create_task(c.submit([[k]])) for k in (2, 3, 4, 5)]
+        results = await asyncio.gather(first, *queued, return_exceptions=True)
+        answered = [r for r in results[1:] if not isinstance(r, BaseException)]
+        refused = [r for r in results[1:] if isinstance(r, ApiError)]
+        assert len(answered) == 1 and answered[0].tolist() == [[2.0]]  # waited 0.19 s: its call ends within 0.5 s
+        assert len(refused) == 3 and all(r.status == 503 and r.headers["Retry-After"] == "2" for r in refused)
+        assert "waited" in refused[0].message
+        assert [call[0][0] for call in model.calls] == [1, 2]  # the late ones never reached the model
+        assert time.perf_counter() - started < 0.7
+        assert (await c.submit([[6]])).tolist() == [[6.0]]  # and the queue goes on
+
+    asyncio.run(main())
+
+
+def test_the_expected_wait_grows_by_the_measured_lag_of_real_waits():
+    # A rate that promises more than the server delivers (here a seed 5x too high; under a flood it is the event
+    # loop's own lag) is corrected by what the answered requests really waited.
+    async def main():
+        model = RecordingModel(delay=0.1)
+        c = coalescer(model, max_items=1, max_tokens=10_000)
+        c.seed_rate(50_000.0)  # 1,000 tokens in 0.02 s; the model takes 0.1 s
+        before = c.expected_wait(1000)
+        first = asyncio.create_task(c.submit([[1] * 1000]))
+        await asyncio.sleep(0.001)
+        await asyncio.gather(first, *(c.submit([[1] * 1000]) for _ in range(4)))
+        assert c.lag > 2.0
+        assert c.expected_wait(1000) == pytest.approx(c._rate_wait(1000) * c.lag)
+        assert c.expected_wait(1000) > 2 * before
+
+    asyncio.run(main())

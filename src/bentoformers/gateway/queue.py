@@ -18,6 +18,11 @@ instead: each request that waited compares its real wait with what was expected 
 the expectation is scaled by the recent high side of that ratio (`lag`, quick to rise, slow to fall). The
 promise is about the real waits, so it is checked against them.
 
+And it is kept at the other end: a request still queued when its time is up (it has waited `max_wait` less the
+last call's length, so its answer would come late) is answered 503 with Retry-After instead of being run
+(Triton's queue timeout with its REJECT action does the same). Nothing admitted waits in the queue past the
+promise, whatever the estimate got wrong.
+
 The rate is the recent best, not an average: a call never runs faster than the model can, so any faster
 call raises it at once, and a slow full call (its texts long, the CPU shared for a moment) lowers it by at
 most a tenth. An average let one slow call refuse work for as long as the refusals kept the queue too
@@ -78,6 +83,7 @@ class Coalescer:
         self._in_flight_tokens = 0
         self._in_flight_since = 0.0
         self.lag = 1.0  # real waits over the rate's expectation, on their high side (_learn_lag)
+        self._last_call_seconds = 0.0
         self._drainer: asyncio.Task[None] | None = None
 
     def expected_wait(self, tokens: int = 0) -> float:
@@ -102,12 +108,13 @@ class Coalescer:
             or self.expected_wait(tokens) > self.max_wait
         ):
             metrics.count_rejection("queue_full")
-            raise ApiError(
-                ErrorType.OVERLOADED,
-                f"the server is at capacity ({self.queued_items} texts queued, about {self.expected_wait():.1f}s "
-                f"of work); retry after {self.retry_after}s",
-                headers={"Retry-After": str(self.retry_after)},
-            )
+            raise self._overloaded(f"{self.queued_items} texts queued, about {self.expected_wait():.1f}s of work")
+
+    def _overloaded(self, why: str) -> ApiError:
+        return ApiError(
+            ErrorType.OVERLOADED, f"the server is at capacity ({why}); retry after {self.retry_after}s",
+            headers={"Retry-After": str(self.retry_after)},
+        )
 
     async def submit(self, seqs: list[list[int]]) -> np.ndarray:
         tokens = sum(map(len, seqs))
@@ -156,6 +163,7 @@ class Coalescer:
                 continue
             finally:
                 self._in_flight_tokens = 0
+                self._last_call_seconds = time.perf_counter() - started
             self._learn_rate(sum(job.tokens for job in jobs), time.perf_counter() - started, saturated)
             start = 0
             for job in jobs:
@@ -165,9 +173,12 @@ class Coalescer:
                 start = end
 
     def _take(self) -> list[_Job]:
-        """Whole requests in arrival order, within the budgets (the first one always fits)."""
+        """Whole requests in arrival order, within the budgets (the first one always fits); those whose time is
+        up are answered 503 instead."""
         jobs: list[_Job] = []
         items = tokens = 0
+        now = time.perf_counter()
+        latest = now - max(0.0, self.max_wait - self._last_call_seconds)  # queued before this: too late to run
         while self._pending:
             job = self._pending[0]
             if jobs and (items + len(job.seqs) > self.max_items or tokens + job.tokens > self.max_tokens):
@@ -175,6 +186,13 @@ class Coalescer:
             self._pending.popleft()
             self._queued(-len(job.seqs), -job.tokens)
             if job.future.done():  # the client went away while it waited
+                continue
+            if job.queued_at < latest:
+                metrics.count_rejection("queue_timeout")
+                job.future.set_exception(self._overloaded(
+                    f"this request waited {now - job.queued_at:.1f}s in the queue and would be answered past "
+                    f"its {self.max_wait:g}s"
+                ))
                 continue
             jobs.append(job)
             items += len(job.seqs)

@@ -20,7 +20,7 @@ TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 # Why a request was refused before it reached a model. Issue-specific code passes one of these.
 REJECTION_REASONS = frozenset({
     "missing_credentials", "invalid_credentials", "expired_credentials", "forbidden",
-    "rate_limit_requests", "rate_limit_tokens", "rate_limit_store_unavailable", "queue_full",
+    "rate_limit_requests", "rate_limit_tokens", "rate_limit_store_unavailable", "queue_full", "queue_timeout",
     "too_many_in_flight", "request_too_large", "body_timeout", "header_timeout",
 })
 

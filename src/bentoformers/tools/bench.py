@@ -222,7 +222,9 @@ HEADER = f"{'texts/req':>9} {'conc':>5} {'texts/s':>9} {'req/s':>8} {'p50 ms':>8
 def _row(p: dict[str, Any]) -> str:
     rss = "-" if p["server_rss_mib"] is None else f"{p['server_rss_mib']:.0f}"
     return (f"{p['texts_per_request']:>9} {p['concurrency']:>5} {p['items_per_s']:>9.1f} {p['requests_per_s']:>8.1f} "
-            f"{format_ms(p['p50_ms']):>8} {format_ms(p['p95_ms']):>8} {format_ms(p['p99_ms']):>8} {rss:>8}  {format_errors(p['errors'])}")
+            f"{format_ms(p['p50_ms']):>8} {format_ms(p['p95_ms']):>8} {format_ms(p['p99_ms']):>8} {rss:>8}  {format_errors(p['errors'])}"
+            + (f" (refused in p50 {format_ms(p['refused_p50_ms'])} / p99 {format_ms(p['refused_p99_ms'])} ms)"
+               if p.get("refused_p50_ms") is not None else ""))
 
 
 def print_table(report: dict[str, Any]) -> None:

@@ -73,6 +73,7 @@ async def closed_loop(
     import aiohttp
 
     latencies: list[float] = []
+    refusals: list[float] = []  # how long a 429 or 503 took to come back
     statuses: Counter[str] = Counter()
     stop = time.perf_counter() + seconds
 
@@ -97,13 +98,16 @@ async def closed_loop(
             statuses[status] += 1
             if status == "200":
                 latencies.append(time.perf_counter() - start)
-            elif wait:
+            elif status in ("429", "503"):
+                refusals.append(time.perf_counter() - start)
+            if wait:
                 await asyncio.sleep(min(wait, max(0.0, stop - time.perf_counter())))
 
     started = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(concurrency)))
     elapsed = time.perf_counter() - started
     latencies.sort()
+    refusals.sort()
     ok = statuses.pop("200", 0)
     return {
         "ok": ok,
@@ -112,6 +116,8 @@ async def closed_loop(
         "p50_ms": percentile(latencies, 0.50),
         "p95_ms": percentile(latencies, 0.95),
         "p99_ms": percentile(latencies, 0.99),
+        "refused_p50_ms": percentile(refusals, 0.50),
+        "refused_p99_ms": percentile(refusals, 0.99),
         "errors": dict(statuses),
     }
 
