@@ -270,6 +270,16 @@ def fastest_that_holds(
     return Proof(chosen, engines[chosen], figures_of[chosen], refused, timings, why)
 
 
+def as_served(precision: str, folder: str | Path) -> Any | None:
+    """The variant as a model service on this machine would run it (re-proven here, in its faster way of using
+    the cores), for the benchmarks; None where it fails its check on this CPU."""
+    try:
+        return fastest_that_holds([(precision, folder)], forced=True, threadings=True).engine
+    except RuntimeError as exc:
+        logger.warning("%s", exc)
+        return None
+
+
 def _time_threadings(
     holding: dict[str, tuple[dict[str, Any], Any]], budget: float
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:

@@ -151,14 +151,14 @@ def _bodies(api: str, model: str | None, texts: list[str], size: int) -> list[by
 
 
 def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, dict[str, Any]]:
-    """Each built variant of the served embeddings model called directly, as its service runs it (every core,
-    length-sorted sub-batches; no HTTP, no queue): texts/s and the p50 time of a call, per request size. These
+    """Each built variant of the served embeddings model called directly, as its service runs it (re-proven and in
+    the faster way of using the cores, as at its start; length-sorted sub-batches; no HTTP, no queue): texts/s and the p50 time of a call, per request size. These
     are the ceilings a server is compared with."""
     import bentoml
     from bentoml.exceptions import NotFound
 
     from bentoformers.runtime.card import ModelCard
-    from bentoformers.runtime.encoder import OnnxEncoder
+    from bentoformers.runtime.selfcheck import as_served
     from bentoformers.runtime.tokenizer import TextTokenizer
     from bentoformers.serving.store import served_models
     from bentoformers.settings import Settings
@@ -172,14 +172,16 @@ def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, 
         except NotFound:
             continue
         ids = TextTokenizer(folder, ModelCard.load(folder).max_length).encode(texts, truncate=True)
-        encoder = OnnxEncoder(folder)
+        encoder = as_served(precision, folder)
+        if encoder is None:
+            continue
         for size in sizes:
             encoder.embed(ids[:size])
             calls, elapsed = time_calls(
                 encoder.embed, lambda n, ids=ids, size=size: [ids[(n * size + j) % len(ids)] for j in range(size)], seconds
             )
             out[f"{precision}, {size} text{'s' if size > 1 else ''}/call"] = {
-                "precision": precision, "texts_per_call": size, "texts_per_s": len(calls) * size / elapsed,
+                "precision": precision, "run_threads": encoder.run_threads, "texts_per_call": size, "texts_per_s": len(calls) * size / elapsed,
                 "p50_ms": percentile(sorted(calls), 0.5),
             }
     return out
@@ -189,7 +191,8 @@ def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, 
 
 
 def _in_process_figures(figures: dict[str, Any]) -> str:
-    return f"{figures['texts_per_s']:.1f} texts/s, p50 {figures['p50_ms']:.2f} ms/call"
+    return (f"{figures['texts_per_s']:.1f} texts/s, p50 {figures['p50_ms']:.2f} ms/call "
+            f"({figures['run_threads']} thread(s) per sub-batch)")
 
 
 def against_in_process(report: dict[str, Any]) -> list[str]:

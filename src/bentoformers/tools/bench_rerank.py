@@ -117,7 +117,7 @@ def in_process(name: str, requests: dict[int, list[tuple[str, list[str]]]], seco
     from bentoml.exceptions import NotFound
 
     from bentoformers.runtime.card import ModelCard
-    from bentoformers.runtime.encoder import OnnxEncoder
+    from bentoformers.runtime.selfcheck import as_served
     from bentoformers.runtime.tokenizer import TextTokenizer
     from bentoformers.spec import store_name
 
@@ -128,13 +128,15 @@ def in_process(name: str, requests: dict[int, list[tuple[str, list[str]]]], seco
         except NotFound:
             continue
         tokenizer = TextTokenizer(folder, ModelCard.load(folder).max_length)
-        encoder = OnnxEncoder(folder)
+        encoder = as_served(precision, folder)
+        if encoder is None:
+            continue
         for size, sets in requests.items():
             calls_ids = [tokenizer.encode_pairs([(q, d) for d in documents], truncate=True) for q, documents in sets]
             encoder.classify(calls_ids[0])
             calls, elapsed = time_calls(encoder.classify, lambda n, calls_ids=calls_ids: calls_ids[n % len(calls_ids)], seconds)
             out[f"{precision}, {size} pairs/call"] = {
-                "precision": precision, "pairs_per_call": size, "pairs_per_s": len(calls) * size / elapsed,
+                "precision": precision, "run_threads": encoder.run_threads, "pairs_per_call": size, "pairs_per_s": len(calls) * size / elapsed,
                 "p50_ms": percentile(sorted(calls), 0.5),
             }
     return out
