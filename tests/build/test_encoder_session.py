@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from bentoformers.runtime import selfcheck
 from bentoformers.runtime.encoder import OnnxEncoder
 
 
@@ -13,3 +16,41 @@ def test_encoder_threads_sleep_between_operators_unless_told_to_spin(minilm_path
     """Spinning threads took the cores the gateway's event loop and its clients needed (README, Benchmark)."""
     assert _spinning(OnnxEncoder(minilm_path["int8"], threads=2)) == "0"
     assert _spinning(OnnxEncoder(minilm_path["int8"], threads=2, spinning=True)) == "1"
+
+
+def _check_texts(folder, count: int) -> list[list[int]]:
+    inputs = selfcheck.load(folder)["inputs"]
+    return [inputs[i % len(inputs)] for i in range(count)]
+
+
+def test_the_sub_batch_size_is_chosen_by_measurement_and_never_changes_an_answer(minilm_path):
+    # What the model service does on a GPU at start (there the CPU-tuned 16k-token plan was never measured), run
+    # here on one CPU thread, where a sub-batch of one text is clearly slower than a batched one.
+    encoder = OnnxEncoder(minilm_path["int8"], threads=1)
+    texts = _check_texts(minilm_path["int8"], 96)
+    one_text = min(map(len, texts))  # a budget this small holds one text per sub-batch
+    before = encoder.embed(texts)
+    sizing = encoder.size_sub_batches(texts, budgets=(one_text, 2048))
+    rates = sizing["tokens_per_second_by_sub_batch_tokens"]
+    assert set(rates) == {str(one_text), "2048"} and rates["2048"] > rates[str(one_text)]
+    assert sizing["sub_batch_tokens"] == encoder.max_batch_tokens == 2048
+    assert np.array_equal(encoder.embed(texts), before)
+
+
+class OutOfDeviceMemory(OnnxEncoder):
+    """A device that runs out of memory past 16 texts a sub-batch (what a small GPU does at a big budget)."""
+
+    def _run(self, seqs):
+        if len(seqs) > 16:
+            raise RuntimeError("CUDA failure 2: out of memory")
+        return super()._run(seqs)
+
+
+def test_a_sub_batch_size_that_fails_ends_the_search_and_a_smaller_one_serves(minilm_path):
+    encoder = OutOfDeviceMemory(minilm_path["int8"], threads=1)
+    text = _check_texts(minilm_path["int8"], 1)[0]
+    texts = [text] * 64  # one length: a budget of n texts' tokens makes sub-batches of n texts
+    budgets = tuple(n * len(text) for n in (4, 8, 32, 64))
+    sizing = encoder.size_sub_batches(texts, budgets=budgets)
+    assert set(sizing["tokens_per_second_by_sub_batch_tokens"]) == {str(b) for b in budgets[:2]}
+    assert sizing["sub_batch_tokens"] in budgets[:2] and encoder.embed(texts).shape == (64, 384)

@@ -105,6 +105,9 @@ class ModelEndpoint:
             "variant_timings": served.get("timings"),
             "tokens_per_second": served.get("tokens_per_second"),
         }
+        if "sub_batch_tokens" in served:  # on CUDA, chosen at start by measurement
+            entry["sub_batch_tokens"] = served["sub_batch_tokens"]
+            entry["tokens_per_second_by_sub_batch_tokens"] = served["tokens_per_second_by_sub_batch_tokens"]
         return entry | TASKS[card.task].describe(card)
 
     def unavailable(self) -> ApiError:

@@ -6,6 +6,8 @@ No BentoML here, so the build step, the service and the benchmark all use the sa
 
 from __future__ import annotations
 
+import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from bentoformers.runtime.session import open_session
 from bentoformers.runtime.tokenizer import SECOND_SEGMENT
 from bentoformers.tasks import TASKS
 
+CUDA_SUB_BATCH_TOKENS = (4_096, 16_384, 65_536)  # tried at start on a GPU (size_sub_batches)
+logger = logging.getLogger("bentoformers")
 POOLED_OUTPUT = "sentence_embedding"  # an embeddings graph's pooled output (build/export.py appends the pooling)
 SPARSE_OUTPUT = "sparse_max"  # a SPLADE graph's (build/export.py append_splade_pooling)
 
@@ -94,6 +98,36 @@ class OnnxEncoder:
         other = cores if self.run_threads == 1 else 1
         return {self.run_threads: self, other: OnnxEncoder(self.folder, **self._options, run_threads=other)}
 
+    def size_sub_batches(
+        self, texts: list[list[int]], budgets: tuple[int, ...] = CUDA_SUB_BATCH_TOKENS, calls: int = 3
+    ) -> dict[str, object]:
+        """Sets `max_batch_tokens` by measurement: `texts` (a model call's worth: the check set repeated) run in
+        sub-batches of each budget, best of `calls`; the smallest budget within 5 % of the best rate serves
+        (the smaller, the less memory and the sooner a call's first sub-batch is done). A budget that fails
+        (out of device memory) ends the search. What the tuned CPU plan does not know on a GPU: there a bigger
+        sub-batch costs little more than a small one until the device is full. Sparse models keep their cap
+        (their sub-batches' logits are vocabulary-wide)."""
+        if self._sparse:
+            return {}
+        rates: dict[int, float] = {}
+        tokens = sum(map(len, texts))
+        for budget in budgets:
+            self.max_batch_tokens = budget
+            try:
+                self.embed(texts)  # warm-up: the arena grows to this size
+                best = min(_timed(self.embed, texts) for _ in range(calls))
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for out of memory
+                logger.warning("sub-batches of %d tokens failed (%s); keeping the smaller ones", budget, exc)
+                break
+            rates[budget] = tokens / max(best, 1e-9)
+        if not rates:
+            raise RuntimeError(f"no sub-batch size of {budgets} ran")
+        top = max(rates.values())
+        self.max_batch_tokens = min(b for b, rate in rates.items() if rate >= 0.95 * top)
+        return {"sub_batch_tokens": self.max_batch_tokens, "tokens_per_second_by_sub_batch_tokens": {
+            str(b): round(r, 1) for b, r in rates.items()
+        }}
+
     def embed(self, batch: list[list[int]]) -> np.ndarray:
         """Token ids in, float32 rows out (one per input, same order): pooled embeddings or logits."""
         width = (self.card.dimensions,)
@@ -150,6 +184,12 @@ class OnnxEncoder:
         return pool(out, inputs["attention_mask"], self.card.pooling) if self._pool_here else out
 
     classify = embed
+
+
+def _timed(call, argument) -> float:
+    started = time.perf_counter()
+    call(argument)
+    return time.perf_counter() - started
 
 
 def run_bound(session, output: str, inputs: dict[str, np.ndarray], device: str) -> np.ndarray:

@@ -30,6 +30,7 @@ from bentoformers.settings import Settings
 from bentoformers.tasks import TASKS
 
 logger = logging.getLogger("bentoformers")
+MAX_MERGED_BATCH = 1024  # texts BentoML's batcher may merge into one call of an encoder's batched method
 
 
 class _ModelService:
@@ -103,12 +104,21 @@ class _ModelService:
             "chosen_because": self.proof.why,
             "timings": self.proof.timings,  # per variant that holds here, on its check set
             "tokens_per_second": self.proof.tokens_per_second,
+            **getattr(self, "sizing", {}),  # on CUDA: the sub-batch size chosen at start, and why
         }
 
 
 class _EncoderService(_ModelService):
     def __init__(self) -> None:
         self.encoder = self._load()
+        self.sizing: dict[str, object] = {}
+        check = selfcheck.load(self.encoder.folder)
+        if self.device == "cuda" and check is not None:
+            # the largest batch BentoML's batcher hands this service, of the check set's texts
+            texts = [check["inputs"][i % len(check["inputs"])] for i in range(MAX_MERGED_BATCH)]
+            self.sizing = self.encoder.size_sub_batches(texts)
+            logger.info("sub-batches of %s tokens on %s (tokens/s by size: %s)", self.sizing["sub_batch_tokens"],
+                        self.device, self.sizing["tokens_per_second_by_sub_batch_tokens"])
         self._loaded()
 
     def _open(self, folder) -> OnnxEncoder:
@@ -205,7 +215,7 @@ def _batched(method: str):
             return self._run(self.encoder.embed, token_ids)
 
     call.__name__ = call.__qualname__ = method  # BentoML names the method and its route after the function
-    return bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=60_000)(call)
+    return bentoml.api(batchable=True, max_batch_size=MAX_MERGED_BATCH, max_latency_ms=60_000)(call)
 
 
 def service_class(task: str) -> type[_ModelService]:
