@@ -36,8 +36,8 @@ class Settings(BaseSettings):
         0, ge=0,
         description="ONNX Runtime threads per encoder sub-batch on CPU; the sub-batches of a call run side by side on "
         "the rest. 0: timed at start, one per sub-batch or every core on each, whichever runs the check set faster "
-        "(int8 usually one, fp32 every core); 1: nothing waits for another thread; more: a lone long text finishes "
-        "sooner on a machine with many cores.",
+        "(int8 usually one, fp32 every core); 1: nothing waits for another thread; the number of cores: all of them "
+        "on each sub-batch, so a lone long text finishes sooner on a machine with many cores.",
     )
     onnx_spinning: bool = Field(
         False,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bentoformers.errors import ApiError, ErrorType
-from bentoformers.gateway.queue import Coalescer
+from bentoformers.gateway.queue import LAG_HALF_LIFE, Coalescer
 
 
 class RecordingModel:
@@ -321,17 +321,30 @@ def test_a_request_whose_time_is_up_in_the_queue_is_answered_503_not_run():
 
 def test_the_expected_wait_grows_by_the_measured_lag_of_real_waits():
     # A rate that promises more than the server delivers (here a seed 5x too high; under a flood it is the event
-    # loop's own lag) is corrected by what the answered requests really waited.
+    # loop's own lag) is corrected by how long the answered requests really stayed queued.
     async def main():
         model = RecordingModel(delay=0.1)
         c = coalescer(model, max_items=1, max_tokens=10_000)
         c.seed_rate(50_000.0)  # 1,000 tokens in 0.02 s; the model takes 0.1 s
-        before = c.expected_wait(1000)
         first = asyncio.create_task(c.submit([[1] * 1000]))
         await asyncio.sleep(0.001)
-        await asyncio.gather(first, *(c.submit([[1] * 1000]) for _ in range(4)))
+        await asyncio.gather(first, *(c.submit([[1] * 1000]) for _ in range(5)))
         assert c.lag > 2.0
-        assert c.expected_wait(1000) == pytest.approx(c._rate_wait(1000) * c.lag)
-        assert c.expected_wait(1000) > 2 * before
+        c.queued_tokens = 5000  # as if that much were queued: it counts at the lag, the request's own tokens do not
+        assert c.expected_wait(1000) == pytest.approx((5000 * c.lag + 1000) / c.tokens_per_second, rel=1e-3)
+        learned = c.lag
+        c._lag_at -= LAG_HALF_LIFE  # half a minute with no wait to measure it: half way back to 1
+        assert c.lag == pytest.approx(1 + (learned - 1) / 2, rel=1e-3)
+
+    asyncio.run(main())
+
+
+def test_one_call_longer_than_the_promise_does_not_refuse_everything_after_it():
+    async def main():
+        model = RecordingModel(delay=0.4)
+        c = coalescer(model, max_wait=0.3)
+        await c.submit([[1]])  # took longer than max_wait
+        model.delay = 0.01
+        assert (await asyncio.wait_for(c.submit([[2]]), 1)).tolist() == [[2.0]]
 
     asyncio.run(main())

@@ -57,6 +57,9 @@ def test_the_plan_gives_every_worker_a_sub_batch_when_there_are_texts_enough(wor
     assert len(groups) == workers and sorted(i for g in groups for i in g) == list(range(len(batch)))
     assert max(map(len, groups)) - min(map(len, groups)) <= len(batch) // workers  # halves, not crumbs
     assert len(encoder._plan([[1] * 30])) == 1  # a lone text stays whole
+    # a long lone text is not what stops the halving: the short ones are shared out
+    parts = encoder._plan([[1] * 500] + [[1] * 10] * 30)
+    assert len(parts) == workers and sorted(i for g in parts for i in g) == list(range(31))
 
 
 def test_model_names_never_collide_as_gateway_attributes():

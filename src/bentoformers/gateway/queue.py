@@ -14,14 +14,14 @@ guess turned most of a cold server's first burst away. A refusal costs microseco
 tokenizing too, with the request's tokens estimated from the recent tokens per text.
 
 What the rate does not see (the event loop's own lag under a flood, the hops between calls) is measured
-instead: each request that waited compares its real wait with what was expected when it was admitted, and
-the expectation is scaled by the recent high side of that ratio (`lag`, quick to rise, slow to fall). The
-promise is about the real waits, so it is checked against them.
+instead: each request that waited compares the time it really spent queued with what the rate expected
+when it was admitted, and the work queued ahead is counted at the recent high side of that ratio (`lag`:
+at least 1, quick to rise, slow to fall, and back towards 1 with a half-life of `LAG_HALF_LIFE` seconds
+when no wait measures it). The promise is about the real waits, so it is checked against them.
 
 And it is kept at the other end: a request still queued when its time is up (it has waited `max_wait` less the
-last call's length, so its answer would come late) is answered 503 with Retry-After instead of being run
-(Triton's queue timeout with its REJECT action does the same). Nothing admitted waits in the queue past the
-promise, whatever the estimate got wrong.
+last call's length, and at least half of `max_wait`) is answered 503 with Retry-After instead of being run
+(Triton's queue timeout with its REJECT action does the same), so a request is not run to be answered late.
 
 The rate is the recent best, not an average: a call never runs faster than the model can, so any faster
 call raises it at once, and a slow full call (its texts long, the CPU shared for a moment) lowers it by at
@@ -45,6 +45,7 @@ from bentoformers.observability import metrics, tracing
 
 MIN_MEASURED_WAIT = 0.05  # seconds: a shorter expected wait is mostly fixed costs, not the rate's error
 MAX_LAG = 20.0
+LAG_HALF_LIFE = 30.0  # seconds
 ModelCall = Callable[[list[list[int]]], Awaitable[np.ndarray]]
 
 
@@ -55,7 +56,7 @@ class _Job:
     future: asyncio.Future[np.ndarray]
     queued_at: float
     trace: tracing.RequestTrace | None  # the request's (observability/tracing.py): its stages and spans
-    expected: float = 0.0  # its wait as the rate alone expected it when it was admitted (no lag)
+    expected: float = 0.0  # its time in the queue as the rate alone expected it when it was admitted (no lag)
     called_at: float = 0.0  # when its batch's model call began
 
 
@@ -82,21 +83,26 @@ class Coalescer:
         self._tokens_per_item = 0.0  # of recent requests: a request's tokens before it is tokenized
         self._in_flight_tokens = 0
         self._in_flight_since = 0.0
-        self.lag = 1.0  # real waits over the rate's expectation, on their high side (_learn_lag)
-        self._last_call_seconds = 0.0
+        self._lag, self._lag_at = 1.0, 0.0  # real queue times over the rate's expectation, at _lag_at (_learn_lag)
+        self._last_call_seconds = 0.0  # of the last call that answered
         self._drainer: asyncio.Task[None] | None = None
 
     def expected_wait(self, tokens: int = 0) -> float:
         """Seconds until a request of `tokens` queued now would be answered: what is left of the call in flight,
-        the queued tokens and its own, at the recent rate (0 before any call), times the measured lag."""
-        return self._rate_wait(tokens) * self.lag
-
-    def _rate_wait(self, tokens: int) -> float:
+        the queued tokens (those two times the measured lag) and its own, at the recent rate (0 before any call)."""
         rate = self.tokens_per_second or self._any_call_rate
         if not rate:
             return 0.0
-        left = max(0.0, self._in_flight_tokens - (time.perf_counter() - self._in_flight_since) * rate)
-        return (left + self.queued_tokens + tokens) / rate
+        return (self._ahead(rate) * self.lag + tokens) / rate
+
+    def _ahead(self, rate: float) -> float:
+        """Tokens before a request queued now: what is left of the call in flight, and the queued ones."""
+        return max(0.0, self._in_flight_tokens - (time.perf_counter() - self._in_flight_since) * rate) + self.queued_tokens
+
+    @property
+    def lag(self) -> float:
+        """The measured lag, relaxing towards 1 while no request's wait measures it."""
+        return 1.0 + (self._lag - 1.0) * 0.5 ** ((time.perf_counter() - self._lag_at) / LAG_HALF_LIFE)
 
     def check_room(self, items: int, tokens: int = 0) -> None:
         """503 + Retry-After when `items` texts of `tokens` would not fit the queue. Called before tokenizing
@@ -122,14 +128,15 @@ class Coalescer:
         per_item = tokens / max(1, len(seqs))
         self._tokens_per_item += (0.1 if self._tokens_per_item else 1.0) * (per_item - self._tokens_per_item)
         job = _Job(seqs, tokens, asyncio.get_running_loop().create_future(), time.perf_counter(), tracing.current())
-        job.expected = self._rate_wait(tokens)
+        rate = self.tokens_per_second or self._any_call_rate
+        job.expected = self._ahead(rate) / rate if rate else 0.0
         self._pending.append(job)
         self._queued(len(seqs), tokens)
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         try:
             rows = await job.future
-            self._learn_lag(job.expected, time.perf_counter() - job.queued_at)
+            self._learn_lag(job.expected, job.called_at - job.queued_at)
             return rows
         finally:
             if job.trace is not None and job.called_at:
@@ -163,7 +170,7 @@ class Coalescer:
                 continue
             finally:
                 self._in_flight_tokens = 0
-                self._last_call_seconds = time.perf_counter() - started
+            self._last_call_seconds = time.perf_counter() - started
             self._learn_rate(sum(job.tokens for job in jobs), time.perf_counter() - started, saturated)
             start = 0
             for job in jobs:
@@ -178,7 +185,9 @@ class Coalescer:
         jobs: list[_Job] = []
         items = tokens = 0
         now = time.perf_counter()
-        latest = now - max(0.0, self.max_wait - self._last_call_seconds)  # queued before this: too late to run
+        # queued before this: too late to run. At least half of max_wait, so one call longer than the promise
+        # does not refuse everything after it
+        latest = now - max(self.max_wait / 2, self.max_wait - self._last_call_seconds)
         while self._pending:
             job = self._pending[0]
             if jobs and (items + len(job.seqs) > self.max_items or tokens + job.tokens > self.max_tokens):
@@ -226,13 +235,15 @@ class Coalescer:
             self.tokens_per_second = max(rate, self.tokens_per_second)
 
     def _learn_lag(self, expected: float, waited: float) -> None:
-        """How much longer than expected a request really waited (its answer back on the event loop): up quickly
-        (so a flood that slows the event loop tightens admission within a few answers), down slowly (the
-        promise is about the slow side). Waits too short to say anything are skipped."""
+        """How much longer than expected a request really stayed queued (until its call began): up quickly (so a
+        flood that slows the event loop tightens admission within a few answers), down slowly (the promise is
+        about the slow side), never below 1 (the rate is the recent best). Waits too short to say anything are
+        skipped."""
         if expected < MIN_MEASURED_WAIT:
             return
-        ratio = min(max(waited / expected, 0.5), MAX_LAG)
-        self.lag += (0.3 if ratio > self.lag else 0.02) * (ratio - self.lag)
+        lag, ratio = self.lag, min(max(waited / expected, 1.0), MAX_LAG)
+        self._lag = lag + (0.3 if ratio > lag else 0.02) * (ratio - lag)
+        self._lag_at = time.perf_counter()
 
     def _observe(self, jobs: list[_Job], seqs: list[list[int]]) -> None:
         now = time.perf_counter()

@@ -31,13 +31,15 @@ class OnnxEncoder:
 
     Texts run in length-sorted sub-batches (little padding) under a token budget. On CPU the sub-batches run
     side by side, one per core, each on a single ONNX Runtime thread (`run_threads`, 1 by default) of one shared
-    session; a call with fewer sub-batches than cores is split further, so a batch of any size uses every core.
+    session; a call with fewer sub-batches than cores is split further, so every core gets a part of any call
+    of at least as many texts (a lone text runs on one).
     Measured here against one session whose threads all work on each sub-batch in turn (2-core Zen 4, MiniLM
     int8): a lone short text 2.56 -> 2.07 ms, 32 texts a call +9 %, 128 texts +31 %, and no worse with another
     process taking a core. Threads that share each operator must meet after every one of them, and a thread
     that was put to sleep or lost its core to the event loop stalls the other; side by side nothing waits.
-    A lone long text pays (one core: 256 tokens 25 -> 33 ms here); `run_threads` > 1 gives each sub-batch more
-    threads. A text's result never depends on its batch: padding is masked, and int8 graphs quantize each
+    A lone long text pays (one core: 256 tokens 25 -> 33 ms here); `run_threads` = the cores puts them all
+    on each sub-batch, one at a time (values between run `cores // run_threads` sub-batches at once that share
+    the session's `run_threads - 1` pool threads). A text's result never depends on its batch: padding is masked, and int8 graphs quantize each
     token's activations on their own (build/quantize.py), so no scale is shared between rows. The tests check
     it with `np.array_equal`, at one and at several threads. A sub-batch holds at most `max_batch_tokens` padded
     tokens: ONNX Runtime's memory arena keeps the largest activations it has seen, so this bounds the memory of
@@ -103,15 +105,16 @@ class OnnxEncoder:
     ) -> dict[str, object]:
         """Sets `max_batch_tokens` by measurement: `texts` (a model call's worth: the check set repeated) run in
         sub-batches of each budget, best of `calls`; the smallest budget within 5 % of the best rate serves
-        (the smaller, the less memory and the sooner a call's first sub-batch is done). A budget that fails
-        (out of device memory) ends the search. What the tuned CPU plan does not know on a GPU: there a bigger
+        (the sooner a call's first sub-batch is done). Sizes are tried from the smallest, and the search ends
+        at the first that gains less than 5 % or fails (out of device memory): ONNX Runtime's arena keeps the
+        largest size run, so larger ones are not tried for nothing. What the tuned CPU plan does not know on a GPU: there a bigger
         sub-batch costs little more than a small one until the device is full. Sparse models keep their cap
         (their sub-batches' logits are vocabulary-wide)."""
         if self._sparse:
             return {}
         rates: dict[int, float] = {}
-        tokens = sum(map(len, texts))
-        for budget in budgets:
+        tokens, before = sum(map(len, texts)), self.max_batch_tokens
+        for budget in sorted(budgets):
             self.max_batch_tokens = budget
             try:
                 self.embed(texts)  # warm-up: the arena grows to this size
@@ -120,8 +123,12 @@ class OnnxEncoder:
                 logger.warning("sub-batches of %d tokens failed (%s); keeping the smaller ones", budget, exc)
                 break
             rates[budget] = tokens / max(best, 1e-9)
+            if len(rates) > 1 and rates[budget] < 1.05 * max(r for b, r in rates.items() if b != budget):
+                break  # no longer paying: larger sizes would only grow the memory arena (it does not shrink)
         if not rates:
-            raise RuntimeError(f"no sub-batch size of {budgets} ran")
+            self.max_batch_tokens = before
+            logger.warning("no sub-batch size of %s ran; keeping %d tokens", budgets, before)
+            return {}
         top = max(rates.values())
         self.max_batch_tokens = min(b for b, rate in rates.items() if rate >= 0.95 * top)
         return {"sub_batch_tokens": self.max_batch_tokens, "tokens_per_second_by_sub_batch_tokens": {
@@ -149,7 +156,7 @@ class OnnxEncoder:
 
     def _plan(self, batch: list[list[int]]) -> list[list[int]]:
         """Length-sorted groups whose padded size fits the token budget and whose padding stays small, the
-        largest halved until every worker has one (or no group holds two texts)."""
+        largest of those holding two texts or more halved until every worker has one (or none is left to halve)."""
         order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
         groups: list[list[int]] = []
         group: list[int] = []
@@ -164,9 +171,10 @@ class OnnxEncoder:
             group.append(i)
         groups.append(group)
         while len(groups) < self.workers:
-            largest = max(groups, key=lambda g: len(g) * len(batch[g[-1]]))
-            if len(largest) < 2:
+            splittable = [g for g in groups if len(g) > 1]
+            if not splittable:
                 break
+            largest = max(splittable, key=lambda g: len(g) * len(batch[g[-1]]))
             groups.remove(largest)
             half = len(largest) // 2
             groups += [largest[:half], largest[half:]]

@@ -112,11 +112,12 @@ class _EncoderService(_ModelService):
     def __init__(self) -> None:
         self.encoder = self._load()
         self.sizing: dict[str, object] = {}
-        check = selfcheck.load(self.encoder.folder)
-        if self.device == "cuda" and check is not None:
+        check = selfcheck.load(self.encoder.folder) if self.device == "cuda" else None
+        if check is not None:
             # the largest batch BentoML's batcher hands this service, of the check set's texts
             texts = [check["inputs"][i % len(check["inputs"])] for i in range(MAX_MERGED_BATCH)]
             self.sizing = self.encoder.size_sub_batches(texts)
+        if self.sizing:
             logger.info("sub-batches of %s tokens on %s (tokens/s by size: %s)", self.sizing["sub_batch_tokens"],
                         self.device, self.sizing["tokens_per_second_by_sub_batch_tokens"])
         self._loaded()

@@ -89,7 +89,7 @@ async def closed_loop(
                     await response.read()
                     status = str(response.status)
                     if honour_retry_after and response.status in (429, 503):
-                        wait = float(response.headers.get("Retry-After") or 0)
+                        wait = _seconds(response.headers.get("Retry-After"))
             except TimeoutError:
                 status = "timeout"
             except aiohttp.ClientError:
@@ -120,6 +120,14 @@ async def closed_loop(
         "refused_p99_ms": percentile(refusals, 0.99),
         "errors": dict(statuses),
     }
+
+
+def _seconds(retry_after: str | None) -> float:
+    """A Retry-After in seconds; an HTTP date (or nothing readable) counts as one second."""
+    try:
+        return max(0.0, float(retry_after or 0))
+    except ValueError:
+        return 1.0
 
 
 def percentile(sorted_seconds: list[float], q: float) -> float | None:
