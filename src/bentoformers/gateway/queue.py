@@ -19,8 +19,9 @@ when it was admitted, and the work queued ahead is counted at the recent high si
 at least 1, quick to rise, slow to fall, and back towards 1 with a half-life of `LAG_HALF_LIFE` seconds
 when no wait measures it). The promise is about the real waits, so it is checked against them.
 
-And it is kept at the other end: a request still queued when its time is up (it has waited `max_wait` less the
-last call's length, and at least half of `max_wait`) is answered 503 with Retry-After instead of being run
+And it is kept at the other end: a request still queued when its time is up (it has waited `max_wait` less how
+long a call and the way back to the event loop have recently taken, on their high side, and at least half of
+`max_wait`) is answered 503 with Retry-After instead of being run
 (Triton's queue timeout with its REJECT action does the same), so a request is not run to be answered late.
 
 The rate is the recent best, not an average: a call never runs faster than the model can, so any faster
@@ -84,7 +85,7 @@ class Coalescer:
         self._in_flight_tokens = 0
         self._in_flight_since = 0.0
         self._lag, self._lag_at = 1.0, 0.0  # real queue times over the rate's expectation, at _lag_at (_learn_lag)
-        self._last_call_seconds = 0.0  # of the last call that answered
+        self._tail = 0.0  # seconds from a call's start to its answers back on the event loop, on the high side
         self._drainer: asyncio.Task[None] | None = None
 
     def expected_wait(self, tokens: int = 0) -> float:
@@ -136,7 +137,10 @@ class Coalescer:
             self._drainer = asyncio.create_task(self._drain())
         try:
             rows = await job.future
+            answered = time.perf_counter()
             self._learn_lag(job.expected, job.called_at - job.queued_at)
+            tail = answered - job.called_at  # up at once, down slowly: the deadline below must not be optimistic
+            self._tail = tail if tail > self._tail else self._tail + 0.05 * (tail - self._tail)
             return rows
         finally:
             if job.trace is not None and job.called_at:
@@ -170,7 +174,6 @@ class Coalescer:
                 continue
             finally:
                 self._in_flight_tokens = 0
-            self._last_call_seconds = time.perf_counter() - started
             self._learn_rate(sum(job.tokens for job in jobs), time.perf_counter() - started, saturated)
             start = 0
             for job in jobs:
@@ -185,9 +188,9 @@ class Coalescer:
         jobs: list[_Job] = []
         items = tokens = 0
         now = time.perf_counter()
-        # queued before this: too late to run. At least half of max_wait, so one call longer than the promise
-        # does not refuse everything after it
-        latest = now - max(self.max_wait / 2, self.max_wait - self._last_call_seconds)
+        # queued before this: too late to run (its call and the way back would pass max_wait). At least half of
+        # max_wait, so one call longer than the promise does not refuse everything after it
+        latest = now - max(self.max_wait / 2, self.max_wait - self._tail)
         while self._pending:
             job = self._pending[0]
             if jobs and (items + len(job.seqs) > self.max_items or tokens + job.tokens > self.max_tokens):
