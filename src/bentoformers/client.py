@@ -313,7 +313,8 @@ _BY_TYPE: dict[str, type[APIStatusError]] = {
 }
 
 
-def _retry_after(value: str | None) -> float | None:
+def parse_retry_after(value: str | None) -> float | None:
+    """A Retry-After header in seconds (its delay-seconds or HTTP-date form); None if absent or unreadable."""
     if not value:
         return None
     try:
@@ -383,7 +384,7 @@ def error_from_response(response: httpx.Response) -> APIStatusError:
         type=kind,
         param=param,
         request_id=response.headers.get("x-request-id"),
-        retry_after=_retry_after(response.headers.get("retry-after")),
+        retry_after=parse_retry_after(response.headers.get("retry-after")),
         body=body,
         server_timing=server_timing(response.headers.get("server-timing")),
     )

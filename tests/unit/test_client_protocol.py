@@ -217,7 +217,7 @@ def test_async_client_retries_and_streams():
 @pytest.mark.parametrize("value,expected", [("3", 3.0), ("0.5", 0.5), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
                                             ("soon", None), ("", None)])
 def test_retry_after_in_seconds_or_as_a_date(value, expected):
-    assert bf._retry_after(value) == expected
+    assert bf.parse_retry_after(value) == expected
 
 
 def test_api_key_and_url_from_the_environment(monkeypatch):

@@ -91,10 +91,15 @@ class Coalescer:
     def expected_wait(self, tokens: int = 0) -> float:
         """Seconds until a request of `tokens` queued now would be answered: what is left of the call in flight,
         the queued tokens (those two times the measured lag) and its own, at the recent rate (0 before any call)."""
-        rate = self.tokens_per_second or self._any_call_rate
+        rate = self._rate
         if not rate:
             return 0.0
         return (self._ahead(rate) * self.lag + tokens) / rate
+
+    @property
+    def _rate(self) -> float | None:
+        """Tokens per second for expectations: the full calls' recent best, or any call's until a full one ran."""
+        return self.tokens_per_second or self._any_call_rate
 
     def _ahead(self, rate: float) -> float:
         """Tokens before a request queued now: what is left of the call in flight, and the queued ones."""
@@ -129,7 +134,7 @@ class Coalescer:
         per_item = tokens / max(1, len(seqs))
         self._tokens_per_item += (0.1 if self._tokens_per_item else 1.0) * (per_item - self._tokens_per_item)
         job = _Job(seqs, tokens, asyncio.get_running_loop().create_future(), time.perf_counter(), tracing.current())
-        rate = self.tokens_per_second or self._any_call_rate
+        rate = self._rate
         job.expected = self._ahead(rate) / rate if rate else 0.0
         self._pending.append(job)
         self._queued(len(seqs), tokens)

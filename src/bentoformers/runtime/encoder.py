@@ -62,13 +62,12 @@ class OnnxEncoder:
         self.folder = Path(folder)
         self.card = ModelCard.load(folder)
         self.device = device
-        self._options = {"device": device, "threads": threads, "max_batch_tokens": max_batch_tokens, "spinning": spinning}
         # On a GPU, bigger sub-batches keep it busy; its memory is the CUDA arena's, sized by the card.
         self.max_batch_tokens = max_batch_tokens or (16_384 if device == "cuda" else 2048)
-        cores = threads or usable_cores()
-        run_threads = max(1, min(run_threads, cores))
+        self.cores, self.spinning = threads or usable_cores(), spinning
+        run_threads = max(1, min(run_threads, self.cores))
         # on CUDA sub-batches go one after another, each with the whole GPU
-        self.workers = 1 if device == "cuda" else max(1, cores // run_threads)
+        self.workers = 1 if device == "cuda" else max(1, self.cores // run_threads)
         self.session = open_session(
             self.folder / ONNX_FILE, device, intra_op_threads=0 if device == "cuda" else run_threads,
             inter_op_threads=1, spinning=spinning,
@@ -94,11 +93,11 @@ class OnnxEncoder:
         """This engine by its threads per sub-batch, beside the same graph with the other way of using the cores
         (every core on each sub-batch, or one each side by side): the start-up timing serves the faster
         (runtime/selfcheck.py). Only this engine on CUDA or a single core."""
-        cores = self._options["threads"] or usable_cores()
-        if self.device == "cuda" or cores < 2:
+        if self.device == "cuda" or self.cores < 2:
             return {self.run_threads: self}
-        other = cores if self.run_threads == 1 else 1
-        return {self.run_threads: self, other: OnnxEncoder(self.folder, **self._options, run_threads=other)}
+        other = self.cores if self.run_threads == 1 else 1
+        twin = OnnxEncoder(self.folder, self.device, self.cores, self.max_batch_tokens, self.spinning, run_threads=other)
+        return {self.run_threads: self, other: twin}
 
     def size_sub_batches(
         self, texts: list[list[int]], budgets: tuple[int, ...] = CUDA_SUB_BATCH_TOKENS, calls: int = 3

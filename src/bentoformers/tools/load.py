@@ -72,6 +72,8 @@ async def closed_loop(
     server's Retry-After (an SDK's behaviour)."""
     import aiohttp
 
+    from bentoformers.client import parse_retry_after
+
     latencies: list[float] = []
     refusals: list[float] = []  # how long a 429 or 503 took to come back
     statuses: Counter[str] = Counter()
@@ -89,7 +91,7 @@ async def closed_loop(
                     await response.read()
                     status = str(response.status)
                     if honour_retry_after and response.status in (429, 503):
-                        wait = _seconds(response.headers.get("Retry-After"))
+                        wait = parse_retry_after(response.headers.get("Retry-After")) or 0.0
             except TimeoutError:
                 status = "timeout"
             except aiohttp.ClientError:
@@ -120,14 +122,6 @@ async def closed_loop(
         "refused_p99_ms": percentile(refusals, 0.99),
         "errors": dict(statuses),
     }
-
-
-def _seconds(retry_after: str | None) -> float:
-    """A Retry-After in seconds; an HTTP date (or nothing readable) counts as one second."""
-    try:
-        return max(0.0, float(retry_after or 0))
-    except ValueError:
-        return 1.0
 
 
 def percentile(sorted_seconds: list[float], q: float) -> float | None:
