@@ -95,3 +95,28 @@ def test_a_failed_call_marks_the_model_service_down_only_when_its_health_check_f
         return still_up, health.down
 
     assert asyncio.run(run()) == (True, True)
+
+
+def test_a_model_service_that_has_never_answered_is_starting_not_down():
+    """BentoML holds a starting model service's socket, so its first health calls time out. That must not mark
+    it down: another gateway worker may already have seen it answer and made the server ready, and this
+    worker's requests would get 503 while the model serves. Once it has answered, a timeout is down."""
+    answering = asyncio.Event()
+
+    async def ping():
+        await answering.wait()
+        return {}
+
+    async def run():
+        health = ModelHealth("m", ping, interval=0.01, timeout=0.05)
+        health.watch()
+        await asyncio.sleep(0.2)  # several checks, each timed out
+        starting = health.state
+        answering.set()
+        await asyncio.sleep(0.05)
+        up = health.state
+        answering.clear()
+        await asyncio.sleep(0.2)
+        return starting, up, health.state
+
+    assert asyncio.run(run()) == ("unknown", "up", "down")

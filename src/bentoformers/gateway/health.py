@@ -2,7 +2,9 @@
 
 A watcher per model service and gateway worker makes a real call (`describe`, answered by the model
 service's own process once its start-up check has passed) every `interval` seconds, bounded by `timeout`.
-The gateway is ready only when every model service answered its last call. A model service that is down
+The gateway is ready only when every model service answered its last call. One that has never answered is
+starting: not ready, and its requests wait for it (another gateway worker may have seen it answer and made
+the server ready). A model service that is down
 (killed: BentoML's supervisor holds its socket, so calls wait instead of failing, for the whole restart;
 stopped; hung) is known within `timeout`, or as soon as a check made at once confirms a failed call; while
 it is down its requests get 503 + Retry-After at once instead of waiting, and the watcher notices when
@@ -39,6 +41,7 @@ class ModelHealth:
         self._confirming: asyncio.Task[None] | None = None
         self._went_down = asyncio.Event()  # set while down; a new one each time it is back
         self._decided = asyncio.Event()  # set at the first answer or failure
+        self._said_starting = False
 
     def watch(self) -> None:
         """Starts the watcher on the running loop (once; the first probe or request calls it)."""
@@ -92,6 +95,12 @@ class ModelHealth:
             async with asyncio.timeout(self.timeout):
                 await self.ping()
         except TimeoutError:
+            if self.state == "unknown":
+                # Never answered yet: still starting (BentoML holds its socket, so calls wait while it loads and
+                # times its variants). Not ready, but its requests wait for it rather than get 503: another
+                # gateway worker may already have found it up and made the server ready.
+                self._set("unknown", f"no answer within {self.timeout:g}s: still starting")
+                return
             self._set("down", f"no answer within {self.timeout:g}s")
         except Exception as exc:  # any failed call means it does not answer; the reason goes in the log line
             self._set("down", f"{type(exc).__name__}: {exc}")
@@ -101,6 +110,9 @@ class ModelHealth:
     def _set(self, state: State, reason: str = "") -> None:
         self._decided.set()
         if state == self.state:
+            if state == "unknown" and not self._said_starting:
+                self._said_starting = True
+                logger.info("model service %s is not answering yet (%s)", self.name, reason)
             return
         now = time.monotonic()
         if state == "down":
