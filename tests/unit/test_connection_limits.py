@@ -13,6 +13,7 @@ import time
 import pytest
 import uvicorn
 
+from bentoformers.observability.tracing import HELD_SCOPE_KEY
 from bentoformers.serving.connection_limits import with_head_deadline
 
 DEADLINE = 0.5
@@ -238,3 +239,76 @@ def test_a_client_that_reads_slowly_is_never_cut(streams):
             received += len(conn.recv(65536))
             time.sleep(0.02)
         assert not app.ended.is_set() and received > 65536
+
+
+class _Refusing:
+    """Answers /503 and /429 with their status and `Retry-After: 1`, anything else 200; notes when each request
+    reached it."""
+
+    def __init__(self) -> None:
+        self.reached: list[tuple[str, float]] = []
+        self.held: list[float | None] = []  # what each request's scope says it waited in a hold
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        self.reached.append((scope["path"], time.monotonic()))
+        self.held.append(scope.get(HELD_SCOPE_KEY))
+        status = {"/503": 503, "/429": 429}.get(scope["path"], 200)
+        headers = [(b"content-length", b"2")] + ([(b"retry-after", b"1")] if status != 200 else [])
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def refusing(request):
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    base = {"httptools": HttpToolsProtocol, "h11": H11Protocol}[request.param]
+    app = _Refusing()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    # keep-alive shorter than the hold: the hold must not count as idling
+    config = uvicorn.Config(app, http=with_head_deadline(base, 10, MAX_HEAD_BYTES), log_level="warning",
+                            timeout_keep_alive=0.5, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield app, sock.getsockname()
+    server.should_exit = True
+    thread.join(5)
+
+
+def test_after_a_503_the_connection_is_not_read_for_its_retry_after(refusing):
+    """A client that sends again at once after a 503 waits on its own connection for the Retry-After it was
+    told (its request reaches the app only then, and is served); a 429's connection is not held."""
+    app, address = refusing
+    with socket.create_connection(address, timeout=10) as conn:
+        conn.sendall(b"GET /503 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(conn).startswith(b"HTTP/1.1 503 ")
+        refused_at = time.monotonic()
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # again at once, on the same connection
+        assert _read_response(conn).startswith(b"HTTP/1.1 200 ")
+        assert app.reached[-1][0] == "/" and app.reached[-1][1] - refused_at >= 0.9
+        assert app.held[-1] == pytest.approx(1.0, abs=0.1)  # its clock (the queue's promise) starts at the hold
+        conn.sendall(b"GET /429 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(conn).startswith(b"HTTP/1.1 429 ")
+        limited_at = time.monotonic()
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(conn).startswith(b"HTTP/1.1 200 ")
+        assert app.reached[-1][1] - limited_at < 0.5 and app.held[-1] is None
+        conn.sendall(b"GET /503 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(conn).startswith(b"HTTP/1.1 503 ")
+        time.sleep(1.2)  # as told: sent after the hold, so it did not wait in it
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(conn).startswith(b"HTTP/1.1 200 ") and app.held[-1] is None
+    with socket.create_connection(address, timeout=10) as other:  # other connections are read meanwhile
+        other.sendall(b"GET /503 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(other).startswith(b"HTTP/1.1 503 ")
+        with socket.create_connection(address, timeout=10) as conn:
+            started = time.monotonic()
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _read_response(conn).startswith(b"HTTP/1.1 200 ") and time.monotonic() - started < 0.5

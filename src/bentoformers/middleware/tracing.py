@@ -29,6 +29,10 @@ class TracingMiddleware:
         if span is not None:
             scope.setdefault("state", {})["trace_id"] = format(span.get_span_context().trace_id, "032x")
         trace = tracing.RequestTrace(span, context)
+        held = scope.get(tracing.HELD_SCOPE_KEY)
+        if held:  # its client sent it that long ago: its time (and the queue's promise) counts from then
+            trace.started -= held
+            trace.add("held", held)
         tracing.begin(trace)
         status = None
 

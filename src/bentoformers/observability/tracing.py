@@ -87,6 +87,10 @@ def tracer():
     return BentoMLContainer.tracer_provider.get().get_tracer(TRACER_NAME)
 
 
+HELD_SCOPE_KEY = "bentoformers.held_seconds"  # set by the connection (serving/connection_limits.py) on a request
+# that waited, unread, for the Retry-After of a 503 its connection had just been sent
+
+
 class RequestTrace:
     """One request's stages (seconds, for Server-Timing) and, when traced, its server span and the context
     its child spans hang from."""
