@@ -23,9 +23,8 @@ And it is kept at the other end: a request still queued when its time is up (it 
 long a call and the way back to the event loop have recently taken, on their high side, and at least half of
 `max_wait`) is answered 503 with Retry-After instead of being run
 (Triton's queue timeout with its REJECT action does the same), so a request is not run to be answered late.
-A request's wait counts from when it began (its trace's start: reading its body, tokenizing, and any time its
-connection held it unread after a 503, serving/connection_limits.py), not from when it was queued: the
-promise is the client's.
+A request that waited unread on its connection after a 503 (serving/connection_limits.py holds a connection
+for its Retry-After) has that much less time: its client sent it when the hold began.
 
 The rate is the recent best, not an average: a call never runs faster than the model can, so any faster
 call raises it at once, and a slow full call (its texts long, the CPU shared for a moment) lowers it by at
@@ -60,7 +59,7 @@ class _Job:
     future: asyncio.Future[np.ndarray]
     queued_at: float
     trace: tracing.RequestTrace | None  # the request's (observability/tracing.py): its stages and spans
-    started: float  # when its request began (its trace's start, held time included), else when it was queued
+    started: float  # when it was queued, less any time its connection held it unread
     expected: float = 0.0  # its time in the queue as the rate alone expected it when it was admitted (no lag)
     called_at: float = 0.0  # when its batch's model call began
 
@@ -121,7 +120,7 @@ class Coalescer:
         tokens = tokens or round(items * self._tokens_per_item)
         if self.queued_items and (
             self.queued_items + items > self.max_queued
-            or self.expected_wait(tokens) + _age(tracing.current()) > self.max_wait
+            or self.expected_wait(tokens) + _held(tracing.current()) > self.max_wait
         ):
             metrics.count_rejection("queue_full")
             raise self._overloaded(f"{self.queued_items} texts queued, about {self.expected_wait():.1f}s of work")
@@ -138,7 +137,7 @@ class Coalescer:
         per_item = tokens / max(1, len(seqs))
         self._tokens_per_item += (0.1 if self._tokens_per_item else 1.0) * (per_item - self._tokens_per_item)
         now, trace = time.perf_counter(), tracing.current()
-        job = _Job(seqs, tokens, asyncio.get_running_loop().create_future(), now, trace, now - _age(trace))
+        job = _Job(seqs, tokens, asyncio.get_running_loop().create_future(), now, trace, now - _held(trace))
         rate = self._rate
         job.expected = self._ahead(rate) / rate if rate else 0.0
         self._pending.append(job)
@@ -198,7 +197,7 @@ class Coalescer:
         jobs: list[_Job] = []
         items = tokens = 0
         now = time.perf_counter()
-        # begun before this: too late to run (its call and the way back would pass max_wait). At least half of
+        # started before this: too late to run (its call and the way back would pass max_wait). At least half of
         # max_wait, so one call longer than the promise does not refuse everything after it
         latest = now - max(self.max_wait / 2, self.max_wait - self._tail)
         while self._pending:
@@ -266,7 +265,6 @@ class Coalescer:
         metrics.batch_tokens.labels(self.model).observe(sum(map(len, seqs)))
 
 
-def _age(trace: tracing.RequestTrace | None) -> float:
-    """Seconds since a request began (reading its body, tokenizing it, a hold its connection was in); 0 without
-    a trace."""
-    return time.perf_counter() - trace.started if trace is not None else 0.0
+def _held(trace: tracing.RequestTrace | None) -> float:
+    """Seconds the request waited unread on its connection after a 503 (its trace's `held` stage)."""
+    return trace.stages.get("held", 0.0) if trace is not None else 0.0

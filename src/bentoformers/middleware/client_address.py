@@ -17,7 +17,7 @@ class ClientAddress:
     def __init__(self, trusted_proxies: Iterable[str] = ()) -> None:
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
 
-    def _is_trusted(self, address: str) -> bool:
+    def trusts(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address.strip())
         except ValueError:
@@ -26,10 +26,10 @@ class ClientAddress:
 
     def __call__(self, scope: Scope) -> str:
         peer = (scope.get("client") or ("unknown", 0))[0]
-        if not self.trusted or not self._is_trusted(peer):
+        if not self.trusted or not self.trusts(peer):
             return peer
         hops = [h.strip() for h in header(scope, b"x-forwarded-for").split(",") if h.strip()]
         for hop in reversed(hops):
-            if not self._is_trusted(hop):
+            if not self.trusts(hop):
                 return hop
         return hops[0] if hops else peer

@@ -8,6 +8,7 @@ with what the inner layers left in scope["state"] (model, task, items, tokens, t
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,12 +26,12 @@ class TracingMiddleware:
             await self.app(scope, receive, send)
             return
         tracer = tracing.tracer()
-        span, context = _server_span(tracer, scope) if tracer is not None else (None, None)
+        held = scope.get(tracing.HELD_SCOPE_KEY, 0.0)  # its client sent it that long ago (serving/connection_limits.py)
+        span, context = _server_span(tracer, scope, held) if tracer is not None else (None, None)
         if span is not None:
             scope.setdefault("state", {})["trace_id"] = format(span.get_span_context().trace_id, "032x")
         trace = tracing.RequestTrace(span, context)
-        held = scope.get(tracing.HELD_SCOPE_KEY)
-        if held:  # its client sent it that long ago: its time (and the queue's promise) counts from then
+        if held:  # its time, and the queue's promise, count from then
             trace.started -= held
             trace.add("held", held)
         tracing.begin(trace)
@@ -56,7 +57,7 @@ class TracingMiddleware:
                 _finish(span, scope, status, route_label(scope, self.known_paths))
 
 
-def _server_span(tracer: Any, scope: Scope):
+def _server_span(tracer: Any, scope: Scope, held: float = 0.0):
     from opentelemetry import propagate, trace
     from opentelemetry.trace import SpanKind
 
@@ -65,6 +66,7 @@ def _server_span(tracer: Any, scope: Scope):
     span = tracer.start_span(
         str(scope.get("method", "GET")), context=propagate.extract(carrier),
         kind=SpanKind.SERVER, attributes={"http.request.method": scope.get("method", "")},
+        start_time=time.time_ns() - int(held * 1e9) if held else None,
     )
     return span, trace.set_span_in_context(span)
 

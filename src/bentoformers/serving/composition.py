@@ -55,7 +55,7 @@ def compose(settings: Settings, served: list[StoredModel] | None = None) -> bent
     served = served_models(settings) if served is None else served
     check_attributes_unique(served)
     connection_limits.install(
-        settings.header_timeout_seconds, settings.max_header_bytes, settings.write_stall_seconds
+        settings.header_timeout_seconds, settings.max_header_bytes, settings.write_stall_seconds, settings.trusted_proxies
     )
     cap_malloc_arenas(max(2, settings.threads()))
     # Refuses to start in a container with no credentials (BentoML's images set BENTOML_CONTAINERIZED=true).

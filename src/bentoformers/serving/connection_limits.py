@@ -28,8 +28,10 @@ until that many seconds have passed (at most `MAX_HOLD_SECONDS`). A client that 
 notices; one that sends again at once waits on its own connection instead of costing the server a parse, a
 trip through every layer and another refusal each time (at 256 such clients on two cores, ~2,300 refusals a
 second took a third of the CPU that would have served). Keep-alive does not count the hold, and a request that
-waited in it starts its clock when the hold began (scope[HELD_SCOPE_KEY]: the queue's promise counts it). 429s
-are not held: they are one client's, and a proxy's connection carries other clients' requests too.
+was waiting in it when it ended is marked with how long (scope[HELD_SCOPE_KEY]: the queue's promise counts it).
+Not held: 429s (one client's), and connections from `trusted_proxies`: a proxy's pooled connection carries
+other clients' requests, which a hold would stall. A hold is at most MAX_HOLD_SECONDS, within the gateway's
+drain grace at shutdown (serving/composition.py), so a request waiting in it is still read and answered.
 
 `bentoml serve` builds uvicorn's config itself (HTTP protocol "auto"), so `install` replaces the class that
 "auto" names before the worker's server loads it; the service module is imported before that.
@@ -38,32 +40,40 @@ are not held: they are one client's, and a proxy's connection carries other clie
 from __future__ import annotations
 
 import asyncio
+import math
+import select
 import uuid
 
 import h11
 import uvicorn.protocols.http.auto as auto
 
 from bentoformers.errors import ErrorType, error_body
+from bentoformers.middleware.client_address import ClientAddress
 from bentoformers.observability import metrics
 from bentoformers.observability.tracing import HELD_SCOPE_KEY
 
 MAX_HOLD_SECONDS = 2.0  # after a 503: the longest its connection's next request waits to be read
-HELD_READ_SECONDS = 0.05  # bytes read this soon after a hold ended were waiting in it
 LINGER_SECONDS = 2.0  # after a refusal: how long the client's remaining bytes are read and dropped
 MAX_READ_BYTES = 1024 * 1024  # above the largest read asyncio or uvloop hands a protocol (256 KiB)
 
 
-def install(seconds: float, max_bytes: int, write_stall_seconds: float = 30.0) -> None:
+def install(
+    seconds: float, max_bytes: int, write_stall_seconds: float = 30.0, trusted_proxies: tuple[str, ...] = ()
+) -> None:
     """Give every HTTP connection uvicorn's "auto" protocol serves from now on a head deadline of `seconds`, a
-    head size bound of `max_bytes` (request line and headers, as sent) and a write stall bound."""
+    head size bound of `max_bytes` (request line and headers, as sent), a write stall bound, and the hold after
+    a 503 (except for connections from `trusted_proxies`)."""
     base = getattr(auto.AutoHTTPProtocol, "head_base", auto.AutoHTTPProtocol)
-    auto.AutoHTTPProtocol = with_head_deadline(base, seconds, max_bytes, write_stall_seconds)
+    auto.AutoHTTPProtocol = with_head_deadline(base, seconds, max_bytes, write_stall_seconds, trusted_proxies)
 
 
 def with_head_deadline(
-    base: type[asyncio.Protocol], seconds: float, max_bytes: int, write_stall_seconds: float = 30.0
+    base: type[asyncio.Protocol], seconds: float, max_bytes: int, write_stall_seconds: float = 30.0,
+    trusted_proxies: tuple[str, ...] = (),
 ) -> type[asyncio.Protocol]:
-    """`base` (uvicorn's h11 or httptools protocol) with the head deadline and size bound and the write stall bound."""
+    """`base` (uvicorn's h11 or httptools protocol) with the head deadline and size bound, the write stall bound
+    and the hold after a 503."""
+    proxies = ClientAddress(trusted_proxies)
 
     class HeadDeadline(base):  # type: ignore[valid-type, misc]
         head_base = base
@@ -84,18 +94,18 @@ def with_head_deadline(
             self._refused = False  # answered 408 or 431: what comes now is dropped, unparsed
             self._stall_timer: asyncio.TimerHandle | None = None
             self._hold = 0.0  # seconds the next request waits to be read: the Retry-After of a 503 being sent
-            self._held: tuple[float, float] | None = None  # the last hold's start and end (loop time)
-            self._waited = 0.0  # seconds the request being read waited in a hold
+            self._hold_timer: asyncio.TimerHandle | None = None
+            self._hold_began = 0.0
+            self._waited = 0.0  # seconds the request about to be read waited in a hold
+            self._noted_cycle = None  # the last request whose 503s are noted
             super().connection_made(transport)
+            peer = transport.get_extra_info("peername")
+            self._holds = not (proxies.trusted and isinstance(peer, tuple) and proxies.trusts(peer[0]))
             self._arm()
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return
-            if self._held is not None:  # the first bytes since a hold: sent during it if read as it ended
-                began, ended = self._held
-                self._held = None
-                self._waited = ended - began if self.loop.time() - ended < HELD_READ_SECONDS else 0.0
             in_body = self.cycle is not None and self.cycle.more_body
             if not in_body:
                 self._head_size += len(data)
@@ -103,9 +113,9 @@ def with_head_deadline(
             if self.cycle is not self._head_cycle:  # a new request's head is complete
                 self._head_cycle, self._head_bytes, self._head_size = self.cycle, False, 0
                 self._disarm()
-                self._note_refusals(self.cycle)
                 if self._waited:
                     self.cycle.scope[HELD_SCOPE_KEY], self._waited = self._waited, 0.0
+                self._note_refusals()
             elif self._head_size > self.head_max_bytes:
                 self._refuse(431, b"Request Header Fields Too Large", "request_too_large",
                              f"the request head is over the limit of {self.head_max_bytes} bytes")
@@ -114,9 +124,13 @@ def with_head_deadline(
                 if self._head_timer is None:
                     self._arm()  # the next request's, after a response (keep-alive stopped counting)
 
-        def _note_refusals(self, cycle) -> None:
-            """Wraps the cycle's send (its ASGI task has not run yet) to note a 503's Retry-After."""
-            send = cycle.send
+        def _note_refusals(self) -> None:
+            """Wraps a new request's send to note a 503's Retry-After. Called as soon as uvicorn has made its cycle
+            (its ASGI task has not run yet): after reading, and after a response (h11 starts a pipelined one)."""
+            cycle = self.cycle
+            if cycle is None or cycle is self._noted_cycle or not self._holds:
+                return
+            self._noted_cycle, send = cycle, cycle.send
 
             async def send_noting(message) -> None:
                 if message["type"] == "http.response.start" and message["status"] == 503:
@@ -127,26 +141,38 @@ def with_head_deadline(
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
+            self._note_refusals()
             hold, self._hold = self._hold, 0.0
-            if hold and not self.transport.is_closing():
+            if hold and not self.transport.is_closing() and self._idle():
                 if self.timeout_keep_alive_task is not None:  # armed by uvicorn just now: it starts after the hold
                     self.timeout_keep_alive_task.cancel()
                     self.timeout_keep_alive_task = None
+                if self._hold_timer is None:
+                    self._hold_began = self.loop.time()
+                else:
+                    self._hold_timer.cancel()
                 self.flow.pause_reading()
-                self._held = (self.loop.time(), self.loop.time() + hold)
-                self.loop.call_later(hold, self._release)
+                self._hold_timer = self.loop.call_later(hold, self._release)
+
+        def _idle(self) -> bool:
+            """No request in progress or waiting (pipelined): the connection's next request is still unread."""
+            return (self.cycle is None or self.cycle.response_complete) and not getattr(self, "pipeline", None)
 
         def _release(self) -> None:
+            self._hold_timer = None
             if self.transport.is_closing() or self.transport.get_protocol() is not self:
                 return
-            if self._held is not None:
-                self._held = (self._held[0], self.loop.time())
+            if _readable(self.transport):  # sent while held: its clock started when the hold did
+                self._waited = self.loop.time() - self._hold_began
             self.flow.resume_reading()
-            if self.timeout_keep_alive_task is None and (self.cycle is None or self.cycle.response_complete):
+            if self.timeout_keep_alive_task is None and self._idle():
                 self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._hold_timer is not None:
+                self._hold_timer.cancel()
+                self._hold_timer = None
             self._writing_again()
             super().connection_lost(exc)
 
@@ -221,7 +247,17 @@ def _retry_after(headers) -> float:
     for name, value in headers:
         if name.lower() == b"retry-after":
             try:
-                return min(max(float(value), 0.0), MAX_HOLD_SECONDS)
+                seconds = float(value)
             except ValueError:
                 return 0.0
+            return min(seconds, MAX_HOLD_SECONDS) if math.isfinite(seconds) and seconds > 0 else 0.0
     return 0.0
+
+
+def _readable(transport: asyncio.Transport) -> bool:
+    """Bytes wait unread on the transport's socket (asyncio's and uvloop's alike)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return bool(sock is not None and select.select([sock.fileno()], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
