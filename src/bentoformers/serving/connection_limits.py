@@ -47,6 +47,7 @@ import uuid
 import h11
 import uvicorn.protocols.http.auto as auto
 
+from bentoformers.client import parse_retry_after
 from bentoformers.errors import ErrorType, error_body
 from bentoformers.middleware.client_address import ClientAddress
 from bentoformers.observability import metrics
@@ -243,14 +244,11 @@ def with_head_deadline(
 
 
 def _retry_after(headers) -> float:
-    """A response's Retry-After in seconds (delta-seconds only), at most MAX_HOLD_SECONDS; 0 without one."""
+    """A response's Retry-After in seconds, at most MAX_HOLD_SECONDS; 0 without one (or an unreadable one)."""
     for name, value in headers:
         if name.lower() == b"retry-after":
-            try:
-                seconds = float(value)
-            except ValueError:
-                return 0.0
-            return min(seconds, MAX_HOLD_SECONDS) if math.isfinite(seconds) and seconds > 0 else 0.0
+            seconds = parse_retry_after(value.decode("latin-1")) or 0.0
+            return min(seconds, MAX_HOLD_SECONDS) if math.isfinite(seconds) else 0.0
     return 0.0
 
 
