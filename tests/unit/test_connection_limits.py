@@ -291,36 +291,34 @@ def refusing(request):
         yield served
 
 
+def _get(conn: socket.socket, path: bytes) -> bytes:
+    """One GET of `path` on the connection, and its answer."""
+    conn.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+    return _read_response(conn)
+
+
 def test_after_a_503_the_connection_is_not_read_for_its_retry_after(refusing):
     """A client that sends again at once after a 503 waits on its own connection for the Retry-After it was
     told (its request reaches the app only then, and is served); a 429's connection is not held."""
     app, address = refusing
     with socket.create_connection(address, timeout=10) as conn:
-        conn.sendall(b"GET /503 HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert _read_response(conn).startswith(b"HTTP/1.1 503 ")
+        assert _get(conn, b"/503").startswith(b"HTTP/1.1 503 ")
         refused_at = time.monotonic()
-        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # again at once, on the same connection
-        assert _read_response(conn).startswith(b"HTTP/1.1 200 ")
+        assert _get(conn, b"/").startswith(b"HTTP/1.1 200 ")  # again at once, on the same connection
         assert app.reached[-1][0] == "/" and app.reached[-1][1] - refused_at >= 0.9
         assert app.held[-1] == pytest.approx(1.0, abs=0.1)  # its clock (the queue's promise) starts at the hold
-        conn.sendall(b"GET /429 HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert _read_response(conn).startswith(b"HTTP/1.1 429 ")
+        assert _get(conn, b"/429").startswith(b"HTTP/1.1 429 ")
         limited_at = time.monotonic()
-        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert _read_response(conn).startswith(b"HTTP/1.1 200 ")
+        assert _get(conn, b"/").startswith(b"HTTP/1.1 200 ")
         assert app.reached[-1][1] - limited_at < 0.5 and app.held[-1] is None
-        conn.sendall(b"GET /503 HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert _read_response(conn).startswith(b"HTTP/1.1 503 ")
+        assert _get(conn, b"/503").startswith(b"HTTP/1.1 503 ")
         time.sleep(1.05)  # as told (with a client's slack): sent after the hold, so it did not wait in it
-        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert _read_response(conn).startswith(b"HTTP/1.1 200 ") and app.held[-1] is None
+        assert _get(conn, b"/").startswith(b"HTTP/1.1 200 ") and app.held[-1] is None
     with socket.create_connection(address, timeout=10) as other:  # other connections are read meanwhile
-        other.sendall(b"GET /503 HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert _read_response(other).startswith(b"HTTP/1.1 503 ")
+        assert _get(other, b"/503").startswith(b"HTTP/1.1 503 ")
         with socket.create_connection(address, timeout=10) as conn:
             started = time.monotonic()
-            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert _read_response(conn).startswith(b"HTTP/1.1 200 ") and time.monotonic() - started < 0.5
+            assert _get(conn, b"/").startswith(b"HTTP/1.1 200 ") and time.monotonic() - started < 0.5
 
 
 @pytest.mark.parametrize("protocol", ["httptools", "h11"])
@@ -328,9 +326,7 @@ def test_a_trusted_proxy_s_connection_is_not_held(protocol):
     """A proxy's pooled connection carries other clients' requests: a 503 to one must not stall the next."""
     with _refusing_server(protocol, trusted_proxies=("127.0.0.0/8",)) as (app, address):
         with socket.create_connection(address, timeout=10) as conn:
-            conn.sendall(b"GET /503 HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert _read_response(conn).startswith(b"HTTP/1.1 503 ")
+            assert _get(conn, b"/503").startswith(b"HTTP/1.1 503 ")
             refused_at = time.monotonic()
-            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert _read_response(conn).startswith(b"HTTP/1.1 200 ")
+            assert _get(conn, b"/").startswith(b"HTTP/1.1 200 ")
             assert app.reached[-1][1] - refused_at < 0.5 and app.held[-1] is None
