@@ -272,7 +272,8 @@ def _graph(spec: ModelSpec, precision: str, exported: Path, ids: list[list[int]]
     if precision == "int8" and TASKS[spec.task].decoder:
         return quantize_decoder_int8(exported, work / "int8.onnx")
     if precision == "int8":
-        return quantize_encoder_int8(exported, work / "int8.onnx", ids)
+        optimized = optimize(exported, work / "int8-base.onnx", for_gpu=False, for_int8=True)
+        return quantize_encoder_int8(optimized, work / "int8.onnx", ids)
     return optimize(
         exported, work / f"{precision}-opt.onnx", for_gpu=precision == "fp16", fp16=precision == "fp16",
         fuse=not TASKS[spec.task].decoder,

@@ -253,12 +253,19 @@ def _dropping_log(logger_name: str, text: str) -> Iterator[None]:
         logger.removeFilter(keep)
 
 
-def optimize(onnx_path: Path, out_path: Path, for_gpu: bool, fp16: bool = False, fuse: bool = True) -> Path:
+def optimize(
+    onnx_path: Path, out_path: Path, for_gpu: bool, fp16: bool = False, fuse: bool = True, for_int8: bool = False
+) -> Path:
     """ONNX Runtime's transformer fusions (attention, layer norm, GELU); fp16 keeps fp32 inputs/outputs.
 
-    Architectures the fusion passes do not know are converted (fp16) or copied as exported.
+    Architectures the fusion passes do not know are converted (fp16) or copied as exported. `for_int8`: the graph
+    that build/quantize.py rewrites, with GELU and its bias, and the layer norms, fused, but neither attention (the
+    fused operator holds the query, key and value weights, which then could not be quantized) nor the residual
+    add into the layer norm (SkipLayerNormalization took about 4x an Add and a LayerNormalization at one short
+    text on a Zen 4) nor the embeddings' layer norm.
     """
     import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
 
     config = json.loads((onnx_path.parent / "config.json").read_text())
@@ -273,11 +280,16 @@ def optimize(onnx_path: Path, out_path: Path, for_gpu: bool, fp16: bool = False,
             model = convert_float_to_float16(model, keep_io_types=True, node_block_list=pooling_nodes(model))
         onnx.save_model(model, str(out_path))
         return out_path
+    options = FusionOptions(model_type)
+    if for_int8:
+        options.enable_attention = options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
+        options.enable_embed_layer_norm = False
     optimized = optimize_model(
         str(onnx_path),
         model_type=model_type,
         num_heads=config.get("num_attention_heads", 0),
         hidden_size=config.get("hidden_size", 0),
+        optimization_options=options,
         opt_level=1,
         use_gpu=for_gpu,
     )

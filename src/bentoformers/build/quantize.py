@@ -17,9 +17,16 @@ several MatMuls (attention's query, key and value) are quantized once.
 
 Speed: on a Zen 4 (AVX-512 VNNI, no AMX) the integer products were only a quarter of the int8 graph's time;
 the element-wise passes around them (quantizing each row, scaling the result back) took about as much as
-the products and left int8 barely faster than fp32 at one text per call. So the product, its cast and its
-per-column scale are one ONNX Runtime kernel (MatMulIntegerToFloat, the same u8 x s8 integer GEMM), and
-quantizing a row has no Clip and divides once per row instead of once per value.
+the products and left int8 barely faster than fp32 at one text per call. Those passes are paid per token, so
+fewer passes over each row is what pays:
+- the product, its cast and its per-column scale are one ONNX Runtime kernel (MatMulIntegerToFloat, the same
+  u8 x s8 integer GEMM);
+- each row is quantized by one QuantizeLinear (opset 21's blocked form, one block per row: divide, round half
+  to even, shift by 128, saturate) instead of five element-wise passes; its zero points must have the
+  scale's shape, so every product whose rows are the tokens shares one tensor of 128s made from the
+  input's shape;
+- the graph rewritten is ONNX Runtime's optimised one (GELU with its bias and the layer norms fused, the
+  export's shape arithmetic cleaned up: build/export.py optimize(for_int8=True)).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from bentoformers.tasks import TASKS
 
 ENCODER_SCHEME = (
     "per-token W7A8 (7-bit weights per channel, 8-bit activations per token), SmoothQuant 0.5, 1/96 outlier channels "
-    "fp32, fused MatMulIntegerToFloat"
+    "fp32, fused MatMulIntegerToFloat, rows quantized by blocked QuantizeLinear on the optimised graph"
 )
 DECODER_SCHEME = "weight-only int8 (MatMulNBits, block 32, int8 compute per row block)"
 
@@ -49,6 +56,8 @@ ACTIVATION_LEVELS = 127
 SMOOTHING_ALPHA = 0.5
 OUTLIER_SHARE = 96  # one input channel in this many (at least one) stays in fp32
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulIntegerToFloat)
+BLOCKED_QUANTIZE_OPSET = 21  # QuantizeLinear's block_size
+TOKEN_ZERO_POINT = "q_token_zero_point"  # 128 per token (batch, tokens, 1): the zero points of every per-token product
 
 
 def quantize_encoder_int8(onnx_path: Path, out_path: Path, calibration: list[list[int]]) -> Path:
@@ -56,7 +65,7 @@ def quantize_encoder_int8(onnx_path: Path, out_path: Path, calibration: list[lis
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(onnx_path))
+    model = _at_opset(onnx.load(str(onnx_path)), BLOCKED_QUANTIZE_OPSET)
     graph = model.graph
     weights = {w.name: w for w in graph.initializer}
     targets = [
@@ -66,13 +75,10 @@ def quantize_encoder_int8(onnx_path: Path, out_path: Path, calibration: list[lis
     consumers: dict[str, list] = {}
     for node in targets:
         consumers.setdefault(node.input[0], []).append(node)
-    ranges = _activation_ranges(model, list(consumers), calibration)
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    ranges, per_token = _activation_ranges(model, list(consumers), calibration)
     arrays = {
-        "q_levels": np.array(ACTIVATION_LEVELS, np.float32),
         "q_tiny": np.array(1e-12, np.float32),
         "q_step": np.array(1 / ACTIVATION_LEVELS, np.float32),
-        "q_offset": np.array(128, np.float32),
         "q_one": np.array(1.0, np.float32),
         "q_zero_point": np.array(128, np.uint8),
         "q_last_axis": np.array([-1], np.int64),
@@ -80,11 +86,16 @@ def quantize_encoder_int8(onnx_path: Path, out_path: Path, calibration: list[lis
     inserted: dict[str, list] = {}  # the first consumer's output -> the nodes that replace every consumer
     for index, (source, nodes) in enumerate(consumers.items()):
         mats = [numpy_helper.to_array(weights[n.input[1]]).astype(np.float64) for n in nodes]
-        new_arrays, new_nodes = _rewrite_input(f"q{index}", source, [n.output[0] for n in nodes], mats, ranges[source], opset)
+        new_arrays, new_nodes = _rewrite_input(
+            f"q{index}", source, [n.output[0] for n in nodes], mats, ranges[source], per_token[source]
+        )
         arrays |= new_arrays
         inserted[nodes[0].output[0]] = new_nodes
-    replaced = {n.output[0] for n in targets}
     spliced = []
+    if any(per_token.values()):
+        arrays["q_one_axis"] = np.array([1], np.int64)
+        spliced += _token_zero_point()
+    replaced = {n.output[0] for n in targets}
     for node in graph.node:
         spliced += inserted.get(node.output[0], [] if node.output[0] in replaced else [node])
     still_used = {i for n in spliced for i in n.input}
@@ -100,13 +111,37 @@ def quantize_encoder_int8(onnx_path: Path, out_path: Path, calibration: list[lis
     return out_path
 
 
+def _at_opset(model, version: int):
+    """The model converted to the default domain's `version` where it is older (ONNX Runtime's contrib
+    operators are left as they are)."""
+    from onnx import version_converter
+
+    current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return model if current >= version else version_converter.convert_version(model, version)
+
+
+def _token_zero_point() -> list:
+    """`TOKEN_ZERO_POINT`, 128 for each token of the input ids: (batch, tokens, 1), the shape of a per-token scale."""
+    from onnx import TensorProto, helper
+
+    return [
+        helper.make_node("Shape", ["input_ids"], ["q_ids_shape"], name="q_ids_shape"),
+        helper.make_node("Concat", ["q_ids_shape", "q_one_axis"], ["q_zero_point_shape"], name="q_zp_shape", axis=0),
+        helper.make_node(
+            "ConstantOfShape", ["q_zero_point_shape"], [TOKEN_ZERO_POINT], name="q_token_zero_point",
+            value=helper.make_tensor("q_128", TensorProto.UINT8, [1], [128]),
+        ),
+    ]
+
+
 def _rewrite_input(
-    p: str, source: str, outputs: list[str], mats: list[np.ndarray], amax: np.ndarray, opset: int
+    p: str, source: str, outputs: list[str], mats: list[np.ndarray], amax: np.ndarray, per_token: bool
 ) -> tuple[dict[str, np.ndarray], list]:
     """The MatMuls that read `source` (weights `mats`, results `outputs`) as one per-token int8 product.
 
     The consumers of one input (attention's query, key and value) share its quantization and become one
-    product, split after.
+    product, split after. `per_token`: the input is (batch, tokens, channels), so its zero points are the
+    shared `TOKEN_ZERO_POINT`; any other input makes its own from its scale's shape.
     """
     from onnx import TensorProto, helper
 
@@ -128,26 +163,24 @@ def _rewrite_input(
         f"{p}_w_outliers": w[outliers].astype(np.float32),
     }
     node = helper.make_node
-    reduce_max = (
-        node("ReduceMax", [f"{p}_abs", "q_last_axis"], [f"{p}_max"], keepdims=1)
-        if opset >= 18
-        else node("ReduceMax", [f"{p}_abs"], [f"{p}_max"], axes=[-1], keepdims=1)
-    )
+    zero_point = TOKEN_ZERO_POINT if per_token else f"{p}_zero_point"
+    own_zero_point = [] if per_token else [
+        node("Shape", [f"{p}_scale"], [f"{p}_scale_shape"]),
+        node("ConstantOfShape", [f"{p}_scale_shape"], [zero_point],
+             value=helper.make_tensor(f"{p}_128", TensorProto.UINT8, [1], [128])),
+    ]
     joined = outputs[0] if len(outputs) == 1 else f"{p}_joined"
     nodes = [
-        # each row (token): one scale from its largest |value|, values as u8 around 128
+        # each row (token): one scale from its largest |value|, values as u8 around 128 (no clipping needed:
+        # |value| / scale <= 127 by the scale's definition)
         node("Mul", [source, f"{p}_inverse"], [f"{p}_smoothed"]),
         node("Abs", [f"{p}_smoothed"], [f"{p}_abs"]),
-        reduce_max,
+        node("ReduceMax", [f"{p}_abs", "q_last_axis"], [f"{p}_max"], keepdims=1),
         node("Max", [f"{p}_max", "q_tiny"], [f"{p}_range"]),
-        node("Div", ["q_levels", f"{p}_range"], [f"{p}_per_step"]),
         node("Mul", [f"{p}_range", "q_step"], [f"{p}_scale"]),
-        node("Mul", [f"{p}_smoothed", f"{p}_per_step"], [f"{p}_steps"]),
-        # no Clip: |steps| <= 127 by the scale's definition. Round after the shift: 128 is even, so rounding
-        # half to even lands on the same integers
-        node("Add", [f"{p}_steps", "q_offset"], [f"{p}_shifted"]),
-        node("Round", [f"{p}_shifted"], [f"{p}_rounded"]),
-        node("Cast", [f"{p}_rounded"], [f"{p}_u8"], to=TensorProto.UINT8),
+        *own_zero_point,
+        node("QuantizeLinear", [f"{p}_smoothed", f"{p}_scale", zero_point], [f"{p}_u8"], axis=-1,
+             block_size=len(amax)),
         # exact integer product scaled per column in one fused kernel, then per row, plus the outlier channels in fp32
         node(
             "MatMulIntegerToFloat", [f"{p}_u8", f"{p}_w", "q_one", f"{p}_w_scale", "q_zero_point"],
@@ -161,16 +194,15 @@ def _rewrite_input(
     if len(outputs) > 1:
         widths = [m.shape[1] for m in mats]
         arrays[f"{p}_widths"] = np.array(widths, np.int64)
-        nodes.append(
-            node("Split", [joined, f"{p}_widths"], outputs, axis=-1)
-            if opset >= 13
-            else node("Split", [joined], outputs, axis=-1, split=widths)
-        )
+        nodes.append(node("Split", [joined, f"{p}_widths"], outputs, axis=-1))
     return arrays, nodes
 
 
-def _activation_ranges(model, names: list[str], calibration: list[list[int]]) -> dict[str, np.ndarray]:
-    """The largest |value| of each input channel of the named tensors over the calibration texts."""
+def _activation_ranges(
+    model, names: list[str], calibration: list[list[int]]
+) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
+    """The largest |value| of each input channel of the named tensors over the calibration texts, and whether
+    each tensor's rows are the tokens ((1, tokens, channels) for every text, run alone)."""
     import onnx
     import onnxruntime as ort
 
@@ -185,11 +217,13 @@ def _activation_ranges(model, names: list[str], calibration: list[list[int]]) ->
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     inputs = {i.name for i in session.get_inputs()}
     ranges = {name: np.zeros(0) for name in names}
+    per_token = dict.fromkeys(names, True)
     for ids in calibration:
         for name, value in zip(names, session.run(names, feed([ids], inputs))):
             channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0).astype(np.float64)
             ranges[name] = channel_max if ranges[name].size == 0 else np.maximum(ranges[name], channel_max)
-    return ranges
+            per_token[name] &= value.shape[:2] == (1, len(ids)) and value.ndim == 3
+    return ranges, per_token
 
 
 def quantize_decoder_int8(onnx_path: Path, out_path: Path, block_size: int = 32) -> Path:
