@@ -99,6 +99,58 @@ def test_each_variant_serves_in_its_faster_threading_and_says_so(minilm_path, sl
     assert f"{fast_threads} ONNX Runtime thread(s) per sub-batch" in proof.why
 
 
+class ThriceWhen:
+    """A real ONNX Runtime session that runs the calls `slow(texts)` picks three times over, and counts calls."""
+
+    def __init__(self, session, slow):
+        self.session, self.slow, self.calls = session, slow, 0
+
+    def run(self, outputs, inputs):
+        self.calls += 1
+        for _ in range(2 if self.slow(len(inputs["input_ids"])) else 0):
+            self.session.run(outputs, inputs)
+        return self.session.run(outputs, inputs)
+
+
+class LoneFasterOn(OnnxEncoder):
+    """A real encoder whose `lone_threads` way is slow at batches of texts and the other way slow at lone texts."""
+
+    def __init__(self, folder, lone_threads):
+        super().__init__(folder, threads=2)
+        self.lone_threads = lone_threads
+
+    def threadings(self):
+        ways = super().threadings()
+        for threads, way in ways.items():
+            alone_slow = threads != self.lone_threads
+            way.session = ThriceWhen(way.session, lambda texts, alone_slow=alone_slow: (texts == 1) == alone_slow)
+        return ways
+
+
+@pytest.mark.parametrize("lone_threads", [1, 2])
+def test_a_call_of_one_text_runs_in_the_threading_faster_text_by_text(minilm_path, lone_threads):
+    proof = selfcheck.fastest_that_holds(
+        [("int8", minilm_path["int8"])], forced=True, threadings=True,
+        open_=lambda folder: LoneFasterOn(folder, lone_threads),
+    )
+    batched_threads = 3 - lone_threads
+    timing, engine = proof.timings["int8"], proof.engine
+    assert timing["run_threads"] == engine.run_threads == batched_threads
+    assert timing["lone_run_threads"] == engine.lone.run_threads == lone_threads
+    assert engine.run_threads_for(1) == lone_threads and engine.run_threads_for(2) == batched_threads
+    assert f"{batched_threads} ONNX Runtime thread(s) per sub-batch, {lone_threads} for a lone text" in proof.why
+    # the variant's time: its best batched call and its best texts one by one, each in its faster way
+    assert timing["seconds"] == pytest.approx(timing["batched_seconds"] + timing["one_by_one_seconds"], abs=2e-6)
+    assert timing["seconds"] < min(timing["seconds_by_run_threads"].values())
+    inputs = selfcheck.load(minilm_path["int8"])["inputs"]
+    expected = OnnxEncoder(minilm_path["int8"], threads=1).embed(inputs[:3])
+    lone_calls, calls = engine.lone.session.calls, engine.session.calls
+    # a lone text goes to the lone way; two texts do not, and answers are the same either way
+    assert np.array_equal(engine.embed(inputs[:1]), expected[:1]) and engine.lone.session.calls == lone_calls + 1
+    assert np.array_equal(engine.embed(inputs[1:3]), expected[1:3]) and engine.lone.session.calls == lone_calls + 1
+    assert engine.session.calls > calls
+
+
 def test_a_forced_precision_serves_even_when_slower_and_is_still_timed(minilm_path):
     proof = selfcheck.fastest_that_holds(
         [("int8", minilm_path["int8"])], forced=True, open_=lambda folder: ThreeTimesOver(OnnxEncoder(folder, threads=1))

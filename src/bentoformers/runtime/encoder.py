@@ -73,6 +73,9 @@ class OnnxEncoder:
             inter_op_threads=1, spinning=spinning,
         )
         self.run_threads = run_threads
+        # the same graph in another threading, for calls of one text where that runs them faster (set by the
+        # start-up timing: runtime/selfcheck.py)
+        self.lone: OnnxEncoder | None = None
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="onnx")
         self._input_names = {i.name for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
@@ -98,6 +101,10 @@ class OnnxEncoder:
         other = self.cores if self.run_threads == 1 else 1
         twin = OnnxEncoder(self.folder, self.device, self.cores, self.max_batch_tokens, self.spinning, run_threads=other)
         return {self.run_threads: self, other: twin}
+
+    def run_threads_for(self, texts: int) -> int:
+        """ONNX Runtime threads per sub-batch of a call of this many texts."""
+        return (self.lone if texts == 1 and self.lone is not None else self).run_threads
 
     def size_sub_batches(
         self, texts: list[list[int]], budgets: tuple[int, ...] = CUDA_SUB_BATCH_TOKENS, calls: int = 3
@@ -136,6 +143,8 @@ class OnnxEncoder:
 
     def embed(self, batch: list[list[int]]) -> np.ndarray:
         """Token ids in, float32 rows out (one per input, same order): pooled embeddings or logits."""
+        if len(batch) == 1 and self.lone is not None:
+            return self.lone.embed(batch)
         width = (self.card.dimensions,)
         if self._per_token:
             width = (max(map(len, batch), default=0), self.card.dimensions)

@@ -196,7 +196,7 @@ class Proof:
     refused: list[dict[str, Any]] = field(default_factory=list)  # [{"precision", "reason", "figures"}]
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)  # {precision: time_variants' figures}
     # (with `threadings`, each variant's figures are those of its faster threading, with "run_threads" and
-    # "seconds_by_run_threads")
+    # "seconds_by_run_threads"; "lone_run_threads" where a call of one text runs faster in the other threading)
     why: str = ""  # why this variant serves, with the timings that decided it
 
     @property
@@ -218,7 +218,9 @@ def fastest_that_holds(
 
     `threadings`: an engine that offers other ways of using the cores (OnnxEncoder.threadings) is timed each way
     too, and serves the faster: on a Zen 4 one ONNX Runtime thread per sub-batch, side by side, ran int8 MiniLM
-    1.1-1.3x faster than every core on each sub-batch, and fp32 1.2-1.6x slower.
+    1.1-1.3x faster than every core on each sub-batch, and fp32 1.2-1.6x slower. Where one way runs the batched
+    call faster and the other the texts one by one (fp32 on a Zen 5: one text 1.7x faster on both cores, a batch
+    faster side by side), an encoder keeps both: calls of several texts go the one way, a call of one text the other.
 
     With a forced precision (one candidate) a failed check refuses to start. A variant built before there were
     check sets is served as found, untimed, if no candidate before it holds.
@@ -266,7 +268,9 @@ def fastest_that_holds(
         why = f"the fastest that holds on this CPU ({cpu.isa_class()}): check set in {shown}"
     if "run_threads" in timings[chosen]:
         ways = ", ".join(f"{t}: {sec * 1000:.1f} ms" for t, sec in timings[chosen]["seconds_by_run_threads"].items())
-        why += f"; {timings[chosen]['run_threads']} ONNX Runtime thread(s) per sub-batch (by threads: {ways})"
+        lone = timings[chosen].get("lone_run_threads")
+        why += (f"; {timings[chosen]['run_threads']} ONNX Runtime thread(s) per sub-batch"
+                f"{f', {lone} for a lone text' if lone else ''} (by threads: {ways})")
     return Proof(chosen, engines[chosen], figures_of[chosen], refused, timings, why)
 
 
@@ -297,9 +301,22 @@ def _time_threadings(
         fastest = min(mine, key=lambda threads: mine[threads]["seconds"])
         timings[precision] = dict(mine[fastest])
         engines[precision] = ways[(precision, fastest)][1]
-        if len(mine) > 1:
-            timings[precision] |= {
-                "run_threads": fastest, "seconds_by_run_threads": {str(t): f["seconds"] for t, f in mine.items()},
+        if len(mine) == 1:
+            continue
+        timings[precision] |= {
+            "run_threads": fastest, "seconds_by_run_threads": {str(t): f["seconds"] for t, f in mine.items()},
+        }
+        batched = min(mine, key=lambda threads: mine[threads]["batched_seconds"])
+        lone = min(mine, key=lambda threads: mine[threads]["one_by_one_seconds"])
+        if batched != lone and all(hasattr(ways[(precision, t)][1], "lone") for t in (batched, lone)):
+            # calls of several texts in the way faster batched, a call of one text in the way faster text by text
+            engine = engines[precision] = ways[(precision, batched)][1]
+            engine.lone = ways[(precision, lone)][1]
+            one_by_one = mine[lone]["one_by_one_seconds"]
+            timings[precision] = dict(mine[batched]) | {
+                "one_by_one_seconds": one_by_one, "seconds": round(mine[batched]["batched_seconds"] + one_by_one, 6),
+                "run_threads": batched, "lone_run_threads": lone,
+                "seconds_by_run_threads": timings[precision]["seconds_by_run_threads"],
             }
     return timings, engines
 

@@ -181,7 +181,7 @@ def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, 
                 encoder.embed, lambda n, ids=ids, size=size: [ids[(n * size + j) % len(ids)] for j in range(size)], seconds
             )
             out[f"{precision}, {size} text{'s' if size > 1 else ''}/call"] = {
-                "precision": precision, "run_threads": encoder.run_threads, "texts_per_call": size, "texts_per_s": len(calls) * size / elapsed,
+                "precision": precision, "run_threads": encoder.run_threads_for(size), "texts_per_call": size, "texts_per_s": len(calls) * size / elapsed,
                 "p50_ms": percentile(sorted(calls), 0.5),
             }
     return out
