@@ -53,7 +53,7 @@ def test_bench_end_to_end_writes_json_and_a_plot(server, tmp_path):
     for p in points:
         assert p["ok"] > 0 and p["errors"] == {} and p["items_per_s"] > 0
         assert p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"]
-        assert p["server_rss_mib"] > 50  # found by port: the server runs here
+        assert p["server_rss_mib"] > 50 and p["server_cpu_ms_per_request"] > 0  # found by port: the server runs here
     assert "texts/s" in out.stdout and "p99 ms" in out.stdout
     import matplotlib.image
 

@@ -105,17 +105,24 @@ def test_passthrough_only_for_serve(capsys):
     assert code == cli.USAGE and "bentoml serve only" in err
 
 
-def test_bench_finds_a_local_listener_and_samples_its_memory():
+def test_bench_finds_a_local_listener_and_samples_its_memory_and_cpu():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
         assert load.listening_pid(f"http://127.0.0.1:{port}") == os.getpid()
     assert load.listening_pid("http://example.invalid:80") is None  # not this machine: no lookup
-    sampler = load.MemorySampler(os.getpid(), every=0.01)
-    time.sleep(0.1)
+    sampler = load.ServerSampler(os.getpid(), every=0.01)
+    time.sleep(0.1)  # sleeping costs no CPU
+    assert sampler.cpu_seconds() < 0.05
+    sampler.reset()
+    busy_until = time.process_time() + 0.2
+    while time.process_time() < busy_until:
+        pass
+    assert 0.15 < sampler.cpu_seconds() < 1.0
     sampler.stop()
     assert sampler.peak_mib() > 10
+    assert load.ServerSampler(None).cpu_seconds() is None
 
 
 def test_percentiles_are_nearest_rank():

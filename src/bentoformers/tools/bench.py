@@ -3,7 +3,7 @@
 At each request size, after a warm-up, for each concurrency C: C clients each send a request, wait for
 the answer and send the next, for a fixed time. Recorded per point: texts/s and requests/s over the
 whole point, p50/p95/p99 latency of the successful requests, errors by status, and the peak memory
-(RSS) of the server's process tree when it runs on this machine. Works against our native `/embed`,
+(RSS) and CPU time per request of the server's process tree when it runs on this machine. Works against our native `/embed`,
 our `/v1/embeddings`, or any OpenAI-compatible peer.
 """
 
@@ -24,7 +24,7 @@ from bentoformers.exits import FAILED, OK, CliError
 from bentoformers.tools.load import (
     DISTINCT_BODIES,
     LocalServer,
-    MemorySampler,
+    ServerSampler,
     closed_loop,
     event_loop_runner,
     format_errors,
@@ -64,14 +64,14 @@ def run(args: argparse.Namespace) -> int:
     base = (server.url if server else args.url).rstrip("/")
     route = args.path or ("/embed" if args.api == "native" else "/v1/embeddings")
     pid = args.server_pid or (server.pid if server else listening_pid(base))
-    memory = MemorySampler(pid)
+    server_sampler = ServerSampler(pid)
     served = served_models(base, args.api_key)
     try:
-        points = event_loop_runner()(_sweep(args, base + route, texts, memory))
+        points = event_loop_runner()(_sweep(args, base + route, texts, server_sampler))
     except OSError as exc:
         raise CliError(f"could not reach {base}: {exc}") from None
     finally:
-        memory.stop()
+        server_sampler.stop()
         if server:
             server.stop()
     report = {
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 # ---- load ---------------------------------------------------------------------------------------------
 
 
-async def _sweep(args: argparse.Namespace, url: str, texts: list[str], memory: MemorySampler) -> list[dict[str, Any]]:
+async def _sweep(args: argparse.Namespace, url: str, texts: list[str], sampler: ServerSampler) -> list[dict[str, Any]]:
     import aiohttp
     from tqdm import tqdm
 
@@ -126,10 +126,12 @@ async def _sweep(args: argparse.Namespace, url: str, texts: list[str], memory: M
                     await closed_loop(session, url, bodies, max(levels), args.warmup)
                 for concurrency in levels:
                     bar.set_postfix_str(f"{size} texts/request at concurrency {concurrency}")
-                    memory.reset()
+                    sampler.reset()
                     point = await closed_loop(session, url, bodies, concurrency, args.duration, args.honour_retry_after)
+                    cpu, answered = sampler.cpu_seconds(), point["ok"] + sum(point["errors"].values())
                     point.update(texts_per_request=size, concurrency=concurrency,
-                                 items_per_s=point["ok"] * size / point["elapsed_s"], server_rss_mib=memory.peak_mib())
+                                 items_per_s=point["ok"] * size / point["elapsed_s"], server_rss_mib=sampler.peak_mib(),
+                                 server_cpu_ms_per_request=cpu * 1000 / answered if cpu is not None and answered else None)
                     points.append(point)
                     bar.update()
                     tqdm.write(_row(point), file=sys.stderr)
@@ -219,13 +221,15 @@ def against_in_process(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-HEADER = f"{'texts/req':>9} {'conc':>5} {'texts/s':>9} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'RSS MiB':>8}  errors"
+HEADER = (f"{'texts/req':>9} {'conc':>5} {'texts/s':>9} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'RSS MiB':>8} "
+          f"{'CPU ms/req':>10}  errors")
 
 
 def _row(p: dict[str, Any]) -> str:
     rss = "-" if p["server_rss_mib"] is None else f"{p['server_rss_mib']:.0f}"
     return (f"{p['texts_per_request']:>9} {p['concurrency']:>5} {p['items_per_s']:>9.1f} {p['requests_per_s']:>8.1f} "
-            f"{format_ms(p['p50_ms']):>8} {format_ms(p['p95_ms']):>8} {format_ms(p['p99_ms']):>8} {rss:>8}  {format_errors(p['errors'])}"
+            f"{format_ms(p['p50_ms']):>8} {format_ms(p['p95_ms']):>8} {format_ms(p['p99_ms']):>8} {rss:>8} "
+            f"{format_ms(p.get('server_cpu_ms_per_request')):>10}  {format_errors(p['errors'])}"
             + (f" (refused in p50 {format_ms(p['refused_p50_ms'])} / p99 {format_ms(p['refused_p99_ms'])} ms)"
                if p.get("refused_p50_ms") is not None else ""))
 

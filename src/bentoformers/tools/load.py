@@ -216,13 +216,15 @@ def listening_pid(url: str) -> int | None:
     return None
 
 
-class MemorySampler:
-    """Peak RSS of a process and its children, sampled in the background."""
+class ServerSampler:
+    """Peak RSS of a process and its children, sampled in the background, and the CPU time they spent since the
+    last `reset` (what a request costs the server, load generator apart)."""
 
     def __init__(self, pid: int | None, every: float = 0.2) -> None:
         self._peak = 0
         self._stop = threading.Event()
         self._process = None
+        self._cpu_at_reset: dict[int, float] = {}
         if pid is None:
             return
         import psutil
@@ -231,16 +233,34 @@ class MemorySampler:
             self._process = psutil.Process(pid)
         except psutil.Error:
             return
+        self._cpu_at_reset = self._cpu_by_process()
         threading.Thread(target=self._sample, args=(every,), daemon=True).start()
+
+    def _tree(self) -> list:
+        return [self._process, *self._process.children(recursive=True)]
+
+    def _cpu_by_process(self) -> dict[int, float]:
+        import psutil
+
+        seconds = {}
+        try:
+            for p in self._tree():
+                try:
+                    times = p.cpu_times()
+                    seconds[p.pid] = times.user + times.system
+                except psutil.NoSuchProcess:
+                    pass
+        except psutil.Error:
+            pass
+        return seconds
 
     def _sample(self, every: float) -> None:
         import psutil
 
         while not self._stop.wait(every):
             try:
-                tree = [self._process, *self._process.children(recursive=True)]
                 rss = 0
-                for p in tree:
+                for p in self._tree():
                     try:
                         rss += p.memory_info().rss
                     except psutil.NoSuchProcess:
@@ -252,9 +272,17 @@ class MemorySampler:
     def reset(self) -> None:
         if self._process is not None:
             self._peak = 0
+            self._cpu_at_reset = self._cpu_by_process()
 
     def peak_mib(self) -> float | None:
         return round(self._peak / 2**20, 1) if self._peak else None
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user and system) of the process tree since the last reset; None when it cannot be read."""
+        if self._process is None:
+            return None
+        now = self._cpu_by_process()
+        return sum(max(0.0, t - self._cpu_at_reset.get(pid, 0.0)) for pid, t in now.items()) if now else None
 
     def stop(self) -> None:
         self._stop.set()
