@@ -23,8 +23,8 @@ fewer passes over each row is what pays:
   u8 x s8 integer GEMM);
 - each row is quantized by one QuantizeLinear (opset 21's blocked form, one block per row: divide, round half
   to even, shift by 128, saturate) instead of five element-wise passes; its zero points must have the
-  scale's shape, so every product whose rows are the tokens shares one tensor of 128s made from the
-  input's shape;
+  scale's shape, so every product shares one tensor of 128s made from the input ids' shape (a product whose
+  rows are not the tokens, such as a pooler's, stays fp32);
 - the graph rewritten is ONNX Runtime's optimised one (GELU with its bias and the layer norms fused, the
   export's shape arithmetic cleaned up: build/export.py optimize(for_int8=True)).
 """
@@ -76,6 +76,10 @@ def quantize_encoder_int8(onnx_path: Path, out_path: Path, calibration: list[lis
     for node in targets:
         consumers.setdefault(node.input[0], []).append(node)
     ranges, per_token = _activation_ranges(model, list(consumers), calibration)
+    # a product whose rows are not the tokens (a pooler's, on one vector a text) stays fp32: small, and its
+    # per-row zero points would need a shape of their own
+    consumers = {source: nodes for source, nodes in consumers.items() if per_token[source]}
+    targets = [n for nodes in consumers.values() for n in nodes]
     arrays = {
         "q_tiny": np.array(1e-12, np.float32),
         "q_step": np.array(1 / ACTIVATION_LEVELS, np.float32),
@@ -86,13 +90,11 @@ def quantize_encoder_int8(onnx_path: Path, out_path: Path, calibration: list[lis
     inserted: dict[str, list] = {}  # the first consumer's output -> the nodes that replace every consumer
     for index, (source, nodes) in enumerate(consumers.items()):
         mats = [numpy_helper.to_array(weights[n.input[1]]).astype(np.float64) for n in nodes]
-        new_arrays, new_nodes = _rewrite_input(
-            f"q{index}", source, [n.output[0] for n in nodes], mats, ranges[source], per_token[source]
-        )
+        new_arrays, new_nodes = _rewrite_input(f"q{index}", source, [n.output[0] for n in nodes], mats, ranges[source])
         arrays |= new_arrays
         inserted[nodes[0].output[0]] = new_nodes
     spliced = []
-    if any(per_token.values()):
+    if consumers:
         arrays["q_one_axis"] = np.array([1], np.int64)
         spliced += _token_zero_point()
     replaced = {n.output[0] for n in targets}
@@ -135,15 +137,15 @@ def _token_zero_point() -> list:
 
 
 def _rewrite_input(
-    p: str, source: str, outputs: list[str], mats: list[np.ndarray], amax: np.ndarray, per_token: bool
+    p: str, source: str, outputs: list[str], mats: list[np.ndarray], amax: np.ndarray
 ) -> tuple[dict[str, np.ndarray], list]:
-    """The MatMuls that read `source` (weights `mats`, results `outputs`) as one per-token int8 product.
+    """The MatMuls that read `source` (batch, tokens, channels; weights `mats`, results `outputs`) as one
+    per-token int8 product.
 
     The consumers of one input (attention's query, key and value) share its quantization and become one
-    product, split after. `per_token`: the input is (batch, tokens, channels), so its zero points are the
-    shared `TOKEN_ZERO_POINT`; any other input makes its own from its scale's shape.
+    product, split after.
     """
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     amax = np.maximum(amax, 1e-6)
     wmax = np.maximum(np.max([np.abs(w).max(axis=1) for w in mats], axis=0), 1e-6)
@@ -163,12 +165,6 @@ def _rewrite_input(
         f"{p}_w_outliers": w[outliers].astype(np.float32),
     }
     node = helper.make_node
-    zero_point = TOKEN_ZERO_POINT if per_token else f"{p}_zero_point"
-    own_zero_point = [] if per_token else [
-        node("Shape", [f"{p}_scale"], [f"{p}_scale_shape"]),
-        node("ConstantOfShape", [f"{p}_scale_shape"], [zero_point],
-             value=helper.make_tensor(f"{p}_128", TensorProto.UINT8, [1], [128])),
-    ]
     joined = outputs[0] if len(outputs) == 1 else f"{p}_joined"
     nodes = [
         # each row (token): one scale from its largest |value|, values as u8 around 128 (no clipping needed:
@@ -178,8 +174,7 @@ def _rewrite_input(
         node("ReduceMax", [f"{p}_abs", "q_last_axis"], [f"{p}_max"], keepdims=1),
         node("Max", [f"{p}_max", "q_tiny"], [f"{p}_range"]),
         node("Mul", [f"{p}_range", "q_step"], [f"{p}_scale"]),
-        *own_zero_point,
-        node("QuantizeLinear", [f"{p}_smoothed", f"{p}_scale", zero_point], [f"{p}_u8"], axis=-1,
+        node("QuantizeLinear", [f"{p}_smoothed", f"{p}_scale", TOKEN_ZERO_POINT], [f"{p}_u8"], axis=-1,
              block_size=len(amax)),
         # exact integer product scaled per column in one fused kernel, then per row, plus the outlier channels in fp32
         node(
