@@ -64,3 +64,30 @@ def test_a_sub_batch_size_that_fails_ends_the_search_and_a_smaller_one_serves(mi
     sizing = encoder.size_sub_batches(texts, budgets=budgets)
     assert set(sizing["tokens_per_second_by_sub_batch_tokens"]) == {str(b) for b in budgets[:2]}
     assert sizing["sub_batch_tokens"] in budgets[:2] and encoder.embed(texts).shape == (64, 384)
+
+
+def test_cpu_graphs_keep_the_residual_add_apart_from_the_layer_norm_and_sessions_do_not_fuse_it(minilm_path, tmp_path):
+    """ONNX Runtime's SkipLayerNormalization ran slower on CPU than an Add and a LayerNormalization (runtime/session.py)."""
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    from bentoformers.runtime.card import ONNX_FILE
+    from bentoformers.runtime.session import CPU_DISABLED_OPTIMIZERS
+
+    for precision, folder in minilm_path.items():
+        ops = Counter(n.op_type for n in onnx.load(str(folder / ONNX_FILE)).graph.node)
+        assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] >= 12, (precision, ops)
+        # loaded as a CPU session loads it: ONNX Runtime ignores an optimizer name it does not know, so the one
+        # disabled must be the one that would fuse the add back (it does, unless disabled)
+        fused = {}
+        for disabled in ((), CPU_DISABLED_OPTIMIZERS):
+            options = ort.SessionOptions()
+            options.optimized_model_filepath = str(tmp_path / f"{precision}-{len(disabled)}.onnx")
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=list(disabled))
+            loaded = onnx.load(options.optimized_model_filepath).graph.node
+            fused[disabled] = sum(n.op_type == "SkipLayerNormalization" for n in loaded)
+        assert fused[()] > 0 and fused[CPU_DISABLED_OPTIMIZERS] == 0, (precision, fused)

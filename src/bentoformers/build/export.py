@@ -157,6 +157,7 @@ def reference_sparse(folder: Path, texts: list[str], max_length: int, batch_size
     return rows.to(torch.float32).numpy()
 
 
+CPU_GRAPH = "residual adds apart from their layer norms"  # what a CPU graph is built as (store versions: builder.py)
 POOLING_PREFIX = "pooling_"  # the appended nodes' and tensors' names: fp16 conversion leaves these in fp32
 
 
@@ -258,11 +259,11 @@ def optimize(
 ) -> Path:
     """ONNX Runtime's transformer fusions (attention, layer norm, GELU); fp16 keeps fp32 inputs/outputs.
 
-    Architectures the fusion passes do not know are converted (fp16) or copied as exported. `for_int8`: the graph
-    that build/quantize.py rewrites, with GELU and its bias, and the layer norms, fused, but neither attention (the
-    fused operator holds the query, key and value weights, which then could not be quantized) nor the residual
-    add into the layer norm (SkipLayerNormalization took about 4x an Add and a LayerNormalization at one short
-    text on a Zen 4) nor the embeddings' layer norm.
+    Architectures the fusion passes do not know are converted (fp16) or copied as exported. A CPU graph keeps the
+    residual add apart from its layer norm: SkipLayerNormalization ran slower on CPU (runtime/session.py,
+    CPU_DISABLED_OPTIMIZERS). `for_int8`: the graph that build/quantize.py rewrites, with GELU and its bias, and
+    the layer norms, fused, but neither attention (the fused operator holds the query, key and value weights,
+    which then could not be quantized) nor the embeddings' layer norm.
     """
     import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -281,9 +282,10 @@ def optimize(
         onnx.save_model(model, str(out_path))
         return out_path
     options = FusionOptions(model_type)
+    if not for_gpu:
+        options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
     if for_int8:
-        options.enable_attention = options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
-        options.enable_embed_layer_norm = False
+        options.enable_attention = options.enable_embed_layer_norm = False
     optimized = optimize_model(
         str(onnx_path),
         model_type=model_type,
