@@ -155,3 +155,11 @@ def test_build_steps_are_plain_lines_in_a_log():
     report("  step ...")
     report("  step: done in 1.0s")
     assert out.getvalue() == "  step ...\n  step: done in 1.0s\n"
+
+
+def test_bench_in_process_outside_the_project_says_where_to_run_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no build/models.yaml here
+    monkeypatch.delenv("BENTOFORMERS_MODEL_LIST", raising=False)
+    assert cli.main(["bench", "--model-only", "--duration", "0.1"]) == cli.USAGE
+    err = capsys.readouterr().err
+    assert "models.yaml" in err and "run from the project folder" in err and "Traceback" not in err

@@ -166,7 +166,11 @@ def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, 
     from bentoformers.settings import Settings
     from bentoformers.spec import store_name
 
-    name = next(m.name for m in served_models(Settings()) if m.task == "embeddings")
+    try:
+        name = next(m.name for m in served_models(Settings()) if m.task == "embeddings")
+    except (RuntimeError, OSError, StopIteration) as exc:
+        raise CliError(f"{exc or 'no embeddings model is built'} (timing the built model in process needs the model "
+                       "list and the store: run from the project folder)") from None
     out: dict[str, dict[str, Any]] = {}
     for precision in ("int8", "fp32"):
         try:
