@@ -100,14 +100,14 @@ def test_each_variant_serves_in_its_faster_threading_and_says_so(minilm_path, sl
 
 
 class ThriceWhen:
-    """A real ONNX Runtime session that runs the calls `slow(texts)` picks three times over, and counts calls."""
+    """A real ONNX Runtime session that runs the calls `slow(texts, tokens)` picks three times over, and counts calls."""
 
     def __init__(self, session, slow):
         self.session, self.slow, self.calls = session, slow, 0
 
     def run(self, outputs, inputs):
         self.calls += 1
-        for _ in range(2 if self.slow(len(inputs["input_ids"])) else 0):
+        for _ in range(2 if self.slow(*inputs["input_ids"].shape) else 0):
             self.session.run(outputs, inputs)
         return self.session.run(outputs, inputs)
 
@@ -123,7 +123,7 @@ class LoneFasterOn(OnnxEncoder):
         ways = super().threadings()
         for threads, way in ways.items():
             alone_slow = threads != self.lone_threads
-            way.session = ThriceWhen(way.session, lambda texts, alone_slow=alone_slow: (texts == 1) == alone_slow)
+            way.session = ThriceWhen(way.session, lambda texts, _, alone_slow=alone_slow: (texts == 1) == alone_slow)
         return ways
 
 
@@ -136,9 +136,8 @@ def test_a_call_of_one_text_runs_in_the_threading_faster_text_by_text(minilm_pat
     batched_threads = 3 - lone_threads
     timing, engine = proof.timings["int8"], proof.engine
     assert timing["run_threads"] == engine.run_threads == batched_threads
-    assert timing["lone_run_threads"] == engine.lone.run_threads == lone_threads
-    assert engine.run_threads_for(1) == lone_threads and engine.run_threads_for(2) == batched_threads
-    assert f"{batched_threads} ONNX Runtime thread(s) per sub-batch, {lone_threads} for a lone text" in proof.why
+    assert timing["lone_run_threads"] == engine.lone.run_threads == lone_threads and timing["lone_tokens"] == [0, None]
+    assert f"{batched_threads} ONNX Runtime thread(s) per sub-batch, {lone_threads} for a lone text (by" in proof.why
     # the variant's time: its best batched call and its best texts one by one, each in its faster way
     assert timing["seconds"] == pytest.approx(timing["batched_seconds"] + timing["one_by_one_seconds"], abs=2e-6)
     assert timing["seconds"] < min(timing["seconds_by_run_threads"].values())
@@ -149,6 +148,48 @@ def test_a_call_of_one_text_runs_in_the_threading_faster_text_by_text(minilm_pat
     assert np.array_equal(engine.embed(inputs[:1]), expected[:1]) and engine.lone.session.calls == lone_calls + 1
     assert np.array_equal(engine.embed(inputs[1:3]), expected[1:3]) and engine.lone.session.calls == lone_calls + 1
     assert engine.session.calls > calls
+
+
+class LongLoneTextsFasterOnMore(OnnxEncoder):
+    """A real encoder whose one-thread way runs lone texts of `cut` tokens or more three times over, its two-thread way
+    shorter lone texts, and the way not `batched_threads` every call of several texts."""
+
+    def __init__(self, folder, batched_threads, cut):
+        super().__init__(folder, threads=2)
+        self.batched_threads, self.cut = batched_threads, cut
+
+    def threadings(self):
+        ways = super().threadings()
+        for threads, way in ways.items():
+            def slow(texts, tokens, threads=threads):
+                return threads != self.batched_threads if texts > 1 else (tokens >= self.cut) == (threads == 1)
+
+            way.session = ThriceWhen(way.session, slow)
+        return ways
+
+
+@pytest.mark.parametrize("batched_threads", [1, 2])
+def test_a_lone_text_runs_in_the_threading_faster_at_its_length(minilm_path, batched_threads):
+    inputs = selfcheck.load(minilm_path["int8"])["inputs"]
+    cut = sorted(map(len, inputs))[len(inputs) // 2]  # half the check set's texts on either side
+    proof = selfcheck.fastest_that_holds(
+        [("int8", minilm_path["int8"])], forced=True, threadings=True,
+        open_=lambda folder: LongLoneTextsFasterOnMore(folder, batched_threads, cut),
+    )
+    timing, engine = proof.timings["int8"], proof.engine
+    assert engine.run_threads == batched_threads and engine.lone.run_threads == 3 - batched_threads
+    # lone texts of `cut` tokens or more on both cores, shorter ones on one
+    span = [cut, None] if batched_threads == 1 else [0, cut]
+    assert timing["lone_tokens"] == span and list(engine.lone_tokens) == span
+    way = f"of {cut} tokens or more" if batched_threads == 1 else f"under {cut} tokens"
+    assert f"{batched_threads} ONNX Runtime thread(s) per sub-batch, {3 - batched_threads} for a lone text {way}" in proof.why
+    short, long = min(inputs, key=len), max(inputs, key=len)
+    expected = OnnxEncoder(minilm_path["int8"], threads=1).embed([short, long])
+    for text, row, on_two in ((short, expected[0], False), (long, expected[1], True)):
+        two = engine if batched_threads == 2 else engine.lone
+        calls = two.session.calls
+        assert np.array_equal(engine.embed([text])[0], row)
+        assert two.session.calls == calls + on_two
 
 
 def test_a_forced_precision_serves_even_when_slower_and_is_still_timed(minilm_path):

@@ -73,9 +73,10 @@ class OnnxEncoder:
             inter_op_threads=1, spinning=spinning,
         )
         self.run_threads = run_threads
-        # the same graph in another threading, for calls of one text where that runs them faster (set by the
-        # start-up timing: runtime/selfcheck.py)
+        # the same graph in another threading, for a call of one text whose length lies in `lone_tokens` (from,
+        # below; None: no bound), where that threading runs it faster: set by the start-up timing (runtime/selfcheck.py)
         self.lone: OnnxEncoder | None = None
+        self.lone_tokens: tuple[int, int | None] = (0, None)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="onnx")
         self._input_names = {i.name for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
@@ -102,9 +103,22 @@ class OnnxEncoder:
         twin = OnnxEncoder(self.folder, self.device, self.cores, self.max_batch_tokens, self.spinning, run_threads=other)
         return {self.run_threads: self, other: twin}
 
-    def run_threads_for(self, texts: int) -> int:
-        """ONNX Runtime threads per sub-batch of a call of this many texts."""
-        return (self.lone if texts == 1 and self.lone is not None else self).run_threads
+    def _runs_lone(self, batch: list[list[int]]) -> bool:
+        if len(batch) != 1 or self.lone is None:
+            return False
+        low, high = self.lone_tokens
+        return low <= len(batch[0]) and (high is None or len(batch[0]) < high)
+
+    def lone_way(self) -> str:
+        """How a call of one text runs where that differs from other calls ("" where it does not)."""
+        if self.lone is None:
+            return ""
+        low, high = self.lone_tokens
+        if high is not None:
+            span = f" under {high} tokens" if low == 0 else f" of {low} to {high - 1} tokens"
+        else:
+            span = f" of {low} tokens or more" if low else ""
+        return f"{self.lone.run_threads} for a lone text{span}"
 
     def size_sub_batches(
         self, texts: list[list[int]], budgets: tuple[int, ...] = CUDA_SUB_BATCH_TOKENS, calls: int = 3
@@ -143,7 +157,7 @@ class OnnxEncoder:
 
     def embed(self, batch: list[list[int]]) -> np.ndarray:
         """Token ids in, float32 rows out (one per input, same order): pooled embeddings or logits."""
-        if len(batch) == 1 and self.lone is not None:
+        if self._runs_lone(batch):
             return self.lone.embed(batch)
         width = (self.card.dimensions,)
         if self._per_token:

@@ -218,9 +218,9 @@ def fastest_that_holds(
 
     `threadings`: an engine that offers other ways of using the cores (OnnxEncoder.threadings) is timed each way
     too, and serves the faster: on a Zen 4 one ONNX Runtime thread per sub-batch, side by side, ran int8 MiniLM
-    1.1-1.3x faster than every core on each sub-batch, and fp32 1.2-1.6x slower. Where one way runs the batched
-    call faster and the other the texts one by one (fp32 on a Zen 5: one text 1.7x faster on both cores, a batch
-    faster side by side), an encoder keeps both: calls of several texts go the one way, a call of one text the other.
+    1.1-1.3x faster than every core on each sub-batch, and fp32 1.2-1.6x slower. An encoder keeps both ways where
+    a lone text of some lengths runs faster in the way slower batched (a second thread pays more as a text grows):
+    calls of several texts go the one way, those lone texts the other.
 
     With a forced precision (one candidate) a failed check refuses to start. A variant built before there were
     check sets is served as found, untimed, if no candidate before it holds.
@@ -268,9 +268,9 @@ def fastest_that_holds(
         why = f"the fastest that holds on this CPU ({cpu.isa_class()}): check set in {shown}"
     if "run_threads" in timings[chosen]:
         ways = ", ".join(f"{t}: {sec * 1000:.1f} ms" for t, sec in timings[chosen]["seconds_by_run_threads"].items())
-        lone = timings[chosen].get("lone_run_threads")
+        lone = engines[chosen].lone_way() if hasattr(engines[chosen], "lone_way") else ""
         why += (f"; {timings[chosen]['run_threads']} ONNX Runtime thread(s) per sub-batch"
-                f"{f', {lone} for a lone text' if lone else ''} (by threads: {ways})")
+                f"{f', {lone}' if lone else ''} (by threads: {ways})")
     return Proof(chosen, engines[chosen], figures_of[chosen], refused, timings, why)
 
 
@@ -306,19 +306,54 @@ def _time_threadings(
         timings[precision] |= {
             "run_threads": fastest, "seconds_by_run_threads": {str(t): f["seconds"] for t, f in mine.items()},
         }
+        way = {threads: ways[(precision, threads)][1] for threads in mine}
+        if len(way) != 2 or not all(hasattr(e, "lone") for e in way.values()):
+            continue  # ways that cannot share the work: the faster in all
+        # calls of several texts in the way faster batched; a call of one text in the way faster at its length
         batched = min(mine, key=lambda threads: mine[threads]["batched_seconds"])
-        lone = min(mine, key=lambda threads: mine[threads]["one_by_one_seconds"])
-        if batched != lone and all(hasattr(ways[(precision, t)][1], "lone") for t in (batched, lone)):
-            # calls of several texts in the way faster batched, a call of one text in the way faster text by text
-            engine = engines[precision] = ways[(precision, batched)][1]
-            engine.lone = ways[(precision, lone)][1]
-            one_by_one = mine[lone]["one_by_one_seconds"]
-            timings[precision] = dict(mine[batched]) | {
-                "one_by_one_seconds": one_by_one, "seconds": round(mine[batched]["batched_seconds"] + one_by_one, 6),
-                "run_threads": batched, "lone_run_threads": lone,
-                "seconds_by_run_threads": timings[precision]["seconds_by_run_threads"],
-            }
+        other = next(threads for threads in way if threads != batched)
+        engine = engines[precision] = way[batched]
+        span, one_by_one = _lone_span(holding[precision][0]["inputs"], engine, way[other], budget)
+        if span is not None:
+            engine.lone, engine.lone_tokens = way[other], span
+        timings[precision] = dict(mine[batched]) | {
+            "one_by_one_seconds": round(one_by_one, 6), "seconds": round(mine[batched]["batched_seconds"] + one_by_one, 6),
+            "run_threads": batched, "seconds_by_run_threads": timings[precision]["seconds_by_run_threads"],
+            **({"lone_run_threads": other, "lone_tokens": list(span)} if span is not None else {}),
+        }
     return timings, engines
+
+
+def _lone_span(
+    inputs: list[list[int]], main: Any, other: Any, budget: float
+) -> tuple[tuple[int, int | None] | None, float]:
+    """Which lone texts `other` runs: each check-set text timed alone in both ways (interleaved, best of the rounds),
+    then the one length that splits them best, shorter texts to the way with fewer threads and longer ones to the
+    way with more (a second thread pays more as a text grows: in one run on a Zen 5, int8 MiniLM ran lone texts
+    under 32 tokens faster on one core and longer ones on two; in others one core was faster at every length, its
+    sleeping second thread slow to wake). Returns the span of lengths [from, below) for `other` (None: no text) and
+    the seconds of the check set text by text, so routed."""
+    best = {engine: [float("inf")] * len(inputs) for engine in (main, other)}
+    started, rounds = time.perf_counter(), 0
+    while rounds < MIN_TIMING_ROUNDS or (rounds < TIMING_ROUNDS and time.perf_counter() - started < budget / 2):
+        for i, ids in enumerate(inputs):
+            for engine in (main, other) if (rounds + i) % 2 == 0 else (other, main):
+                t = time.perf_counter()
+                engine.embed([ids])
+                best[engine][i] = min(best[engine][i], time.perf_counter() - t)
+        rounds += 1
+    few, many = sorted((main, other), key=lambda engine: engine.run_threads)
+    lengths = [len(ids) for ids in inputs]
+
+    def seconds(cut: int | None) -> float:  # texts of `cut` tokens or more to `many`; None: none
+        return sum(best[many if cut is not None and n >= cut else few][i] for i, n in enumerate(lengths))
+
+    cut = min([None, 0, *sorted(set(lengths))[1:]], key=seconds)  # a tie (no texts) leaves the lone texts alone
+    if other is many:
+        span = None if cut is None else (cut, None)
+    else:
+        span = None if cut == 0 else (0, cut)
+    return span, seconds(cut)
 
 
 def main(argv: list[str]) -> int:

@@ -187,7 +187,8 @@ def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, 
                 encoder.embed, lambda n, ids=ids, size=size: [ids[(n * size + j) % len(ids)] for j in range(size)], seconds
             )
             out[f"{precision}, {size} text{'s' if size > 1 else ''}/call"] = {
-                "precision": precision, "run_threads": encoder.run_threads_for(size), "texts_per_call": size, "texts_per_s": len(calls) * size / elapsed,
+                "precision": precision, "run_threads": encoder.run_threads,
+                "lone": encoder.lone_way() if size == 1 else "", "texts_per_call": size, "texts_per_s": len(calls) * size / elapsed,
                 "p50_ms": percentile(sorted(calls), 0.5),
             }
     return out
@@ -198,7 +199,7 @@ def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, 
 
 def _in_process_figures(figures: dict[str, Any]) -> str:
     return (f"{figures['texts_per_s']:.1f} texts/s, p50 {figures['p50_ms']:.2f} ms/call "
-            f"({figures['run_threads']} thread(s) per sub-batch)")
+            f"({figures['run_threads']} thread(s) per sub-batch{', ' + figures['lone'] if figures.get('lone') else ''})")
 
 
 def against_in_process(report: dict[str, Any]) -> list[str]:

@@ -136,7 +136,8 @@ def in_process(name: str, requests: dict[int, list[tuple[str, list[str]]]], seco
             encoder.classify(calls_ids[0])
             calls, elapsed = time_calls(encoder.classify, lambda n, calls_ids=calls_ids: calls_ids[n % len(calls_ids)], seconds)
             out[f"{precision}, {size} pairs/call"] = {
-                "precision": precision, "run_threads": encoder.run_threads_for(size), "pairs_per_call": size, "pairs_per_s": len(calls) * size / elapsed,
+                "precision": precision, "run_threads": encoder.run_threads,
+                "lone": encoder.lone_way() if size == 1 else "", "pairs_per_call": size, "pairs_per_s": len(calls) * size / elapsed,
                 "p50_ms": percentile(sorted(calls), 0.5),
             }
     return out
