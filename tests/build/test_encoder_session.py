@@ -74,7 +74,7 @@ def test_cpu_graphs_keep_the_residual_add_apart_from_the_layer_norm_and_sessions
     import onnxruntime as ort
 
     from bentoformers.runtime.card import ONNX_FILE
-    from bentoformers.runtime.session import CPU_DISABLED_OPTIMIZERS
+    from bentoformers.runtime.session import ENCODER_CPU_DISABLED_OPTIMIZERS
 
     for precision, folder in minilm_path.items():
         ops = Counter(n.op_type for n in onnx.load(str(folder / ONNX_FILE)).graph.node)
@@ -82,7 +82,7 @@ def test_cpu_graphs_keep_the_residual_add_apart_from_the_layer_norm_and_sessions
         # loaded as a CPU session loads it: ONNX Runtime ignores an optimizer name it does not know, so the one
         # disabled must be the one that would fuse the add back (it does, unless disabled)
         fused = {}
-        for disabled in ((), CPU_DISABLED_OPTIMIZERS):
+        for disabled in ((), ENCODER_CPU_DISABLED_OPTIMIZERS):
             options = ort.SessionOptions()
             options.optimized_model_filepath = str(tmp_path / f"{precision}-{len(disabled)}.onnx")
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -90,4 +90,4 @@ def test_cpu_graphs_keep_the_residual_add_apart_from_the_layer_norm_and_sessions
                                  disabled_optimizers=list(disabled))
             loaded = onnx.load(options.optimized_model_filepath).graph.node
             fused[disabled] = sum(n.op_type == "SkipLayerNormalization" for n in loaded)
-        assert fused[()] > 0 and fused[CPU_DISABLED_OPTIMIZERS] == 0, (precision, fused)
+        assert fused[()] > 0 and fused[ENCODER_CPU_DISABLED_OPTIMIZERS] == 0, (precision, fused)

@@ -161,8 +161,10 @@ class LongLoneTextsFasterOnMore(OnnxEncoder):
     def threadings(self):
         ways = super().threadings()
         for threads, way in ways.items():
-            def slow(texts, tokens, threads=threads):
-                return threads != self.batched_threads if texts > 1 else (tokens >= self.cut) == (threads == 1)
+            # the predicate holds no reference to an engine: no cycle left for the garbage collector (see
+            # tests/e2e/test_hostile_transport.py: a forked child that collected an engine died)
+            def slow(texts, tokens, threads=threads, batched=self.batched_threads, cut=self.cut):
+                return threads != batched if texts > 1 else (tokens >= cut) == (threads == 1)
 
             way.session = ThriceWhen(way.session, slow)
         return ways

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -112,16 +114,25 @@ def test_bench_finds_a_local_listener_and_samples_its_memory_and_cpu():
         port = s.getsockname()[1]
         assert load.listening_pid(f"http://127.0.0.1:{port}") == os.getpid()
     assert load.listening_pid("http://example.invalid:80") is None  # not this machine: no lookup
-    sampler = load.ServerSampler(os.getpid(), every=0.01)
-    time.sleep(0.1)  # sleeping costs no CPU
-    assert sampler.cpu_seconds() < 0.05
-    sampler.reset()
-    busy_until = time.process_time() + 0.2
-    while time.process_time() < busy_until:
-        pass
-    assert 0.15 < sampler.cpu_seconds() < 1.0
-    sampler.stop()
-    assert sampler.peak_mib() > 10
+    # a "server" of its own, idle until told to spend 0.2 s of CPU (this process may have others running)
+    busy = "import sys, time\nprint(flush=True)\nsys.stdin.readline()\nend = time.process_time() + 0.2\n" \
+           "while time.process_time() < end:\n    pass\nprint(flush=True)\nsys.stdin.readline()\n"
+    server = subprocess.Popen([sys.executable, "-c", busy], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        server.stdout.readline()  # started
+        sampler = load.ServerSampler(server.pid, every=0.01)
+        time.sleep(0.1)
+        assert sampler.cpu_seconds() < 0.05  # waiting costs no CPU
+        sampler.reset()
+        server.stdin.write("\n")
+        server.stdin.flush()
+        server.stdout.readline()  # done
+        assert 0.15 < sampler.cpu_seconds() < 0.6
+        sampler.stop()
+        assert sampler.peak_mib() > 5
+    finally:
+        server.kill()
+        server.wait()
     assert load.ServerSampler(None).cpu_seconds() is None
 
 

@@ -426,7 +426,8 @@ def _version(spec: ModelSpec, variant: VariantSpec, revision: str, chat_template
             spec.model_dump(exclude={"variants", "chat_template"}), variant.model_dump(), spec.gates(variant), revision,
             __version__, int8_scheme(spec.task) if variant.precision == "int8" else None,
             *([POOLED_OUTPUT] if TASKS[spec.task].output == "pooled" else []),  # built since the pooling is in the graph
-            *([CPU_GRAPH] if variant.precision != "fp16" else []),  # built since SkipLayerNormalization is left out
+            # built since SkipLayerNormalization is left out of encoders' CPU graphs
+            *([CPU_GRAPH] if variant.precision != "fp16" and not TASKS[spec.task].decoder else []),
             *([chat_template] if chat_template else []),  # the template's text: a .jinja file can change
         ],
         sort_keys=True,

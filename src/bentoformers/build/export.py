@@ -261,7 +261,7 @@ def optimize(
 
     Architectures the fusion passes do not know are converted (fp16) or copied as exported. A CPU graph keeps the
     residual add apart from its layer norm: SkipLayerNormalization ran slower on CPU (runtime/session.py,
-    CPU_DISABLED_OPTIMIZERS). `for_int8`: the graph that build/quantize.py rewrites, with GELU and its bias, and
+    ENCODER_CPU_DISABLED_OPTIMIZERS). `for_int8`: the graph that build/quantize.py rewrites, with GELU and its bias, and
     the layer norms, fused, but neither attention (the fused operator holds the query, key and value weights,
     which then could not be quantized) nor the embeddings' layer norm.
     """

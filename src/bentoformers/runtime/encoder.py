@@ -15,7 +15,7 @@ import numpy as np
 
 from bentoformers.runtime.card import ONNX_FILE, ModelCard
 from bentoformers.runtime.cpu import usable_cores
-from bentoformers.runtime.session import open_session
+from bentoformers.runtime.session import ENCODER_CPU_DISABLED_OPTIMIZERS, open_session
 from bentoformers.runtime.tokenizer import SECOND_SEGMENT
 from bentoformers.tasks import TASKS
 
@@ -70,7 +70,7 @@ class OnnxEncoder:
         self.workers = 1 if device == "cuda" else max(1, self.cores // run_threads)
         self.session = open_session(
             self.folder / ONNX_FILE, device, intra_op_threads=0 if device == "cuda" else run_threads,
-            inter_op_threads=1, spinning=spinning,
+            inter_op_threads=1, spinning=spinning, cpu_disabled_optimizers=ENCODER_CPU_DISABLED_OPTIMIZERS,
         )
         self.run_threads = run_threads
         # the same graph in another threading, for a call of one text whose length lies in `lone_tokens` (from,

@@ -40,7 +40,9 @@ CHECK_INPUTS = 24  # evenly spaced over the shipped inputs: an unbiased sample, 
 # Figures a small sample cannot estimate (neighbour overlap needs the whole set); the build gates them.
 NOT_CHECKED = frozenset({"neighbour_overlap", "dot_recall_at_10"})
 SPARSE_TERMS = 256  # SPLADE: the reference's largest weights kept per input (a dense row is the whole vocabulary)
-TIMING_SECONDS = 1.0  # about how long timing the variants that hold may take, all together
+TIMING_SECONDS = 1.0  # about how long timing the variants that hold may take, all together (past their least
+# rounds; with threadings, timing each variant's lone texts both ways takes up to half as long again per variant)
+LONE_GAIN = 0.05  # the least share of the lone texts' time a second threading must save to be kept (a session more)
 TIMING_ROUNDS = 7  # at most; at least MIN_TIMING_ROUNDS after the proof's own run (which warms each variant up)
 MIN_TIMING_ROUNDS = 3  # best of one was noise on a shared CPU: the choice flipped between runs
 
@@ -331,15 +333,17 @@ def _lone_span(
     then the one length that splits them best, shorter texts to the way with fewer threads and longer ones to the
     way with more (a second thread pays more as a text grows: in one run on a Zen 5, int8 MiniLM ran lone texts
     under 32 tokens faster on one core and longer ones on two; in others one core was faster at every length, its
-    sleeping second thread slow to wake). Returns the span of lengths [from, below) for `other` (None: no text) and
-    the seconds of the check set text by text, so routed."""
+    sleeping second thread slow to wake). The split is taken only if it saves LONE_GAIN of the time without it, and
+    only if both ways gave every text the same row. Returns the span of lengths [from, below) for `other` (None: no
+    text) and the seconds of the check set text by text, so routed."""
     best = {engine: [float("inf")] * len(inputs) for engine in (main, other)}
+    rows: dict[Any, list[np.ndarray]] = {engine: [None] * len(inputs) for engine in (main, other)}
     started, rounds = time.perf_counter(), 0
     while rounds < MIN_TIMING_ROUNDS or (rounds < TIMING_ROUNDS and time.perf_counter() - started < budget / 2):
         for i, ids in enumerate(inputs):
             for engine in (main, other) if (rounds + i) % 2 == 0 else (other, main):
                 t = time.perf_counter()
-                engine.embed([ids])
+                rows[engine][i] = engine.embed([ids])
                 best[engine][i] = min(best[engine][i], time.perf_counter() - t)
         rounds += 1
     few, many = sorted((main, other), key=lambda engine: engine.run_threads)
@@ -348,11 +352,14 @@ def _lone_span(
     def seconds(cut: int | None) -> float:  # texts of `cut` tokens or more to `many`; None: none
         return sum(best[many if cut is not None and n >= cut else few][i] for i, n in enumerate(lengths))
 
-    cut = min([None, 0, *sorted(set(lengths))[1:]], key=seconds)  # a tie (no texts) leaves the lone texts alone
-    if other is many:
-        span = None if cut is None else (cut, None)
-    else:
-        span = None if cut == 0 else (0, cut)
+    alone = None if main is few else 0  # the cut that leaves every lone text to `main`
+    cut = min([alone, *({None, 0, *sorted(set(lengths))[1:]} - {alone})], key=seconds)
+    same = all(np.array_equal(a, b) for a, b in zip(rows[main], rows[other]))
+    if cut == alone or seconds(cut) > (1 - LONE_GAIN) * seconds(alone) or not same:
+        if not same:
+            logger.warning("the two threadings gave a text different rows here; lone texts stay in one")
+        return None, seconds(alone)
+    span = (cut, None) if other is many else (0, cut)
     return span, seconds(cut)
 
 

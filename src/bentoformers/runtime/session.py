@@ -31,18 +31,21 @@ def cuda_likely(requested: str = "auto") -> bool:
     return provider and _has_cuda_driver()
 
 
-# ONNX Runtime's fusions that make a CPU graph slower: its SkipLayerNormalization (the residual add fused into the
-# layer norm) ran MiniLM 7-15 % slower in fp32 and 3 % in int8 than an Add and a LayerNormalization (2-vCPU Zen 5;
-# ~4x the pair's time at one short text on a Zen 4). The build leaves it out of CPU graphs (build/export.py), and a
-# CPU session must not fuse it back at load. ONNX Runtime ignores a name it does not know: a test checks this one.
-CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+# ONNX Runtime's fusions that make an encoder's CPU graph slower: its SkipLayerNormalization (the residual add fused
+# into the layer norm) ran MiniLM 7-15 % slower in fp32 and 3 % in int8 than an Add and a LayerNormalization (2-vCPU
+# Zen 5; ~4x the pair's time at one short text on a Zen 4). The build leaves it out of encoders' CPU graphs
+# (build/export.py), and their CPU sessions must not fuse it back at load (decoders were not timed without it and
+# keep it). ONNX Runtime ignores a name it does not know: a test checks this one.
+ENCODER_CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
 def open_session(
-    path: str | Path, device: str = "cpu", intra_op_threads: int = 0, inter_op_threads: int = 0, spinning: bool = True
+    path: str | Path, device: str = "cpu", intra_op_threads: int = 0, inter_op_threads: int = 0, spinning: bool = True,
+    cpu_disabled_optimizers: tuple[str, ...] = (),
 ):
     """The one way a graph is opened: an ONNX Runtime session on `device`, which really runs there. `spinning`:
-    ONNX Runtime's default, its threads spin-wait between operators rather than sleep.
+    ONNX Runtime's default, its threads spin-wait between operators rather than sleep. `cpu_disabled_optimizers`:
+    ONNX Runtime's graph optimizers not to run at load on CPU.
 
     ONNX Runtime falls back to CPU with only a log line when CUDA cannot start; a model service that then
     said `cuda` in /v1/models and its metrics would be lying, so that is an error here.
@@ -56,7 +59,7 @@ def open_session(
     if device == "cuda" and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (the GPU image has no system CUDA)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    disabled = [] if device == "cuda" else list(CPU_DISABLED_OPTIMIZERS)
+    disabled = [] if device == "cuda" else list(cpu_disabled_optimizers)
     session = ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         raise RuntimeError(f"ONNX Runtime could not start CUDA for {path} (see its log above); not serving on CPU")

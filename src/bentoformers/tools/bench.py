@@ -169,7 +169,7 @@ def in_process(texts: list[str], sizes: list[int], seconds: float) -> dict[str, 
     try:
         name = next(m.name for m in served_models(Settings()) if m.task == "embeddings")
     except (RuntimeError, OSError, StopIteration) as exc:
-        raise CliError(f"{exc or 'no embeddings model is built'} (timing the built model in process needs the model "
+        raise CliError(f"{str(exc) or 'no embeddings model is built'} (timing the built model in process needs the model "
                        "list and the store: run from the project folder)") from None
     out: dict[str, dict[str, Any]] = {}
     for precision in ("int8", "fp32"):
