@@ -40,8 +40,7 @@ CHECK_INPUTS = 24  # evenly spaced over the shipped inputs: an unbiased sample, 
 # Figures a small sample cannot estimate (neighbour overlap needs the whole set); the build gates them.
 NOT_CHECKED = frozenset({"neighbour_overlap", "dot_recall_at_10"})
 SPARSE_TERMS = 256  # SPLADE: the reference's largest weights kept per input (a dense row is the whole vocabulary)
-TIMING_SECONDS = 1.0  # about how long timing the variants that hold may take, all together (past their least
-# rounds; with threadings, timing each variant's lone texts both ways takes up to half as long again per variant)
+TIMING_SECONDS = 1.0  # about how long timing the variants that hold may take, all together
 LONE_GAIN = 0.05  # the least share of the lone texts' time a second threading must save to be kept (a session more)
 TIMING_ROUNDS = 7  # at most; at least MIN_TIMING_ROUNDS after the proof's own run (which warms each variant up)
 MIN_TIMING_ROUNDS = 3  # best of one was noise on a shared CPU: the choice flipped between runs
@@ -133,10 +132,11 @@ def open_engine(folder: str | Path, device: str = "cpu", threads: int | None = N
     return OnnxEncoder(folder, device=device, threads=threads)
 
 
-def _timed_runs(check: dict[str, Any], engine: Any) -> dict[str, Callable[[], int]]:
+def _timed_runs(check: dict[str, Any], engine: Any, per_text: list[float] | None = None) -> dict[str, Callable[[], int]]:
     """What timing a variant runs, by name: each returns the tokens it ran (generation: the tokens it generated).
 
-    Encoders: the check set in one batched call, and text by text (int8 can win the one and lose the other).
+    Encoders: the check set in one batched call, and text by text (int8 can win the one and lose the other);
+    `per_text` keeps each text's best time alone.
     """
     inputs = check["inputs"]
     if check["task"] == "generation":
@@ -148,21 +148,31 @@ def _timed_runs(check: dict[str, Any], engine: Any) -> dict[str, Callable[[], in
         return sum(map(len, inputs))
 
     def one_by_one() -> int:
-        for ids in inputs:
+        for i, ids in enumerate(inputs):
+            t = time.perf_counter()
             engine.embed([ids])
+            if per_text is not None:
+                per_text[i] = min(per_text[i], time.perf_counter() - t)
         return sum(map(len, inputs))
 
     return {"batched": batched, "one_by_one": one_by_one}
 
 
 def time_variants(
-    checks: dict[str, tuple[dict[str, Any], Any]], budget: float = TIMING_SECONDS
+    checks: dict[str, tuple[dict[str, Any], Any]], budget: float = TIMING_SECONDS,
+    per_text: dict[Any, list[float]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each variant ({precision: (check set, engine)}) timed on its check set, the variants interleaved round by
     round in alternating order (a neighbour's load then slows them all alike), best of the rounds:
     {precision: {"<run>_seconds": ..., "seconds": their sum, "tokens_per_second": the first run's rate (the
-    batched call for encoders), "rounds"}}."""
-    runs = {precision: _timed_runs(check, engine) for precision, (check, engine) in checks.items()}
+    batched call for encoders), "rounds"}}. With `per_text`, it gets each encoder variant's best time for each
+    check-set text alone, by variant."""
+    if per_text is not None:
+        per_text |= {key: [float("inf")] * len(check["inputs"]) for key, (check, _) in checks.items()}
+    runs = {
+        precision: _timed_runs(check, engine, per_text[precision] if per_text is not None else None)
+        for precision, (check, engine) in checks.items()
+    }
     best: dict[str, dict[str, float]] = {p: {} for p in runs}
     tokens: dict[str, dict[str, int]] = {p: {} for p in runs}
     started = time.perf_counter()
@@ -295,7 +305,8 @@ def _time_threadings(
         for precision, (check, engine) in holding.items()
         for threads, way in (engine.threadings() if hasattr(engine, "threadings") else {0: engine}).items()
     }
-    timed = time_variants(ways, budget)
+    per_text: dict[Any, list[float]] = {}
+    timed = time_variants(ways, budget, per_text)
     timings: dict[str, dict[str, Any]] = {}
     engines: dict[str, Any] = {}
     for precision in holding:
@@ -315,7 +326,9 @@ def _time_threadings(
         batched = min(mine, key=lambda threads: mine[threads]["batched_seconds"])
         other = next(threads for threads in way if threads != batched)
         engine = engines[precision] = way[batched]
-        span, one_by_one = _lone_span(holding[precision][0]["inputs"], engine, way[other], budget)
+        span, one_by_one = _lone_span(
+            holding[precision][0]["inputs"], engine, way[other], per_text[(precision, batched)], per_text[(precision, other)]
+        )
         if span is not None:
             engine.lone, engine.lone_tokens = way[other], span
         timings[precision] = dict(mine[batched]) | {
@@ -327,25 +340,16 @@ def _time_threadings(
 
 
 def _lone_span(
-    inputs: list[list[int]], main: Any, other: Any, budget: float
+    inputs: list[list[int]], main: Any, other: Any, main_seconds: list[float], other_seconds: list[float]
 ) -> tuple[tuple[int, int | None] | None, float]:
-    """Which lone texts `other` runs: each check-set text timed alone in both ways (interleaved, best of the rounds),
-    then the one length that splits them best, shorter texts to the way with fewer threads and longer ones to the
-    way with more (a second thread pays more as a text grows: in one run on a Zen 5, int8 MiniLM ran lone texts
-    under 32 tokens faster on one core and longer ones on two; in others one core was faster at every length, its
-    sleeping second thread slow to wake). The split is taken only if it saves LONE_GAIN of the time without it, and
-    only if both ways gave every text the same row. Returns the span of lengths [from, below) for `other` (None: no
-    text) and the seconds of the check set text by text, so routed."""
-    best = {engine: [float("inf")] * len(inputs) for engine in (main, other)}
-    rows: dict[Any, list[np.ndarray]] = {engine: [None] * len(inputs) for engine in (main, other)}
-    started, rounds = time.perf_counter(), 0
-    while rounds < MIN_TIMING_ROUNDS or (rounds < TIMING_ROUNDS and time.perf_counter() - started < budget / 2):
-        for i, ids in enumerate(inputs):
-            for engine in (main, other) if (rounds + i) % 2 == 0 else (other, main):
-                t = time.perf_counter()
-                rows[engine][i] = engine.embed([ids])
-                best[engine][i] = min(best[engine][i], time.perf_counter() - t)
-        rounds += 1
+    """Which lone texts `other` runs, from each check-set text's best time alone in both ways (time_variants): the
+    one length that splits them best, shorter texts to the way with fewer threads and longer ones to the way with
+    more (a second thread pays more as a text grows: in one run on a Zen 5, int8 MiniLM ran lone texts under 32
+    tokens faster on one core and longer ones on two; in others one core was faster at every length, its sleeping
+    second thread slow to wake). The split is taken only if it saves LONE_GAIN of the time without it, and only if
+    both ways give every text the same row. Returns the span of lengths [from, below) for `other` (None: no text)
+    and the seconds of the check set text by text, so routed."""
+    best = {main: main_seconds, other: other_seconds}
     few, many = sorted((main, other), key=lambda engine: engine.run_threads)
     lengths = [len(ids) for ids in inputs]
 
@@ -353,11 +357,11 @@ def _lone_span(
         return sum(best[many if cut is not None and n >= cut else few][i] for i, n in enumerate(lengths))
 
     alone = None if main is few else 0  # the cut that leaves every lone text to `main`
-    cut = min([alone, *({None, 0, *sorted(set(lengths))[1:]} - {alone})], key=seconds)
-    same = all(np.array_equal(a, b) for a, b in zip(rows[main], rows[other]))
-    if cut == alone or seconds(cut) > (1 - LONE_GAIN) * seconds(alone) or not same:
-        if not same:
-            logger.warning("the two threadings gave a text different rows here; lone texts stay in one")
+    cut = min([None, 0, *sorted(set(lengths))[1:]], key=seconds)
+    if cut == alone or seconds(cut) > (1 - LONE_GAIN) * seconds(alone):
+        return None, seconds(alone)
+    if not all(np.array_equal(main.embed([ids]), other.embed([ids])) for ids in inputs):
+        logger.warning("the two threadings gave a text different rows here; lone texts stay in one")
         return None, seconds(alone)
     span = (cut, None) if other is many else (0, cut)
     return span, seconds(cut)
