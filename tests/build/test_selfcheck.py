@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -192,6 +193,49 @@ def test_a_lone_text_runs_in_the_threading_faster_at_its_length(minilm_path, bat
         calls = two.session.calls
         assert np.array_equal(engine.embed([text])[0], row)
         assert two.session.calls == calls + on_two
+
+
+class TimesOver:
+    """A real ONNX Runtime session that runs every call `times` over; `now_and_then`: a lone text's every third call
+    once."""
+
+    def __init__(self, session, times, now_and_then):
+        self.session, self.times, self.now_and_then, self.lone_calls = session, times, now_and_then, Counter()
+
+    def run(self, outputs, inputs):
+        ids = inputs["input_ids"]
+        runs = self.times
+        if ids.shape[0] == 1 and self.now_and_then:
+            self.lone_calls[ids.tobytes()] += 1
+            runs = 1 if self.lone_calls[ids.tobytes()] % 3 == 0 else self.times
+        for _ in range(runs - 1):
+            self.session.run(outputs, inputs)
+        return self.session.run(outputs, inputs)
+
+
+class TwoThreadsFastNowAndThen(OnnxEncoder):
+    """A real encoder: one thread runs everything twice over; two threads run everything three times over, but a
+    lone text once on every third call (a sleeping second thread that now and then wakes fast)."""
+
+    def __init__(self, folder):
+        super().__init__(folder, threads=2)
+
+    def threadings(self):
+        ways = super().threadings()
+        for threads, way in ways.items():
+            way.session = TimesOver(way.session, 2 if threads == 1 else 3, now_and_then=threads == 2)
+        return ways
+
+
+def test_a_lone_threading_fast_only_now_and_then_is_not_taken(minilm_path):
+    # the best of the rounds would send lone texts to two threads (once against twice over); typically they run
+    # three times over there
+    proof = selfcheck.fastest_that_holds(
+        [("int8", minilm_path["int8"])], forced=True, threadings=True, open_=TwoThreadsFastNowAndThen,
+    )
+    timing, engine = proof.timings["int8"], proof.engine
+    assert timing["rounds"] >= 3 and engine.run_threads == 1
+    assert engine.lone is None and "lone_run_threads" not in timing and "for a lone text" not in proof.why
 
 
 def test_a_forced_precision_serves_even_when_slower_and_is_still_timed(minilm_path):

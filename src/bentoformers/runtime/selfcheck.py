@@ -132,11 +132,13 @@ def open_engine(folder: str | Path, device: str = "cpu", threads: int | None = N
     return OnnxEncoder(folder, device=device, threads=threads)
 
 
-def _timed_runs(check: dict[str, Any], engine: Any, per_text: list[float] | None = None) -> dict[str, Callable[[], int]]:
+def _timed_runs(
+    check: dict[str, Any], engine: Any, per_text: list[list[float]] | None = None
+) -> dict[str, Callable[[], int]]:
     """What timing a variant runs, by name: each returns the tokens it ran (generation: the tokens it generated).
 
     Encoders: the check set in one batched call, and text by text (int8 can win the one and lose the other);
-    `per_text` keeps each text's best time alone.
+    `per_text` gets each text's time alone, round after round.
     """
     inputs = check["inputs"]
     if check["task"] == "generation":
@@ -152,7 +154,7 @@ def _timed_runs(check: dict[str, Any], engine: Any, per_text: list[float] | None
             t = time.perf_counter()
             engine.embed([ids])
             if per_text is not None:
-                per_text[i] = min(per_text[i], time.perf_counter() - t)
+                per_text[i].append(time.perf_counter() - t)
         return sum(map(len, inputs))
 
     return {"batched": batched, "one_by_one": one_by_one}
@@ -160,15 +162,15 @@ def _timed_runs(check: dict[str, Any], engine: Any, per_text: list[float] | None
 
 def time_variants(
     checks: dict[str, tuple[dict[str, Any], Any]], budget: float = TIMING_SECONDS,
-    per_text: dict[Any, list[float]] | None = None,
+    per_text: dict[Any, list[list[float]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each variant ({precision: (check set, engine)}) timed on its check set, the variants interleaved round by
     round in alternating order (a neighbour's load then slows them all alike), best of the rounds:
     {precision: {"<run>_seconds": ..., "seconds": their sum, "tokens_per_second": the first run's rate (the
-    batched call for encoders), "rounds"}}. With `per_text`, it gets each encoder variant's best time for each
-    check-set text alone, by variant."""
+    batched call for encoders), "rounds"}}. With `per_text`, it gets each encoder variant's times of each check-set
+    text alone, one per round, by variant."""
     if per_text is not None:
-        per_text |= {key: [float("inf")] * len(check["inputs"]) for key, (check, _) in checks.items()}
+        per_text |= {key: [[] for _ in check["inputs"]] for key, (check, _) in checks.items()}
     runs = {
         precision: _timed_runs(check, engine, per_text[precision] if per_text is not None else None)
         for precision, (check, engine) in checks.items()
@@ -305,7 +307,7 @@ def _time_threadings(
         for precision, (check, engine) in holding.items()
         for threads, way in (engine.threadings() if hasattr(engine, "threadings") else {0: engine}).items()
     }
-    per_text: dict[Any, list[float]] = {}
+    per_text: dict[Any, list[list[float]]] = {}
     timed = time_variants(ways, budget, per_text)
     timings: dict[str, dict[str, Any]] = {}
     engines: dict[str, Any] = {}
@@ -326,9 +328,8 @@ def _time_threadings(
         batched = min(mine, key=lambda threads: mine[threads]["batched_seconds"])
         other = next(threads for threads in way if threads != batched)
         engine = engines[precision] = way[batched]
-        span, one_by_one = _lone_span(
-            holding[precision][0]["inputs"], engine, way[other], per_text[(precision, batched)], per_text[(precision, other)]
-        )
+        typical = {threads: [float(np.median(times)) for times in per_text[(precision, threads)]] for threads in way}
+        span, one_by_one = _lone_span(holding[precision][0]["inputs"], engine, way[other], typical[batched], typical[other])
         if span is not None:
             engine.lone, engine.lone_tokens = way[other], span
         timings[precision] = dict(mine[batched]) | {
@@ -342,7 +343,10 @@ def _time_threadings(
 def _lone_span(
     inputs: list[list[int]], main: Any, other: Any, main_seconds: list[float], other_seconds: list[float]
 ) -> tuple[tuple[int, int | None] | None, float]:
-    """Which lone texts `other` runs, from each check-set text's best time alone in both ways (time_variants): the
+    """Which lone texts `other` runs, from each check-set text's median time alone in both ways (time_variants; the
+    best of the rounds favoured the way whose time varies more: a sleeping second thread that now and then woke
+    fast sent a candidate int8 MiniLM graph's lone texts to two threads on a Zen 5, which then ran them 16-22 %
+    slower): the
     one length that splits them best, shorter texts to the way with fewer threads and longer ones to the way with
     more (a second thread pays more as a text grows: in one run on a Zen 5, int8 MiniLM ran lone texts under 32
     tokens faster on one core and longer ones on two; in others one core was faster at every length, its sleeping
