@@ -210,7 +210,8 @@ class Proof:
     refused: list[dict[str, Any]] = field(default_factory=list)  # [{"precision", "reason", "figures"}]
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)  # {precision: time_variants' figures}
     # (with `threadings`, each variant's figures are those of its faster threading, with "run_threads" and
-    # "seconds_by_run_threads"; "lone_run_threads" where a call of one text runs faster in the other threading)
+    # "seconds_by_run_threads"; "lone_run_threads" where a call of one text runs faster in the other threading;
+    # an encoder timed both ways counts its texts alone by their median times over the rounds, not their best)
     why: str = ""  # why this variant serves, with the timings that decided it
 
     @property
@@ -324,7 +325,8 @@ def _time_threadings(
         way = {threads: ways[(precision, threads)][1] for threads in mine}
         if len(way) != 2 or not all(hasattr(e, "lone") for e in way.values()):
             continue  # ways that cannot share the work: the faster in all
-        # calls of several texts in the way faster batched; a call of one text in the way faster at its length
+        # calls of several texts in the way faster batched (best of the rounds: one call of the whole check set
+        # varies little); a call of one text in the way faster at its length
         batched = min(mine, key=lambda threads: mine[threads]["batched_seconds"])
         other = next(threads for threads in way if threads != batched)
         engine = engines[precision] = way[batched]
@@ -332,9 +334,11 @@ def _time_threadings(
         span, one_by_one = _lone_span(holding[precision][0]["inputs"], engine, way[other], typical[batched], typical[other])
         if span is not None:
             engine.lone, engine.lone_tokens = way[other], span
+        # each way's figure as the served one is made: its best batched call and its texts' median times alone
+        by_threads = {str(t): round(mine[t]["batched_seconds"] + sum(typical[t]), 6) for t in way}
         timings[precision] = dict(mine[batched]) | {
             "one_by_one_seconds": round(one_by_one, 6), "seconds": round(mine[batched]["batched_seconds"] + one_by_one, 6),
-            "run_threads": batched, "seconds_by_run_threads": timings[precision]["seconds_by_run_threads"],
+            "run_threads": batched, "seconds_by_run_threads": by_threads,
             **({"lone_run_threads": other, "lone_tokens": list(span)} if span is not None else {}),
         }
     return timings, engines
@@ -345,20 +349,19 @@ def _lone_span(
 ) -> tuple[tuple[int, int | None] | None, float]:
     """Which lone texts `other` runs, from each check-set text's median time alone in both ways (time_variants; the
     best of the rounds favoured the way whose time varies more: a sleeping second thread that now and then woke
-    fast sent a candidate int8 MiniLM graph's lone texts to two threads on a Zen 5, which then ran them 16-22 %
-    slower): the
-    one length that splits them best, shorter texts to the way with fewer threads and longer ones to the way with
-    more (a second thread pays more as a text grows: in one run on a Zen 5, int8 MiniLM ran lone texts under 32
-    tokens faster on one core and longer ones on two; in others one core was faster at every length, its sleeping
-    second thread slow to wake). The split is taken only if it saves LONE_GAIN of the time without it, and only if
+    fast sent a candidate int8 MiniLM graph's lone texts to two threads on a Zen 5, which then ran one text per
+    call at 16-22 % fewer texts/s): the one length that splits them best, shorter texts to the way with fewer
+    threads and longer ones to the way with more (a second thread pays more as a text grows: in one run on a Zen
+    5, int8 MiniLM ran lone texts under 32 tokens faster on one core and longer ones on two; in others one core
+    was faster at every length, its sleeping second thread slow to wake). The split is taken only if it saves LONE_GAIN of the time without it, and only if
     both ways give every text the same row. Returns the span of lengths [from, below) for `other` (None: no text)
     and the seconds of the check set text by text, so routed."""
-    best = {main: main_seconds, other: other_seconds}
+    typical = {main: main_seconds, other: other_seconds}
     few, many = sorted((main, other), key=lambda engine: engine.run_threads)
     lengths = [len(ids) for ids in inputs]
 
     def seconds(cut: int | None) -> float:  # texts of `cut` tokens or more to `many`; None: none
-        return sum(best[many if cut is not None and n >= cut else few][i] for i, n in enumerate(lengths))
+        return sum(typical[many if cut is not None and n >= cut else few][i] for i, n in enumerate(lengths))
 
     alone = None if main is few else 0  # the cut that leaves every lone text to `main`
     cut = min([None, 0, *sorted(set(lengths))[1:]], key=seconds)
