@@ -231,6 +231,36 @@ def test_a_lone_threading_fast_only_now_and_then_is_not_taken(minilm_path):
     assert engine.lone is None and "lone_run_threads" not in timing and "for a lone text" not in proof.why
 
 
+class TwoThreadsFastAtFirst(OnnxEncoder):
+    """A real encoder: one thread runs everything twice over; two threads run a one-text call once for the first
+    runs of its ids (as many as the start-up timing and its check that both ways agree make), five times over
+    after that, and every call of several texts five times over."""
+
+    def __init__(self, folder):
+        super().__init__(folder, threads=2)
+
+    def threadings(self):
+        ways = super().threadings()
+        for threads, way in ways.items():
+            def times(texts, _, nth, threads=threads, first=selfcheck.TIMING_ROUNDS + 1):
+                return 2 if threads == 1 else 1 if texts == 1 and nth <= first else 5
+
+            way.session = TimesOver(way.session, times)
+        return ways
+
+
+def test_a_lone_threading_fast_only_while_timed_is_not_kept(minilm_path):
+    # the timing rounds see two threads run lone texts once against twice over, and propose them; timed once
+    # more, routed against not, they run five times over, and the split is dropped
+    proof = selfcheck.fastest_that_holds(
+        [("int8", minilm_path["int8"])], forced=True, threadings=True, open_=TwoThreadsFastAtFirst,
+    )
+    timing, engine = proof.timings["int8"], proof.engine
+    assert engine.run_threads == 1 and engine.lone is None and "lone_run_threads" not in timing
+    # the split was proposed: each text ran alone once per round, once more to compare rows, then the confirmation
+    assert max(engine.session.seen.values()) >= timing["rounds"] + 1 + selfcheck.CONFIRM_ROUNDS
+
+
 def test_a_forced_precision_serves_even_when_slower_and_is_still_timed(minilm_path):
     proof = selfcheck.fastest_that_holds(
         [("int8", minilm_path["int8"])], forced=True, open_=lambda folder: ThreeTimesOver(OnnxEncoder(folder, threads=1))

@@ -44,6 +44,7 @@ TIMING_SECONDS = 1.0  # about how long timing the variants that hold may take, a
 LONE_GAIN = 0.05  # the least share of the lone texts' time a second threading must save to be kept (a session more)
 TIMING_ROUNDS = 7  # at most; at least MIN_TIMING_ROUNDS after the proof's own run (which warms each variant up)
 MIN_TIMING_ROUNDS = 3  # best of one was noise on a shared CPU: the choice flipped between runs
+CONFIRM_ROUNDS = 5  # a lone-text split is timed again, routed against not, this many rounds each, before it is kept
 
 logger = logging.getLogger("bentoformers")
 
@@ -354,8 +355,10 @@ def _lone_span(
     threads and longer ones to the way with more (a second thread pays more as a text grows: in one run on a Zen
     5, int8 MiniLM ran lone texts under 32 tokens faster on one core and longer ones on two; in others one core
     was faster at every length, its sleeping second thread slow to wake). The split is taken only if it saves LONE_GAIN of the time without it, and only if
-    both ways give every text the same row. Returns the span of lengths [from, below) for `other` (None: no text)
-    and the seconds of the check set text by text, so routed."""
+    both ways give every text the same row, and only if timing the check set text by text once more, so routed
+    against not, confirms the gain (medians of CONFIRM_ROUNDS each, alternating: one of 16 start-ups of int8
+    MiniLM on a Zen 5, with the medians, still served one text per call 20 % slower, most likely so split). Returns the span of lengths [from,
+    below) for `other` (None: no text) and the seconds of the check set text by text, so routed."""
     typical = {main: main_seconds, other: other_seconds}
     few, many = sorted((main, other), key=lambda engine: engine.run_threads)
     lengths = [len(ids) for ids in inputs]
@@ -371,7 +374,24 @@ def _lone_span(
         logger.warning("the two threadings gave a text different rows here; lone texts stay in one")
         return None, seconds(alone)
     span = (cut, None) if other is many else (0, cut)
+    if not _split_confirmed(inputs, main, other, span):
+        return None, seconds(alone)
     return span, seconds(cut)
+
+
+def _split_confirmed(inputs: list[list[int]], main: Any, other: Any, span: tuple[int, int | None]) -> bool:
+    """Whether the check set, text by text, runs at least LONE_GAIN faster with the texts of `span`'s lengths on
+    `other` than all on `main` (medians of CONFIRM_ROUNDS timings each, in alternating order)."""
+    low, high = span
+    routed = [other if low <= len(ids) and (high is None or len(ids) < high) else main for ids in inputs]
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for round_ in range(CONFIRM_ROUNDS):
+        for split in (True, False) if round_ % 2 == 0 else (False, True):
+            started = time.perf_counter()
+            for ids, engine in zip(inputs, routed if split else [main] * len(inputs)):
+                engine.embed([ids])
+            times[split].append(time.perf_counter() - started)
+    return float(np.median(times[True])) <= (1 - LONE_GAIN) * float(np.median(times[False]))
 
 
 def main(argv: list[str]) -> int:
