@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from functools import partial
 
 import numpy as np
 import pytest
@@ -117,31 +118,31 @@ class TimesOver:
         return self.session.run(outputs, inputs)
 
 
-def thrice_when(slow):
-    """`TimesOver`'s `times`: three where `slow(texts, tokens)`, else once."""
-    return lambda texts, tokens, _: 3 if slow(texts, tokens) else 1
+class RunsTimes(OnnxEncoder):
+    """A real encoder whose two ways run each call `times(threads, texts, tokens, nth)` over (TimesOver)."""
 
-
-class LoneFasterOn(OnnxEncoder):
-    """A real encoder whose `lone_threads` way is slow at batches of texts and the other way slow at lone texts."""
-
-    def __init__(self, folder, lone_threads):
+    def __init__(self, folder, times):
         super().__init__(folder, threads=2)
-        self.lone_threads = lone_threads
+        self.times = times
 
     def threadings(self):
         ways = super().threadings()
         for threads, way in ways.items():
-            alone_slow = threads != self.lone_threads
-            way.session = TimesOver(way.session, thrice_when(lambda texts, _, alone_slow=alone_slow: (texts == 1) == alone_slow))
+            way.session = TimesOver(way.session, partial(self.times, threads))
         return ways
+
+
+def lone_faster_on(lone_threads):
+    """`RunsTimes`' `times`: the `lone_threads` way runs calls of several texts three times over, the other way
+    lone texts."""
+    return lambda threads, texts, _, __: 3 if (texts == 1) == (threads != lone_threads) else 1
 
 
 @pytest.mark.parametrize("lone_threads", [1, 2])
 def test_a_call_of_one_text_runs_in_the_threading_faster_text_by_text(minilm_path, lone_threads):
     proof = selfcheck.fastest_that_holds(
         [("int8", minilm_path["int8"])], forced=True, threadings=True,
-        open_=lambda folder: LoneFasterOn(folder, lone_threads),
+        open_=lambda folder: RunsTimes(folder, lone_faster_on(lone_threads)),
     )
     batched_threads = 3 - lone_threads
     timing, engine = proof.timings["int8"], proof.engine
@@ -160,22 +161,15 @@ def test_a_call_of_one_text_runs_in_the_threading_faster_text_by_text(minilm_pat
     assert engine.session.calls > calls
 
 
-class LongLoneTextsFasterOnMore(OnnxEncoder):
-    """A real encoder whose one-thread way runs lone texts of `cut` tokens or more three times over, its two-thread way
-    shorter lone texts, and the way not `batched_threads` every call of several texts."""
+def long_lone_texts_faster_on_more(batched_threads, cut):
+    """`RunsTimes`' `times`: the one-thread way runs lone texts of `cut` tokens or more three times over, the
+    two-thread way shorter lone texts, and the way not `batched_threads` every call of several texts."""
 
-    def __init__(self, folder, batched_threads, cut):
-        super().__init__(folder, threads=2)
-        self.batched_threads, self.cut = batched_threads, cut
+    def times(threads, texts, tokens, _):
+        slow = threads != batched_threads if texts > 1 else (tokens >= cut) == (threads == 1)
+        return 3 if slow else 1
 
-    def threadings(self):
-        ways = super().threadings()
-        for threads, way in ways.items():
-            def slow(texts, tokens, threads=threads, batched=self.batched_threads, cut=self.cut):
-                return threads != batched if texts > 1 else (tokens >= cut) == (threads == 1)
-
-            way.session = TimesOver(way.session, thrice_when(slow))
-        return ways
+    return times
 
 
 @pytest.mark.parametrize("batched_threads", [1, 2])
@@ -184,7 +178,7 @@ def test_a_lone_text_runs_in_the_threading_faster_at_its_length(minilm_path, bat
     cut = sorted(map(len, inputs))[len(inputs) // 2]  # half the check set's texts on either side
     proof = selfcheck.fastest_that_holds(
         [("int8", minilm_path["int8"])], forced=True, threadings=True,
-        open_=lambda folder: LongLoneTextsFasterOnMore(folder, batched_threads, cut),
+        open_=lambda folder: RunsTimes(folder, long_lone_texts_faster_on_more(batched_threads, cut)),
     )
     timing, engine = proof.timings["int8"], proof.engine
     assert engine.run_threads == batched_threads and engine.lone.run_threads == 3 - batched_threads
@@ -202,58 +196,38 @@ def test_a_lone_text_runs_in_the_threading_faster_at_its_length(minilm_path, bat
         assert two.session.calls == calls + on_two
 
 
-class TwoThreadsFastNowAndThen(OnnxEncoder):
-    """A real encoder: one thread runs everything twice over; two threads run everything five times over (slower
-    than one thread even where two would halve the time), but a one-text call once on every third run of its ids
-    (a sleeping second thread that now and then wakes fast)."""
+def fast_now_and_then(threads, texts, _, nth):
+    """One thread: every call twice over. Two threads: five times over (slower than one even where two would halve
+    the time), but a one-text call once on every third run of its ids (a sleeping second thread that now and then
+    wakes fast)."""
+    return 2 if threads == 1 else 1 if texts == 1 and nth % 3 == 0 else 5
 
-    def __init__(self, folder):
-        super().__init__(folder, threads=2)
 
-    def threadings(self):
-        ways = super().threadings()
-        for threads, way in ways.items():
-            def times(texts, _, nth, threads=threads):  # once: every third run of a one-text call on two threads
-                return 1 if threads == 2 and texts == 1 and nth % 3 == 0 else 2 if threads == 1 else 5
-
-            way.session = TimesOver(way.session, times)
-        return ways
+def fast_while_timed(threads, texts, _, nth):
+    """One thread: every call twice over. Two threads: a one-text call once for as many runs of its ids as the
+    start-up timing and its check that both ways agree make, then five times over; calls of several texts five
+    times over."""
+    return 2 if threads == 1 else 1 if texts == 1 and nth <= selfcheck.TIMING_ROUNDS + 1 else 5
 
 
 def test_a_lone_threading_fast_only_now_and_then_is_not_taken(minilm_path):
     # the best of the rounds would send lone texts to two threads (once against twice over); typically they run
     # five times over there
     proof = selfcheck.fastest_that_holds(
-        [("int8", minilm_path["int8"])], forced=True, threadings=True, open_=TwoThreadsFastNowAndThen,
+        [("int8", minilm_path["int8"])], forced=True, threadings=True,
+        open_=lambda folder: RunsTimes(folder, fast_now_and_then),
     )
     timing, engine = proof.timings["int8"], proof.engine
     assert timing["rounds"] >= 3 and engine.run_threads == 1
     assert engine.lone is None and "lone_run_threads" not in timing and "for a lone text" not in proof.why
 
 
-class TwoThreadsFastAtFirst(OnnxEncoder):
-    """A real encoder: one thread runs everything twice over; two threads run a one-text call once for the first
-    runs of its ids (as many as the start-up timing and its check that both ways agree make), five times over
-    after that, and every call of several texts five times over."""
-
-    def __init__(self, folder):
-        super().__init__(folder, threads=2)
-
-    def threadings(self):
-        ways = super().threadings()
-        for threads, way in ways.items():
-            def times(texts, _, nth, threads=threads, first=selfcheck.TIMING_ROUNDS + 1):
-                return 2 if threads == 1 else 1 if texts == 1 and nth <= first else 5
-
-            way.session = TimesOver(way.session, times)
-        return ways
-
-
 def test_a_lone_threading_fast_only_while_timed_is_not_kept(minilm_path):
     # the timing rounds see two threads run lone texts once against twice over, and propose them; timed once
     # more, routed against not, they run five times over, and the split is dropped
     proof = selfcheck.fastest_that_holds(
-        [("int8", minilm_path["int8"])], forced=True, threadings=True, open_=TwoThreadsFastAtFirst,
+        [("int8", minilm_path["int8"])], forced=True, threadings=True,
+        open_=lambda folder: RunsTimes(folder, fast_while_timed),
     )
     timing, engine = proof.timings["int8"], proof.engine
     assert engine.run_threads == 1 and engine.lone is None and "lone_run_threads" not in timing
