@@ -354,11 +354,12 @@ def _lone_span(
     call at 16-22 % fewer texts/s): the one length that splits them best, shorter texts to the way with fewer
     threads and longer ones to the way with more (a second thread pays more as a text grows: in one run on a Zen
     5, int8 MiniLM ran lone texts under 32 tokens faster on one core and longer ones on two; in others one core
-    was faster at every length, its sleeping second thread slow to wake). The split is taken only if it saves LONE_GAIN of the time without it, and only if
-    both ways give every text the same row, and only if timing the check set text by text once more, so routed
-    against not, confirms the gain (medians of CONFIRM_ROUNDS each, alternating: one of 16 start-ups of int8
-    MiniLM on a Zen 5, with the medians, still served one text per call 20 % slower, most likely so split). Returns the span of lengths [from,
-    below) for `other` (None: no text) and the seconds of the check set text by text, so routed."""
+    was faster at every length, its sleeping second thread slow to wake). The split is taken only if it saves
+    LONE_GAIN of the time without it, only if both ways give every text the same row, and only if timing the
+    check set text by text once more, so routed against not, confirms the gain (_split_confirmed: one of 16
+    start-ups of int8 MiniLM on a Zen 5, with the medians alone, still served one text per call 20 % slower,
+    most likely so split). Returns the span of lengths [from, below) for `other` (None: no text) and the seconds
+    of the check set text by text, so routed."""
     typical = {main: main_seconds, other: other_seconds}
     few, many = sorted((main, other), key=lambda engine: engine.run_threads)
     lengths = [len(ids) for ids in inputs]
@@ -380,17 +381,20 @@ def _lone_span(
 
 
 def _split_confirmed(inputs: list[list[int]], main: Any, other: Any, span: tuple[int, int | None]) -> bool:
-    """Whether the check set, text by text, runs at least LONE_GAIN faster with the texts of `span`'s lengths on
-    `other` than all on `main` (medians of CONFIRM_ROUNDS timings each, in alternating order)."""
-    low, high = span
-    routed = [other if low <= len(ids) and (high is None or len(ids) < high) else main for ids in inputs]
+    """Whether `main` runs the check set, text by text, at least LONE_GAIN faster with the texts of `span`'s
+    lengths sent to `other` (its own routing, OnnxEncoder.lone) than without (medians of CONFIRM_ROUNDS timings
+    each, in alternating order). `main` is left without the split."""
     times: dict[bool, list[float]] = {True: [], False: []}
-    for round_ in range(CONFIRM_ROUNDS):
-        for split in (True, False) if round_ % 2 == 0 else (False, True):
-            started = time.perf_counter()
-            for ids, engine in zip(inputs, routed if split else [main] * len(inputs)):
-                engine.embed([ids])
-            times[split].append(time.perf_counter() - started)
+    try:
+        for round_ in range(CONFIRM_ROUNDS):
+            for split in (True, False) if round_ % 2 == 0 else (False, True):
+                main.lone, main.lone_tokens = (other, span) if split else (None, (0, None))
+                started = time.perf_counter()
+                for ids in inputs:
+                    main.embed([ids])
+                times[split].append(time.perf_counter() - started)
+    finally:
+        main.lone, main.lone_tokens = None, (0, None)
     return float(np.median(times[True])) <= (1 - LONE_GAIN) * float(np.median(times[False]))
 
 
